@@ -1,0 +1,38 @@
+"""Compression methods by name; specs apply in the order given."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from slimserve.compression.prune_methods import PRUNE_METHODS
+from slimserve.compression.quant_methods import QUANT_METHODS
+from slimserve.compression.report import CompressionReport, MethodReport, resident_weight_bytes
+from slimserve.compression.specs import CompressionSpec
+
+log = logging.getLogger(__name__)
+
+MethodFn = Callable[[nn.Module, CompressionSpec], MethodReport]
+
+METHODS: dict[str, MethodFn] = {**QUANT_METHODS, **PRUNE_METHODS}
+
+
+def apply_compression(model: nn.Module, specs: Sequence[CompressionSpec]) -> CompressionReport:
+    before = resident_weight_bytes(model)
+    reports = []
+    for spec in specs:
+        report = METHODS[spec.method](model, spec)
+        log.info(
+            "%s: replaced %d modules in %.2fs, %.1f MB -> %.1f MB",
+            spec.method,
+            report.modules_replaced,
+            report.seconds,
+            report.bytes_before / 1e6,
+            report.bytes_after / 1e6,
+        )
+        reports.append(report)
+    return CompressionReport(
+        methods=reports, weight_bytes_before=before, weight_bytes_after=resident_weight_bytes(model)
+    )

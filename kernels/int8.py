@@ -1,0 +1,92 @@
+"""W8A16: int8 weights with absmax scales, 16-bit activations.
+
+CPU fast path: `torch._weight_int8pack_mm` (oneDNN), which reads the int8 weight directly.
+Reference: de-quantize, then a dense matmul (any device, any dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimserve.kernels.dispatch import record_backend
+
+_CPU_FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def quantize_int8_absmax(
+    weight: torch.Tensor, per_channel: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 in [-127, 127]; returns (int8 weight [N, K], fp32 scale [N])."""
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1) if per_channel else w.abs().amax().expand(w.shape[0])
+    scale = (absmax / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale.contiguous()
+
+
+def int8_weight_matmul_reference(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    weight = qweight.to(x.dtype) * scale.to(x.dtype)[:, None]
+    return x @ weight.t()
+
+
+def int8_weight_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (16/32-bit) @ dequant(qweight [N, K], scale [N]).T -> [M, N] in x.dtype."""
+    if x.device.type == "cpu" and x.dtype in _CPU_FAST_DTYPES:
+        record_backend("w8a16", "cpu-int8pack")
+        return torch._weight_int8pack_mm(x.contiguous(), qweight, scale.to(x.dtype))
+    record_backend("w8a16", "reference")
+    return int8_weight_matmul_reference(x, qweight, scale)
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for nn.Linear with int8 weights; state saves/loads as int8 + scale."""
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
+        # Kept in the activation dtype so the fast path needs no cast per call.
+        self.register_buffer("scale", scale.to(compute_dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, per_channel: bool = True) -> Int8Linear:
+        qweight, scale = quantize_int8_absmax(linear.weight, per_channel)
+        return cls(qweight, scale, linear.bias, linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = int8_weight_matmul(x.reshape(-1, shape[-1]), self.qweight, self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int8Embedding(nn.Module):
+    """Embedding lookup from an int8 table; shares storage with a tied Int8Linear lm_head."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.qweight)
+        return rows.to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"

@@ -1,0 +1,1 @@
+"""Load tests and decode benchmarks against a running gateway."""

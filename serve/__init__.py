@@ -1,0 +1,1 @@
+"""slimserve serving layer: config, OpenAI API gateway, router, engines, metrics, CLI."""

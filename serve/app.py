@@ -1,0 +1,73 @@
+"""Build the Ray Serve application from a config, and run it on a local Ray."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from slimserve.serve.config import SlimserveConfig
+from slimserve.serve.gateway import GatewayDeployment
+from slimserve.serve.variant_server import VariantServer
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "slimserve"
+
+
+def build_application(config: SlimserveConfig):  # -> ray.serve.Application
+    from ray import serve
+
+    as_dict = config.model_dump(mode="json")
+    variants = {}
+    for name in config.variants:
+        options = config.deployment_for(name)
+        deployment = serve.deployment(VariantServer).options(
+            name=f"variant-{name}",
+            num_replicas=options.replicas,
+            max_ongoing_requests=options.max_ongoing_requests,
+            ray_actor_options={"num_cpus": options.num_cpus},
+            health_check_period_s=10,
+            health_check_timeout_s=30,
+        )
+        variants[name] = deployment.bind(name, as_dict)
+    gateway = serve.deployment(serve.ingress()(GatewayDeployment)).options(
+        name="gateway",
+        # The gateway only relays streams; it must not take a CPU away from a variant.
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=4096,
+    )
+    return gateway.bind(as_dict, variants)
+
+
+def logical_cpus_needed(config: SlimserveConfig) -> int:
+    wanted = sum(
+        config.deployment_for(n).num_cpus * config.deployment_for(n).replicas
+        for n in config.variants
+    )
+    return max(os.cpu_count() or 1, math.ceil(wanted))
+
+
+def run_local(config: SlimserveConfig) -> None:
+    """Start a local Ray, the HTTP proxy and the app; returns once every replica is ready."""
+    import ray
+    from ray import serve
+
+    cpus = logical_cpus_needed(config)
+    if cpus > (os.cpu_count() or 1):
+        log.warning(
+            "variants reserve %d CPUs on a %d-core machine; they will share cores",
+            cpus,
+            os.cpu_count(),
+        )
+    ray.init(num_cpus=cpus, include_dashboard=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": config.server.host, "port": config.server.port})
+    serve.run(build_application(config), name=APP_NAME, route_prefix="/")
+
+
+def shutdown_local() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,1 @@
+"""Engines turn token ids into streams of generated text."""

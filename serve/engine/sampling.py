@@ -1,0 +1,45 @@
+"""Next-token choice per sequence: greedy, or temperature + top-p with a per-request seed."""
+
+from __future__ import annotations
+
+import torch
+
+from slimserve.serve.engine.types import SamplingParams
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    if params.temperature == 0:
+        return None
+    generator = torch.Generator()
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = sorted_logits.softmax(-1)
+    # Drop a token once the mass before it already reaches top_p; the first token always stays.
+    drop = probs.cumsum(-1) - probs >= top_p
+    sorted_logits[drop] = float("-inf")
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """logits [B, V] (float32) -> one token id per row."""
+    chosen = logits.argmax(dim=-1).tolist()
+    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
+        if p.temperature == 0:
+            continue
+        scaled = logits[row] / p.temperature
+        if p.top_p < 1.0:
+            scaled = _top_p_filter(scaled, p.top_p)
+        probs = scaled.softmax(-1)
+        chosen[row] = int(torch.multinomial(probs, 1, generator=generator).item())
+    return chosen

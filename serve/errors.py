@@ -1,0 +1,63 @@
+"""OpenAI-style errors: one exception type, one JSON shape."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from slimserve.serve.engine.types import ErrorInfo
+from slimserve.serve.openai_protocol import ErrorBody, ErrorResponse
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    503: "server_overloaded",
+}
+
+
+class OpenAIError(Exception):
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
+
+    @classmethod
+    def of(
+        cls, status: int, message: str, param: str | None = None, code: str | None = None
+    ) -> OpenAIError:
+        kind = _TYPE_BY_STATUS.get(status, "server_error")
+        return cls(ErrorInfo(status=status, message=message, type=kind, param=param, code=code))
+
+
+def error_payload(info: ErrorInfo) -> dict:
+    body = ErrorBody(message=info.message, type=info.type, param=info.param, code=info.code)
+    return ErrorResponse(error=body).model_dump()
+
+
+def error_response(info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_payload(info), status_code=info.status, headers=headers)
+
+
+def from_validation_error(error: ValidationError) -> OpenAIError:
+    first = error.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        message = f"'{param}' is a required property"
+    elif param:
+        message = f"Invalid value for '{param}': {message}"
+    return OpenAIError.of(400, message, param=param, code="invalid_value")
+
+
+def parse_json_body(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise OpenAIError.of(
+            400, f"We could not parse the JSON body of your request: {error}", code="invalid_json"
+        ) from None

@@ -1,0 +1,69 @@
+"""Which variant serves a request: pinned by model name, else a weighted (sticky) split."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+from collections.abc import Mapping
+from itertools import accumulate
+
+
+class UnknownModelError(LookupError):
+    pass
+
+
+class VariantRouter:
+    def __init__(
+        self,
+        public_name: str,
+        variants: list[str],
+        split: Mapping[str, float],
+        sticky_header: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.public_name = public_name
+        self.variants = list(variants)
+        self.sticky_header = sticky_header
+        self._rng = rng or random.Random()
+        self.set_split(split)
+
+    def set_split(self, split: Mapping[str, float]) -> None:
+        weights = {name: w for name, w in split.items() if w > 0}
+        unknown = set(weights) - set(self.variants)
+        if unknown or not weights:
+            raise ValueError(f"split must weigh known variants {self.variants}; got {dict(split)}")
+        total = sum(weights.values())
+        self._names = list(weights)
+        self._cumulative = list(accumulate(w / total for w in weights.values()))
+
+    @property
+    def split(self) -> dict[str, float]:
+        previous = [0.0, *self._cumulative[:-1]]
+        return {n: c - p for n, c, p in zip(self._names, self._cumulative, previous, strict=True)}
+
+    def model_ids(self) -> list[str]:
+        return [self.public_name, *(f"{self.public_name}:{v}" for v in self.variants)]
+
+    def pinned_variant(self, model: str) -> str | None:
+        """The variant a model name pins, None for the public name; raises if unknown."""
+        if model == self.public_name:
+            return None
+        name = model.removeprefix(f"{self.public_name}:")
+        if name in self.variants:
+            return name
+        raise UnknownModelError(model)
+
+    def _draw(self, headers: Mapping[str, str]) -> float:
+        key = headers.get(self.sticky_header) if self.sticky_header else None
+        if not key:
+            return self._rng.random()
+        digest = hashlib.sha256(key.encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    def choose(self, model: str, headers: Mapping[str, str]) -> str:
+        pinned = self.pinned_variant(model)
+        if pinned is not None:
+            return pinned
+        index = bisect.bisect_right(self._cumulative, self._draw(headers))
+        return self._names[min(index, len(self._names) - 1)]
