@@ -2,9 +2,58 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from slimserve.compression.arch import linear_shapes, skipped
 from slimserve.compression.spec_base import SpecBase
+
+
+class CalibrationSpec(BaseModel):
+    """Text the data-aware methods look at: `samples` windows of `seq_len` tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field("pydoc", description='"pydoc" (offline docs) or a path to .txt / .jsonl')
+    samples: int = Field(32, ge=1, le=4096)
+    seq_len: int = Field(256, ge=16, le=8192)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source == "pydoc":
+            return source
+        path = Path(source).expanduser()
+        if path.suffix not in (".txt", ".jsonl"):
+            raise ValueError(f'must be "pydoc" or a .txt / .jsonl file, got {source!r}')
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return str(path)
+
+
+def _power_of_two(value: int, field: str) -> int:
+    if value <= 0 or value & (value - 1):
+        raise ValueError(f"{field} must be a positive power of two, got {value}")
+    return value
+
+
+def _check_group_divides(spec: SpecBase, group_size: int, model_config: Any) -> None:
+    """Every targeted Linear's in-features must be a multiple of the group size."""
+    bad = sorted(
+        {
+            k
+            for name, (_, k) in linear_shapes(model_config).items()
+            if k % group_size and not skipped(name, spec.skip)
+        }
+    )
+    if bad:
+        good = [g for g in (128, 64, 32) if all(k % g == 0 for k in bad)]
+        hint = f"; {good[0]} divides them" if good else ""
+        raise ValueError(
+            f"group_size {group_size} does not divide the in-features {bad} of this model{hint}"
+        )
 
 
 class Int8WeightOnlySpec(SpecBase):
@@ -16,4 +65,101 @@ class Int8WeightOnlySpec(SpecBase):
     include_embeddings: bool = True
 
 
-QUANT_SPECS: tuple[type[SpecBase], ...] = (Int8WeightOnlySpec,)
+class LLMInt8Spec(SpecBase):
+    """LLM.int8(): input features whose calibration magnitude reaches `threshold` stay 16-bit;
+    the rest is int8 (vector-wise W8A8 as in the paper, or W8A16 with activations="16bit")."""
+
+    method: Literal["llm-int8"]
+    threshold: float = Field(6.0, gt=0)
+    activations: Literal["int8", "16bit"] = "int8"
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+
+
+class GoboSpec(SpecBase):
+    """GOBO: weights beyond `sigma` standard deviations of their layer stay 16-bit (sparse);
+    the rest is quantized (int8 per channel, or a 4/3-bit group grid)."""
+
+    method: Literal["gobo"]
+    sigma: float = Field(3.0, gt=0)
+    bits: Literal[8, 4, 3] = 4
+    group_size: int = Field(64, description="used at 4 and 3 bits")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, value: int) -> int:
+        return _power_of_two(value, "group_size")
+
+    def check_model(self, model_config: Any) -> None:
+        if self.bits < 8:
+            _check_group_divides(self, self.group_size, model_config)
+
+
+SmoothTarget = Literal["qkv", "o", "gate_up", "down"]
+
+
+class SmoothQuantSpec(SpecBase):
+    """SmoothQuant W8A8: activation outliers moved into the weights by a per-channel scale
+    s = max|X|^alpha / max|W|^(1-alpha), folded into the previous op; int8 weights per channel,
+    int8 activations per token (dynamic)."""
+
+    method: Literal["smoothquant-w8a8"]
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    # Which input groups take a folded scale (qkv <- input norm, o <- v_proj, gate_up <-
+    # post-attention norm, down <- up_proj); the others are quantized unsmoothed.
+    smooth: list[SmoothTarget] = Field(default_factory=lambda: ["qkv", "o", "gate_up", "down"])
+    include_embeddings: bool = True
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+
+
+class _GroupWiseSpec(SpecBase):
+    bits: Literal[4, 3] = 4
+    # 64, not the usual 128: SmolLM2's hidden size 576 is not a multiple of 128.
+    group_size: int = 64
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, value: int) -> int:
+        return _power_of_two(value, "group_size")
+
+    def check_model(self, model_config: Any) -> None:
+        _check_group_divides(self, self.group_size, model_config)
+
+
+class RTNSpec(_GroupWiseSpec):
+    """Group-wise asymmetric weight-only int4 / int3 by round-to-nearest."""
+
+    method: Literal["rtn"]
+
+
+class GPTQSpec(_GroupWiseSpec):
+    """GPTQ: column-by-column quantization with Hessian-based error compensation."""
+
+    method: Literal["gptq"]
+    damp: float = Field(0.01, gt=0.0, le=1.0, description="fraction of mean diag(H) added")
+    block_size: int = Field(128, ge=1, le=4096, description="columns per lazy batch update")
+    act_order: bool = Field(False, description="columns by decreasing Hessian diagonal")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+
+
+class AWQSpec(_GroupWiseSpec):
+    """AWQ: per-input-channel scales s = mean|X|^a (a searched on a grid) protect salient
+    weights; then a per-group clipping search."""
+
+    method: Literal["awq"]
+    grid: int = Field(20, ge=2, le=200, description="exponents tried in the scale search")
+    clip: bool = True
+    clip_grid: int = Field(20, ge=2, le=200)
+    max_shrink: float = Field(0.5, gt=0.0, lt=1.0, description="smallest clip ratio is 1-this")
+    fold: bool = Field(True, description="fold scales into the previous op when there is one")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+
+
+QUANT_SPECS: tuple[type[SpecBase], ...] = (
+    Int8WeightOnlySpec,
+    LLMInt8Spec,
+    GoboSpec,
+    SmoothQuantSpec,
+    RTNSpec,
+    GPTQSpec,
+    AWQSpec,
+)

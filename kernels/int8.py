@@ -33,9 +33,17 @@ def int8_weight_matmul_reference(
     return x @ weight.t()
 
 
+def _cpu_int8pack_supports(x: torch.Tensor) -> bool:
+    # torch 2.13's bf16 kernel segfaults for M > 1 when K is not a multiple of 16
+    # (seen at K = 72 and 100); such shapes must take another path, chosen up front.
+    if x.device.type != "cpu" or x.dtype not in _CPU_FAST_DTYPES:
+        return False
+    return not (x.dtype == torch.bfloat16 and x.shape[0] > 1 and x.shape[-1] % 16)
+
+
 def int8_weight_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] (16/32-bit) @ dequant(qweight [N, K], scale [N]).T -> [M, N] in x.dtype."""
-    if x.device.type == "cpu" and x.dtype in _CPU_FAST_DTYPES:
+    if _cpu_int8pack_supports(x):
         record_backend("w8a16", "cpu-int8pack")
         return torch._weight_int8pack_mm(x.contiguous(), qweight, scale.to(x.dtype))
     record_backend("w8a16", "reference")

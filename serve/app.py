@@ -60,7 +60,8 @@ def run_local(config: SlimserveConfig) -> None:
             cpus,
             os.cpu_count(),
         )
-    ray.init(num_cpus=cpus, include_dashboard=False, ignore_reinit_error=True)
+    # address="local": always a fresh Ray of our own, never a cluster some other process started.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False)
     serve.start(http_options={"host": config.server.host, "port": config.server.port})
     serve.run(build_application(config), name=APP_NAME, route_prefix="/")
 

@@ -256,7 +256,13 @@ class GatewayCore:
                     if usage
                     else [CompletionChoice(text=text or "", finish_reason=finish)],
                 )
-            return f"data: {body.model_dump_json(exclude_none=chat and usage is None)}\n\n"
+            payload = body.model_dump()
+            if usage is None:
+                payload.pop("usage")
+            for choice in payload["choices"]:  # OpenAI omits unset delta fields
+                if "delta" in choice:
+                    choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            return f"data: {json.dumps(payload)}\n\n"
 
         status = "499"  # until the stream completes, the caller is the one who left
         try:

@@ -68,7 +68,13 @@ class TorchEngine:
         self._wakeup = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.counters = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "finished": 0}
+        self.counters = {
+            "steps": 0,
+            "generated_tokens": 0,
+            "prompt_tokens": 0,
+            "finished": 0,
+            "peak_batch": 0,  # most sequences decoded in one step: evidence of batching
+        }
 
     @staticmethod
     def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -232,6 +238,7 @@ class TorchEngine:
 
     def _decode_once(self) -> None:
         batch = self._decoding
+        self.counters["peak_batch"] = max(self.counters["peak_batch"], len(batch))
         logits = self.runner.decode([s.generated[-1] for s in batch], [s.cached for s in batch])
         for seq in batch:
             seq.cached += 1

@@ -1,0 +1,85 @@
+"""Reference ops in plain torch: any device, any float dtype. They define the semantics the
+fast paths are tested against, and they run wherever no fast path applies."""
+
+from __future__ import annotations
+
+import torch
+
+from slimserve.kernels.packing import decompress_24, unpack_int3, unpack_int4
+
+# fp32 sums of int8 x int8 products stay exact while |sum| < 2**24: 1024 * 127 * 127 < 2**24.
+_EXACT_FP32_K_CHUNK = 1024
+
+
+def lowbit_unpack(qweight: torch.Tensor, qweight_hi: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Packed codes -> uint8 codes [N, K]."""
+    if bits == 4:
+        return unpack_int4(qweight)
+    if bits == 3:
+        if qweight_hi is None:
+            raise ValueError("3-bit weights need the high bit plane (qweight_hi)")
+        return unpack_int3(qweight, qweight_hi)
+    raise ValueError(f"bits must be 3 or 4, got {bits}")
+
+
+def lowbit_dequantize(
+    qweight: torch.Tensor,
+    qweight_hi: torch.Tensor | None,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """W[n, k] = (code[n, k] - zeros[n, k // g]) * scales[n, k // g], computed in fp32."""
+    codes = lowbit_unpack(qweight, qweight_hi, bits).to(torch.float32)
+    n, k = codes.shape
+    grouped = codes.reshape(n, k // group_size, group_size)
+    w = (grouped - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
+    return w.reshape(n, k).to(dtype)
+
+
+def lowbit_matmul_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qweight_hi: torch.Tensor | None,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    w = lowbit_dequantize(qweight, qweight_hi, scales, zeros, bits, group_size, x.dtype)
+    return x @ w.t()
+
+
+def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 per row of x [M, K]: (int8 [M, K], fp32 scale [M])."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_int8_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 [M, K] x int8 [N, K]^T -> int32 [M, N] on any device (fp32 chunks of K)."""
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int64, device=a.device)
+    for start in range(0, a.shape[1], _EXACT_FP32_K_CHUNK):
+        stop = start + _EXACT_FP32_K_CHUNK
+        part = a[:, start:stop].float() @ b[:, start:stop].float().t()
+        out += part.to(torch.int64)
+    return out.to(torch.int32)
+
+
+def w8a8_matmul_reference(
+    x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor
+) -> torch.Tensor:
+    xq, x_scale = quantize_per_token_int8(x)
+    acc = int8_int8_matmul_reference(xq, qweight)
+    return (acc.float() * x_scale[:, None] * weight_scale.float()[None, :]).to(x.dtype)
+
+
+def sparse24_matmul_reference(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor
+) -> torch.Tensor:
+    dense = decompress_24(values.to(x.dtype), meta, x.shape[1])
+    return x @ dense.t()

@@ -1,0 +1,221 @@
+"""The real default gateway: SmolLM2-135M-Instruct, full + int8, Ray Serve, HTTP, openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.parametrize("variant", ["full", "int8"])
+def test_openai_client_chat_answers_on_each_variant(client, variant):
+    reply = client.chat.completions.create(
+        model=f"{MODEL}:{variant}", messages=QUESTION, max_tokens=20, temperature=0
+    )
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.model == f"{MODEL}:{variant}"
+    assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 10
+
+
+def test_openai_client_streaming_chat(client):
+    stream = client.chat.completions.create(
+        model=f"{MODEL}:int8",
+        messages=QUESTION,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_openai_client_completions_and_models(client):
+    reply = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0
+    )
+    assert reply.choices[0].text.strip()
+    assert reply.usage.completion_tokens == 5
+    ids = {m.id for m in client.models.list().data}
+    assert ids == {MODEL, f"{MODEL}:full", f"{MODEL}:int8"}
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=QUESTION)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=100_000)
+    assert error.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+
+
+def test_bad_inputs_get_4xx_and_the_replicas_stay_alive(gateway):
+    url = f"{gateway}/v1/chat/completions"
+    cases = [
+        ({"content": b"{oops"}, 400),
+        ({"json": {"model": MODEL}}, 400),
+        ({"json": {"model": MODEL, "messages": [{"role": "user", "content": 3}]}}, 400),
+        ({"json": {"model": MODEL, "messages": QUESTION, "max_tokens": -1}}, 400),
+        ({"json": {"model": MODEL, "messages": QUESTION, "max_tokens": 10**12}}, 400),
+        ({"json": {"model": MODEL, "messages": [{"role": "user", "content": "x " * 3000}]}}, 400),
+        ({"json": {"model": "missing", "messages": QUESTION}}, 404),
+    ]
+    for kwargs, status in cases:
+        response = httpx.post(url, timeout=60, **kwargs)
+        assert response.status_code == status, response.text
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{gateway}/health", timeout=30).status_code == 200
+
+
+def _variant_of(gateway: str, headers: dict[str, str] | None = None) -> str:
+    response = httpx.post(
+        f"{gateway}/v1/completions",
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 1},
+        headers=headers or {},
+        timeout=60,
+    )
+    response.raise_for_status()
+    return response.headers["x-slimserve-variant"]
+
+
+def test_weighted_split_matches_the_config(gateway):
+    async def many(n: int) -> Counter:
+        async with httpx.AsyncClient(timeout=120) as http:
+
+            async def one():
+                r = await http.post(
+                    f"{gateway}/v1/completions",
+                    json={"model": MODEL, "prompt": "Hi", "max_tokens": 1},
+                )
+                r.raise_for_status()
+                return r.headers["x-slimserve-variant"]
+
+            results = []
+            for start in range(0, n, 25):
+                results += await asyncio.gather(*(one() for _ in range(min(25, n - start))))
+            return Counter(results)
+
+    counts = asyncio.run(many(400))
+    # split 50/50: the int8 share of 400 draws has sd 0.025; allow 4 sd
+    assert abs(counts["int8"] / 400 - 0.5) < 0.1, counts
+
+
+def test_sticky_and_pinned_routing(gateway):
+    for user in ("alice", "bob", "carol", "dave"):
+        seen = {_variant_of(gateway, {"x-user-id": user}) for _ in range(6)}
+        assert len(seen) == 1
+    assert len({_variant_of(gateway, {"x-user-id": f"u{i}"}) for i in range(30)}) == 2
+
+
+def test_concurrent_requests_are_batched(gateway):
+    async def burst():
+        async with httpx.AsyncClient(timeout=300) as http:
+            body = {
+                "model": f"{MODEL}:full",
+                "prompt": "Tell me a story.",
+                "max_tokens": 24,
+                "ignore_eos": True,
+            }
+            return await asyncio.gather(
+                *(http.post(f"{gateway}/v1/completions", json=body) for _ in range(8))
+            )
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    assert all(r.json()["usage"]["completion_tokens"] == 24 for r in responses)
+    stats = httpx.get(f"{gateway}/v1/variants", timeout=30).json()["variants"]["full"]
+    assert stats["engine"]["peak_batch"] >= 4
+
+
+def test_disconnect_mid_stream_frees_the_slot(gateway):
+    body = {
+        "model": f"{MODEL}:int8",
+        "prompt": "Once upon a time",
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{gateway}/v1/completions", json=body) as response:
+            for index, _ in enumerate(response.iter_lines()):
+                if index > 5:
+                    break
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            engine = http.get(f"{gateway}/v1/variants").json()["variants"]["int8"]["engine"]
+            if engine["running"] == 0:
+                break
+            time.sleep(0.2)
+        assert engine["running"] == 0
+        assert engine["generated_tokens"] < 1000  # it stopped early, not after 1500 tokens
+
+
+def test_int8_variant_really_is_smaller(gateway):
+    variants = httpx.get(f"{gateway}/v1/variants", timeout=30).json()["variants"]
+    full, int8 = variants["full"], variants["int8"]
+    assert 0.45 < int8["weight_bytes"] / full["weight_bytes"] < 0.55
+    assert int8["compression"]["methods"][0]["method"] == "int8-weight-only"
+    assert int8["compression"]["methods"][0]["modules_replaced"] >= 210
+
+
+def test_metrics_cover_every_variant_after_traffic(gateway, client):
+    for variant in ("full", "int8"):
+        client.chat.completions.create(model=f"{MODEL}:{variant}", messages=QUESTION, max_tokens=4)
+    text = httpx.get(f"{gateway}/metrics", timeout=30).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in (
+        "slimserve_time_to_first_token_seconds",
+        "slimserve_e2e_request_latency_seconds",
+        "slimserve_inter_token_latency_seconds",
+    ):
+        counts = {
+            s.labels["variant"]: s.value
+            for s in families[name].samples
+            if s.name.endswith("_count")
+        }
+        assert counts["full"] > 0 and counts["int8"] > 0, name
+    up = {s.labels["variant"]: s.value for s in families["slimserve_variant_up"].samples}
+    assert up == {"full": 1.0, "int8": 1.0}
+    for name in ("slimserve_prompt_tokens", "slimserve_generation_tokens"):
+        totals = {
+            s.labels["variant"]: s.value
+            for s in families[name].samples
+            if s.name.endswith("_total")
+        }
+        assert totals["full"] > 0 and totals["int8"] > 0
+
+
+def test_startup_log_says_what_was_compressed(gateway, server_log):
+    text = server_log.read_text()
+    assert "variant int8 ready" in text and "int8-weight-only (212 modules" in text
+    assert "slimserve ready in" in text
+
+
+def test_stream_is_valid_sse(gateway):
+    body = {"model": f"{MODEL}:full", "messages": QUESTION, "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"

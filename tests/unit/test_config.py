@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from slimserve.serve.config import ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _base(**overrides):
+    data = {"model": "m", "variants": {"full": {}, "int8": {}}}
+    data.update(overrides)
+    return data
+
+
+def test_default_config_loads():
+    config = load_config(ROOT / "deploy/configs/default.yaml")
+    assert set(config.variants) == {"full", "int8"}
+    assert config.variants["int8"].compression[0].method == "int8-weight-only"
+    assert config.effective_split() == {"full": 0.5, "int8": 0.5}
+    assert config.routing.sticky_header == "x-user-id"
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (_base(variantz={}), "variantz"),
+        (_base(variants={}), "variants"),
+        (_base(variants={"Bad Name": {}}), "variants"),
+        (_base(routing={"split": {"full": 1, "nope": 1}}), "nope"),
+        (_base(routing={"split": {"full": -1}}), "routing.split"),
+        (_base(routing={"split": {"full": 0, "int8": 0}}), "routing.split"),
+        (_base(routing={"sticky_key": "cookie:x"}), "routing.sticky_key"),
+        (_base(engine={"max_num_seqs": 0}), "engine.max_num_seqs"),
+        (_base(engine={"dtype": "int7"}), "engine.dtype"),
+        (_base(server={"port": 70000}), "server.port"),
+        (
+            _base(variants={"q": {"compression": [{"method": "int8-weight-only", "bits": 3}]}}),
+            "variants.q.compression.0",
+        ),
+        (
+            _base(variants={"q": {"compression": [{"method": "no-such-method"}]}}),
+            "variants.q.compression.0",
+        ),
+    ],
+)
+def test_bad_config_names_the_field(data, field):
+    with pytest.raises(ConfigError) as error:
+        parse_config(data)
+    assert field in str(error.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_per_variant_overrides():
+    config = parse_config(
+        _base(variants={"full": {}, "big": {"engine": {"max_num_seqs": 4}, "model": "other"}})
+    )
+    assert config.engine_for("big").max_num_seqs == 4
+    assert config.engine_for("full").max_num_seqs == config.engine.max_num_seqs
+    assert config.model_for("big") == "other"
+    assert config.model_for("full") == "m"
+    # no split configured: everything goes to the first variant
+    assert config.effective_split() == {"full": 1.0}

@@ -1,0 +1,190 @@
+"""The gateway's HTTP surface, in-process: real FastAPI app, real VariantServers on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from slimserve.serve.config import parse_config
+from slimserve.serve.gateway import GatewayCore, InProcessBackend, create_api
+from slimserve.serve.variant_server import VariantServer
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_dir):
+    config = parse_config(
+        {
+            "model": str(tiny_model_dir),
+            "served_model_name": "tiny",
+            "variants": {
+                "full": {},
+                "int8": {"compression": [{"method": "int8-weight-only"}]},
+            },
+            "routing": {"split": {"full": 1, "int8": 1}, "sticky_key": "header:x-user-id"},
+            "engine": {"max_model_len": 256, "max_num_seqs": 4, "torch_threads": 1},
+        }
+    )
+    as_dict = config.model_dump(mode="json")
+    servers = {name: VariantServer(name, as_dict) for name in config.variants}
+    core = GatewayCore(config, {n: InProcessBackend(s) for n, s in servers.items()})
+    with TestClient(create_api(core)) as test_client:
+        yield test_client
+    for server in servers.values():
+        server.engine.shutdown()
+
+
+def _chat(**extra):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}]}
+    body.update(extra)
+    return body
+
+
+def _events(response) -> list[str]:
+    return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_chat_completion_shape_and_usage(client):
+    response = client.post(CHAT, json=_chat(max_tokens=5, temperature=0, ignore_eos=True))
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    variant = response.headers["x-slimserve-variant"]
+    assert variant in {"full", "int8"}
+    assert body["model"] == f"tiny:{variant}"
+
+
+def test_chat_stream_is_sse_ending_in_done(client):
+    body = _chat(
+        max_tokens=6,
+        temperature=0,
+        ignore_eos=True,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    with client.stream("POST", CHAT, json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = _events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert [f["choices"][0]["finish_reason"] for f in finals] == ["length"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 6 and chunks[-1]["choices"] == []
+
+
+def test_completion_stream_and_pinning(client):
+    body = {
+        "model": "tiny:int8",
+        "prompt": "Once upon",
+        "max_tokens": 4,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.headers["x-slimserve-variant"] == "int8"
+        events = _events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible(client):
+    def text(**extra):
+        response = client.post(CHAT, json=_chat(model="tiny:full", max_tokens=8, **extra))
+        return response.json()["choices"][0]["message"]["content"]
+
+    assert text(temperature=0) == text(temperature=0)
+    assert text(temperature=1.0, seed=7) == text(temperature=1.0, seed=7)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        (_chat(messages=[]), 400, "messages"),
+        (_chat(messages="hi"), 400, "messages"),
+        (_chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages.0.role"),
+        (_chat(max_tokens=-3), 400, "max_tokens"),
+        (_chat(max_tokens=0), 400, "max_tokens"),
+        (_chat(max_tokens="5"), 400, "max_tokens"),
+        (_chat(max_tokens=10**9), 400, "max_tokens"),
+        (_chat(temperature=9), 400, "temperature"),
+        (_chat(n=3), 400, "n"),
+        (_chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+        (_chat(model="gpt-4"), 404, "model"),
+        (_chat(messages=[{"role": "user", "content": "word " * 400}]), 400, "messages"),
+        ({"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
+        ({"model": "tiny"}, 400, "messages"),
+    ],
+)
+def test_bad_input_gets_an_openai_error(client, body, status, param):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    path = "/v1/completions" if isinstance(body, dict) and "prompt" in body else CHAT
+    response = client.post(path, **kwargs)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert error["param"] == param
+
+
+def test_unknown_route_and_method_are_openai_errors(client):
+    assert client.get("/v1/nothing").json()["error"]["message"] == "Not Found"
+    response = client.get(CHAT)
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_models_lists_public_name_and_variants(client):
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids == ["tiny", "tiny:full", "tiny:int8"]
+
+
+def test_health_and_metrics_cover_every_variant(client):
+    client.post(CHAT, json=_chat(model="tiny:int8", max_tokens=3, ignore_eos=True))
+    client.post(CHAT, json=_chat(model="tiny:full", max_tokens=3, ignore_eos=True))
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["variants"] == {"full": True, "int8": True}
+    text = client.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in (
+        "slimserve_time_to_first_token_seconds",
+        "slimserve_inter_token_latency_seconds",
+        "slimserve_e2e_request_latency_seconds",
+    ):
+        counts = {
+            s.labels["variant"]: s.value
+            for s in families[name].samples
+            if s.name.endswith("_count")
+        }
+        assert counts["full"] >= 1 and counts["int8"] >= 1
+    weights = {
+        s.labels["variant"]: s.value for s in families["slimserve_variant_weight_bytes"].samples
+    }
+    assert weights["int8"] < 0.6 * weights["full"]
+    statuses = {
+        (s.labels["variant"], s.labels["status"])
+        for s in families["slimserve_requests"].samples
+        if s.name == "slimserve_requests_total"
+    }
+    assert {("full", "200"), ("int8", "200")} <= statuses
+    generated = {
+        s.labels["variant"]: s.value
+        for s in families["slimserve_generation_tokens"].samples
+        if s.name == "slimserve_generation_tokens_total"
+    }
+    assert generated["int8"] >= 3

@@ -1,0 +1,55 @@
+import torch
+
+from slimserve.serve.engine.llama_runner import LlamaRunner
+
+from .conftest import tiny_llama
+
+
+def _hf_last_logits(model, ids):
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0, -1].float()
+
+
+def test_prefill_and_chunked_prefill_match_hf():
+    model = tiny_llama(vocab_size=300)
+    ids = torch.randint(3, 300, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+    runner = LlamaRunner(model, max_slots=3, max_len=64)
+    with torch.inference_mode():
+        whole = runner.prefill(0, ids, 0, want_logits=True)
+        runner.prefill(1, ids[:10], 0, want_logits=False)
+        runner.prefill(1, ids[10:25], 10, want_logits=False)
+        chunked = runner.prefill(1, ids[25:], 25, want_logits=True)
+    reference = _hf_last_logits(model, ids)
+    torch.testing.assert_close(whole, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_decode_at_different_positions_matches_hf():
+    model = tiny_llama(vocab_size=300)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (5, 19, 11)]
+    runner = LlamaRunner(model, max_slots=4, max_len=64)
+    sequences = [list(p) for p in prompts]
+    with torch.inference_mode():
+        for slot, prompt in enumerate(prompts):
+            runner.prefill(slot, prompt, 0, want_logits=True)
+        for _ in range(6):
+            next_ids = [int(torch.randint(3, 300, (1,), generator=gen)) for _ in sequences]
+            logits = runner.decode(next_ids, [len(s) for s in sequences])
+            for seq, token in zip(sequences, next_ids, strict=True):
+                seq.append(token)
+            for row, seq in enumerate(sequences):
+                torch.testing.assert_close(
+                    logits[row], _hf_last_logits(model, seq), rtol=1e-4, atol=1e-4
+                )
+
+
+def test_move_slot_carries_the_cache():
+    model = tiny_llama(vocab_size=300)
+    ids = list(range(3, 20))
+    runner = LlamaRunner(model, max_slots=3, max_len=32)
+    with torch.inference_mode():
+        runner.prefill(2, ids, 0, want_logits=False)
+        runner.move_slot(2, 0, len(ids))
+        moved = runner.decode([7], [len(ids)])[0]
+    torch.testing.assert_close(moved, _hf_last_logits(model, [*ids, 7]), rtol=1e-4, atol=1e-4)

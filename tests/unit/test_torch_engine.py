@@ -1,0 +1,118 @@
+import asyncio
+
+import pytest
+import torch
+
+from slimserve.serve.engine.torch_engine import EngineLimits, TorchEngine
+from slimserve.serve.engine.types import SamplingParams
+
+from .conftest import tiny_llama
+
+
+@pytest.fixture
+def engine(tokenizer):
+    engine = TorchEngine(
+        tiny_llama(),
+        tokenizer,
+        EngineLimits(
+            max_num_seqs=4, max_model_len=96, max_queued_requests=8, prefill_chunk_tokens=16
+        ),
+    )
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+async def _collect(engine, name, prompt_ids, params):
+    events = [e async for e in engine.generate(name, prompt_ids, params)]
+    return events
+
+
+def _prompt(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_concurrent_requests_share_batches_and_match_hf_generate(engine, tokenizer):
+    texts = ["Once upon a time", "The capital of France is a city that", "def main():", "Hi"]
+    prompts = [_prompt(tokenizer, t) for t in texts]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def run_all():
+        return await asyncio.gather(
+            *(_collect(engine, f"r{i}", p, params) for i, p in enumerate(prompts))
+        )
+
+    results = asyncio.run(run_all())
+    model = engine.runner.model
+    for prompt, events in zip(prompts, results, strict=True):
+        assert events[0].kind == "accepted"
+        assert events[0].prompt_tokens == len(prompt)
+        done = events[-1]
+        assert done.kind == "done" and done.finish_reason == "length"
+        assert done.completion_tokens == 12
+        text = "".join(e.text for e in events if e.kind == "delta")
+        with torch.inference_mode():
+            expected = model.generate(
+                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12
+            )[0, len(prompt) :]
+        assert text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert engine.stats()["peak_batch"] > 1  # they really decoded together
+
+
+def test_long_prompt_is_prefilled_in_chunks(engine, tokenizer):
+    prompt = _prompt(tokenizer, "word " * 60)
+    assert len(prompt) > 16 * 2
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    events = asyncio.run(_collect(engine, "long", prompt, params))
+    assert events[-1].kind == "done"
+    assert engine.stats()["steps"] >= len(prompt) // 16
+
+
+def test_stop_string_and_context_limit(engine, tokenizer):
+    params = SamplingParams(temperature=0, max_tokens=200)
+    events = asyncio.run(_collect(engine, "big", _prompt(tokenizer, "hello"), params))
+    assert events[0].kind == "error"
+    assert events[0].error.status == 400 and events[0].error.code == "context_length_exceeded"
+
+    free = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    full_text = "".join(
+        e.text for e in asyncio.run(_collect(engine, "a", _prompt(tokenizer, "x y"), free))
+    )
+    stop = full_text[5:8]
+    assert stop.strip(), "the random model must produce some text to cut"
+    stopped = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])
+    events = asyncio.run(_collect(engine, "b", _prompt(tokenizer, "x y"), stopped))
+    assert events[-1].finish_reason == "stop"
+    text = "".join(e.text for e in events)
+    assert stop not in text and full_text.startswith(text)
+
+
+def test_abandoned_request_frees_its_slot(engine, tokenizer):
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+
+    async def leave_early():
+        stream = engine.generate("gone", _prompt(tokenizer, "abc"), params)
+        async for event in stream:
+            if event.kind == "delta":
+                break
+        await stream.aclose()
+        for _ in range(100):
+            if engine.stats()["running"] == 0:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    assert asyncio.run(leave_early())
+
+
+def test_full_queue_is_refused_with_503(tokenizer):
+    engine = TorchEngine(
+        tiny_llama(),
+        tokenizer,
+        EngineLimits(
+            max_num_seqs=1, max_model_len=64, max_queued_requests=0, prefill_chunk_tokens=16
+        ),
+    )  # not started: nothing leaves the queue
+    params = SamplingParams(temperature=0, max_tokens=2)
+    events = asyncio.run(_collect(engine, "r", [5, 6, 7], params))
+    assert events[0].kind == "error" and events[0].error.status == 503
