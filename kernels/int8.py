@@ -6,10 +6,13 @@ Reference: de-quantize, then a dense matmul (any device, any dtype).
 
 from __future__ import annotations
 
+from typing import Any, Self
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimserve.kernels.artifact import dtype_from_name, dtype_name, require_keys
 from slimserve.kernels.dispatch import record_backend
 
 _CPU_FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -72,6 +75,23 @@ class Int8Linear(nn.Module):
         qweight, scale = quantize_int8_absmax(linear.weight, per_channel)
         return cls(qweight, scale, linear.bias, linear.weight.dtype)
 
+    def meta(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "has_bias": self.bias is not None,
+            "dtype": dtype_name(self.scale.dtype),
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Self:
+        require_keys(cls.__name__, meta, ("in_features", "out_features", "has_bias", "dtype"))
+        n, k = int(meta["out_features"]), int(meta["in_features"])
+        dtype = dtype_from_name(meta["dtype"])
+        qweight = torch.empty(n, k, dtype=torch.int8)
+        bias = torch.empty(n, dtype=dtype) if meta["has_bias"] else None
+        return cls(qweight, torch.empty(n, dtype=dtype), bias, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         out = int8_weight_matmul(x.reshape(-1, shape[-1]), self.qweight, self.scale)
@@ -91,6 +111,20 @@ class Int8Embedding(nn.Module):
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "dtype": dtype_name(self.scale.dtype),
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Self:
+        require_keys(cls.__name__, meta, ("num_embeddings", "embedding_dim", "dtype"))
+        rows, dim = int(meta["num_embeddings"]), int(meta["embedding_dim"])
+        dtype = dtype_from_name(meta["dtype"])
+        return cls(torch.empty(rows, dim, dtype=torch.int8), torch.empty(rows, dtype=dtype))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.qweight)

@@ -23,15 +23,18 @@ class _Strict(BaseModel):
 
 
 class EngineOptions(_Strict):
-    name: Literal["torch"] = "torch"
+    name: Literal["torch", "vllm"] = "torch"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    max_num_seqs: int = Field(16, ge=1, le=512, description="requests decoded together")
+    max_num_seqs: int = Field(32, ge=1, le=512, description="requests decoded together")
     max_model_len: int = Field(2048, ge=16, description="prompt + completion tokens per request")
     max_queued_requests: int = Field(256, ge=0, description="waiting requests before 503")
     prefill_chunk_tokens: int = Field(
         512, ge=16, description="prompt tokens prefilled per step, so decodes keep flowing"
     )
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads; default: all")
+    # vLLM only
+    enforce_eager: bool = Field(True, description="vllm: skip graph compilation (faster start)")
+    kv_cache_gb: float = Field(1.0, gt=0, description="vllm: KV-cache memory in GiB")
 
 
 class DeploymentOptions(_Strict):
@@ -97,6 +100,17 @@ class SlimserveConfig(_Strict):
             if not VARIANT_NAME.match(name):
                 raise ValueError(f"variant name {name!r} must match {VARIANT_NAME.pattern}")
         return variants
+
+    @model_validator(mode="after")
+    def _vllm_variants_uncompressed(self) -> SlimserveConfig:
+        for name, variant in self.variants.items():
+            if self.engine_for(name).name == "vllm" and variant.compression:
+                raise ValueError(
+                    f"variants.{name}: engine 'vllm' serves checkpoints as they are; "
+                    "compress this variant on engine 'torch', or point its model: at a "
+                    "checkpoint vLLM can load"
+                )
+        return self
 
     @model_validator(mode="after")
     def _split_names_known(self) -> SlimserveConfig:

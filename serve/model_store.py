@@ -89,6 +89,11 @@ def resolve_model(name: str) -> str:
     return name  # a hub id; transformers reports clearly if it cannot be fetched
 
 
+def checkpoint_weight_bytes(path: str) -> int:
+    """Bytes of a local checkpoint's weight files (what an engine that loads it holds)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
 def load_model_and_tokenizer(name: str, dtype: str):  # -> (PreTrainedModel, tokenizer)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -12,14 +12,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
-from slimserve.compression import apply_compression
+from slimserve.compression import CompressionReport, apply_compression
 from slimserve.kernels.dispatch import chosen_backends
 from slimserve.serve.config import SlimserveConfig
-from slimserve.serve.engine.torch_engine import EngineLimits, TorchEngine
+from slimserve.serve.engine.limits import EngineLimits
+from slimserve.serve.engine.torch_engine import TorchEngine
 from slimserve.serve.engine.types import EngineEvent, ErrorInfo, GenerateRequest
+from slimserve.serve.engine.vllm_engine import VllmEngine
 from slimserve.serve.logs import configure_logging
-from slimserve.serve.model_store import load_model_and_tokenizer
+from slimserve.serve.model_store import (
+    checkpoint_weight_bytes,
+    load_model_and_tokenizer,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +40,29 @@ class VariantServer:
         options = cfg.engine_for(variant)
         torch.set_num_threads(options.torch_threads or os.cpu_count() or 1)
         model_name = cfg.model_for(variant)
-        model, self.tokenizer = load_model_and_tokenizer(model_name, options.dtype)
-        loaded = time.perf_counter()
-        self.report = apply_compression(model, cfg.variants[variant].compression)
-        compressed = time.perf_counter()
-        self.engine = TorchEngine(
-            model,
-            self.tokenizer,
-            EngineLimits(
-                max_num_seqs=options.max_num_seqs,
-                max_model_len=options.max_model_len,
-                max_queued_requests=options.max_queued_requests,
-                prefill_chunk_tokens=options.prefill_chunk_tokens,
-            ),
+        limits = EngineLimits(
+            max_num_seqs=options.max_num_seqs,
+            max_model_len=options.max_model_len,
+            max_queued_requests=options.max_queued_requests,
+            prefill_chunk_tokens=options.prefill_chunk_tokens,
         )
+        if options.name == "vllm":
+            path = resolve_model(model_name)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            size = checkpoint_weight_bytes(path)
+            self.report = CompressionReport(weight_bytes_before=size, weight_bytes_after=size)
+            loaded = compressed = time.perf_counter()
+            self.engine = VllmEngine(
+                path, options.dtype, limits, options.enforce_eager, options.kv_cache_gb
+            )
+        else:
+            model, self.tokenizer = load_model_and_tokenizer(model_name, options.dtype)
+            loaded = time.perf_counter()
+            self.report = apply_compression(model, cfg.variants[variant].compression)
+            compressed = time.perf_counter()
+            self.engine = TorchEngine(model, self.tokenizer, limits)
         self.engine.start()
+        self.engine_name = options.name
         self.timings = {
             "load_seconds": round(loaded - started, 3),
             "compress_seconds": round(compressed - loaded, 3),
@@ -91,6 +106,7 @@ class VariantServer:
             "weight_bytes": self.report.weight_bytes_after,
             "compression_ratio": self.report.compression_ratio,
             "compression": self.report.model_dump(),
+            "engine_name": self.engine_name,
             "kernels": chosen_backends(),
             "engine": self.engine.stats(),
             **self.timings,

@@ -19,19 +19,12 @@ from typing import Any
 import torch
 
 from slimserve.serve.engine.detokenizer import IncrementalDetokenizer
+from slimserve.serve.engine.limits import EngineLimits, context_error, queue_full_error
 from slimserve.serve.engine.llama_runner import LlamaRunner
 from slimserve.serve.engine.sampling import make_generator, sample_tokens
 from slimserve.serve.engine.types import EngineEvent, ErrorInfo, SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineLimits:
-    max_num_seqs: int
-    max_model_len: int
-    max_queued_requests: int
-    prefill_chunk_tokens: int
 
 
 @dataclass
@@ -49,23 +42,46 @@ class _Sequence:
     aborted: bool = False
     finished: bool = False
 
-    def send(self, event: EngineEvent) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the caller's event loop is gone
-            self.aborted = True
+
+class _Outbox:
+    """Events of one engine step, handed to each caller's event loop in one wake-up.
+
+    A call_soon_threadsafe per token per sequence costs a loop wake-up each; batching them per
+    step keeps the replica's event loop (and the GIL) free for the streaming work.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, EngineEvent]]] = {}
+
+    def add(self, seq: _Sequence, event: EngineEvent) -> None:
+        self._pending.setdefault(seq.loop, []).append((seq, event))
+
+    def flush(self) -> None:
+        for loop, items in self._pending.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that caller's event loop is gone
+                for seq, _ in items:
+                    seq.aborted = True
+        self._pending.clear()
+
+
+def _deliver(items: list[tuple[_Sequence, EngineEvent]]) -> None:
+    for seq, event in items:
+        seq.events.put_nowait(event)
 
 
 class TorchEngine:
     def __init__(self, model: Any, tokenizer: Any, limits: EngineLimits) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
-        self.runner = LlamaRunner(model, limits.max_num_seqs, limits.max_model_len)
+        self.runner = LlamaRunner(model, limits.max_num_seqs, limits.max_model_len, pack_dense=True)
         self.eos_ids = self._eos_ids(model, tokenizer)
         self._waiting: deque[_Sequence] = deque()
         self._decoding: list[_Sequence] = []  # index == KV slot
         self._prefilling: _Sequence | None = None  # always in slot len(self._decoding)
         self._wakeup = threading.Event()
+        self._outbox = _Outbox()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.counters = {
@@ -107,41 +123,19 @@ class TorchEngine:
             "running": len(self._decoding) + (self._prefilling is not None),
             "waiting": sum(not s.aborted for s in self._waiting),
             "kv_cache_bytes": self.runner.kv_cache_bytes,
+            "packed_weight_bytes": self.runner.packed_weight_bytes,
             **self.counters,
         }
 
     # ---- the caller's side -----------------------------------------------------------------
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> ErrorInfo | None:
-        limit = self.limits.max_model_len
-        if not prompt_ids:
-            return ErrorInfo(status=400, message="the prompt is empty", param="prompt")
-        wanted = params.max_tokens or 1
-        if len(prompt_ids) + wanted > limit:
-            return ErrorInfo(
-                status=400,
-                message=(
-                    f"This model's maximum context length is {limit} tokens. However, you "
-                    f"requested {len(prompt_ids) + wanted} tokens ({len(prompt_ids)} in the "
-                    f"prompt, {wanted} for the completion). Please reduce the prompt or max_tokens."
-                ),
-                param="max_tokens" if params.max_tokens else "messages",
-                code="context_length_exceeded",
-            )
-        return None
-
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[EngineEvent]:
         """Yields accepted, then deltas, then done; or a single error event."""
-        problem = self.validate(prompt_ids, params)
+        problem = context_error(prompt_ids, params, self.limits.max_model_len)
         if problem is None and len(self._waiting) >= self.limits.max_queued_requests:
-            problem = ErrorInfo(
-                status=503,
-                type="server_overloaded",
-                message="The server is at capacity; retry shortly.",
-                code="queue_full",
-            )
+            problem = queue_full_error()
         if problem is not None:
             yield EngineEvent(kind="error", error=problem)
             return
@@ -199,9 +193,12 @@ class TorchEngine:
 
     def _step(self) -> None:
         self._drop_aborted()
-        self._prefill_some()
-        if self._decoding:
-            self._decode_once()
+        try:
+            self._prefill_some()
+            if self._decoding:
+                self._decode_once()
+        finally:
+            self._outbox.flush()
         self.counters["steps"] += 1
 
     def _drop_aborted(self) -> None:
@@ -267,18 +264,19 @@ class TorchEngine:
                 reason = "length"
         if reason is not None:
             text += seq.detokenizer.flush()
-        seq.send(EngineEvent(kind="delta", text=text, tokens=1))
+        self._outbox.add(seq, EngineEvent(kind="delta", text=text, tokens=1))
         if reason is None:
             return False
         seq.finished = True
         self.counters["finished"] += 1
-        seq.send(
+        self._outbox.add(
+            seq,
             EngineEvent(
                 kind="done",
                 finish_reason=reason,
                 prompt_tokens=len(seq.prompt_ids),
                 completion_tokens=len(seq.generated),
-            )
+            ),
         )
         return True
 
@@ -300,4 +298,5 @@ class TorchEngine:
         self._prefilling = None
         for seq in victims:
             seq.finished = True
-            seq.send(EngineEvent(kind="error", error=info))
+            self._outbox.add(seq, EngineEvent(kind="error", error=info))
+        self._outbox.flush()

@@ -1,3 +1,5 @@
+import copy
+
 import torch
 
 from slimserve.serve.engine.llama_runner import LlamaRunner
@@ -12,23 +14,25 @@ def _hf_last_logits(model, ids):
 
 def test_prefill_and_chunked_prefill_match_hf():
     model = tiny_llama(vocab_size=300)
+    reference_model = copy.deepcopy(model)  # the runner takes the model over
     ids = torch.randint(3, 300, (37,), generator=torch.Generator().manual_seed(1)).tolist()
-    runner = LlamaRunner(model, max_slots=3, max_len=64)
+    runner = LlamaRunner(model, max_slots=3, max_len=64, pack_dense=True)
     with torch.inference_mode():
         whole = runner.prefill(0, ids, 0, want_logits=True)
         runner.prefill(1, ids[:10], 0, want_logits=False)
         runner.prefill(1, ids[10:25], 10, want_logits=False)
         chunked = runner.prefill(1, ids[25:], 25, want_logits=True)
-    reference = _hf_last_logits(model, ids)
+    reference = _hf_last_logits(reference_model, ids)
     torch.testing.assert_close(whole, reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_batched_decode_at_different_positions_matches_hf():
     model = tiny_llama(vocab_size=300)
+    reference_model = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (5, 19, 11)]
-    runner = LlamaRunner(model, max_slots=4, max_len=64)
+    runner = LlamaRunner(model, max_slots=4, max_len=64, pack_dense=True)
     sequences = [list(p) for p in prompts]
     with torch.inference_mode():
         for slot, prompt in enumerate(prompts):
@@ -40,16 +44,36 @@ def test_batched_decode_at_different_positions_matches_hf():
                 seq.append(token)
             for row, seq in enumerate(sequences):
                 torch.testing.assert_close(
-                    logits[row], _hf_last_logits(model, seq), rtol=1e-4, atol=1e-4
+                    logits[row], _hf_last_logits(reference_model, seq), rtol=1e-4, atol=1e-4
                 )
+
+
+def test_without_packing_the_model_is_left_intact():
+    model = tiny_llama(vocab_size=300)
+    runner = LlamaRunner(model, max_slots=1, max_len=16)
+    assert runner.packed_weight_bytes == 0
+    ids = [5, 6, 7]
+    with torch.inference_mode():
+        logits = runner.prefill(0, ids, 0, want_logits=True)
+    torch.testing.assert_close(logits, _hf_last_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_dense_projections_are_fused_and_packed():
+    model = tiny_llama(vocab_size=300)
+    runner = LlamaRunner(model, max_slots=1, max_len=16, pack_dense=True)
+    assert all(plan.qkv is not None and plan.gate_up is not None for plan in runner.layers)
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+    assert runner.packed_weight_bytes > 0.9 * dense_bytes
 
 
 def test_move_slot_carries_the_cache():
     model = tiny_llama(vocab_size=300)
+    reference_model = copy.deepcopy(model)
     ids = list(range(3, 20))
-    runner = LlamaRunner(model, max_slots=3, max_len=32)
+    runner = LlamaRunner(model, max_slots=3, max_len=32, pack_dense=True)
     with torch.inference_mode():
         runner.prefill(2, ids, 0, want_logits=False)
         runner.move_slot(2, 0, len(ids))
         moved = runner.decode([7], [len(ids)])[0]
-    torch.testing.assert_close(moved, _hf_last_logits(model, [*ids, 7]), rtol=1e-4, atol=1e-4)
+    expected = _hf_last_logits(reference_model, [*ids, 7])
+    torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-4)

@@ -3,7 +3,8 @@ import asyncio
 import pytest
 import torch
 
-from slimserve.serve.engine.torch_engine import EngineLimits, TorchEngine
+from slimserve.serve.engine.limits import EngineLimits
+from slimserve.serve.engine.torch_engine import TorchEngine
 from slimserve.serve.engine.types import SamplingParams
 
 from .conftest import tiny_llama
@@ -12,7 +13,7 @@ from .conftest import tiny_llama
 @pytest.fixture
 def engine(tokenizer):
     engine = TorchEngine(
-        tiny_llama(),
+        tiny_llama(seed=0),
         tokenizer,
         EngineLimits(
             max_num_seqs=4, max_model_len=96, max_queued_requests=8, prefill_chunk_tokens=16
@@ -43,7 +44,7 @@ def test_concurrent_requests_share_batches_and_match_hf_generate(engine, tokeniz
         )
 
     results = asyncio.run(run_all())
-    model = engine.runner.model
+    model = tiny_llama(seed=0)  # the same weights; the engine's copy belongs to its runner
     for prompt, events in zip(prompts, results, strict=True):
         assert events[0].kind == "accepted"
         assert events[0].prompt_tokens == len(prompt)

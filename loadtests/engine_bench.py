@@ -1,0 +1,99 @@
+"""Engine throughput in-process: a VariantServer built from a config, no Ray, no HTTP.
+
+    python -m slimserve.loadtests.engine_bench --config deploy/configs/default.yaml \
+        --variants full int8 --concurrency 1 8 32
+
+Against decode_bench (the same requests through Ray Serve and the gateway) this isolates what the
+serving path costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import time
+
+from slimserve.loadtests.decode_bench import PROMPTS, BenchRow, render
+from slimserve.serve.config import load_config
+from slimserve.serve.engine.types import GenerateRequest, SamplingParams
+from slimserve.serve.logs import configure_logging
+from slimserve.serve.variant_server import VariantServer
+
+log = logging.getLogger("slimserve.loadtests.engine_bench")
+
+
+async def _one(server: VariantServer, index: int, tokens: int) -> tuple[int, float, float]:
+    request = GenerateRequest(
+        request_id=f"bench-{index}-{time.monotonic_ns()}",
+        messages=[{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
+        sampling=SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True),
+    )
+    started = time.perf_counter()
+    first = None
+    generated = 0
+    async for event in server.generate(request.model_dump()):
+        if event["kind"] == "delta" and first is None:
+            first = time.perf_counter()
+        if event["kind"] == "done":
+            generated = event["completion_tokens"]
+        if event["kind"] == "error":
+            raise RuntimeError(event["error"])
+    ended = time.perf_counter()
+    rate = (generated - 1) / (ended - first) if first and ended > first else 0.0
+    return generated, (first or ended) - started, rate
+
+
+async def bench(server: VariantServer, variant: str, concurrency: int, requests: int,
+                tokens: int) -> BenchRow:
+    await _one(server, 0, 4)  # warm-up
+    queue = list(range(requests))
+    results: list[tuple[int, float, float]] = []
+
+    async def worker() -> None:
+        while queue:
+            results.append(await _one(server, queue.pop(), tokens))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    total = sum(r[0] for r in results)
+    return BenchRow(
+        variant=variant,
+        concurrency=concurrency,
+        requests=requests,
+        output_tokens=total,
+        seconds=round(seconds, 2),
+        output_tokens_per_s=round(total / seconds, 1),
+        per_stream_tokens_per_s=round(statistics.median(r[2] for r in results), 1),
+        ttft_p50_ms=round(statistics.median(r[1] for r in results) * 1000, 1),
+    )
+
+
+def main() -> None:
+    configure_logging()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="deploy/configs/default.yaml")
+    parser.add_argument("--variants", nargs="+", default=["full", "int8"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    args = parser.parse_args()
+    config = load_config(args.config).model_dump(mode="json")
+    rows = []
+    for variant in args.variants:
+        server = VariantServer(variant, config)
+        try:
+            for concurrency in args.concurrency:
+                requests = max(args.requests_per_stream * concurrency, concurrency)
+                row = asyncio.run(bench(server, variant, concurrency, requests, args.tokens))
+                log.info("%s", row.model_dump_json())
+                rows.append(row)
+        finally:
+            server.engine.shutdown()
+    print(render(rows))
+
+
+if __name__ == "__main__":
+    main()

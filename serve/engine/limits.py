@@ -1,0 +1,43 @@
+"""Request admission rules shared by every engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slimserve.serve.engine.types import ErrorInfo, SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_num_seqs: int
+    max_model_len: int
+    max_queued_requests: int
+    prefill_chunk_tokens: int
+
+
+def context_error(prompt_ids: list[int], params: SamplingParams, limit: int) -> ErrorInfo | None:
+    """The OpenAI-style 400 for an empty or too-long request, None if it fits."""
+    if not prompt_ids:
+        return ErrorInfo(status=400, message="the prompt is empty", param="prompt")
+    wanted = params.max_tokens or 1
+    if len(prompt_ids) + wanted <= limit:
+        return None
+    return ErrorInfo(
+        status=400,
+        message=(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{len(prompt_ids) + wanted} tokens ({len(prompt_ids)} in the prompt, {wanted} for "
+            "the completion). Please reduce the prompt or max_tokens."
+        ),
+        param="max_tokens" if params.max_tokens else "messages",
+        code="context_length_exceeded",
+    )
+
+
+def queue_full_error() -> ErrorInfo:
+    return ErrorInfo(
+        status=503,
+        type="server_overloaded",
+        message="The server is at capacity; retry shortly.",
+        code="queue_full",
+    )
