@@ -160,10 +160,13 @@ class LlamaRunner:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(hidden)).float()
 
-    def prefill(self, slot: int, token_ids: list[int], start: int, want_logits: bool):
+    def prefill(
+        self, slot: int, token_ids: list[int], start: int, want_logits: bool, every: bool = False
+    ):
         """Run prompt tokens [start, start + n) of the sequence in `slot`; caches their K/V.
 
-        Returns float32 logits [vocab] for the last token when want_logits, else None.
+        Returns float32 logits [vocab] for the last token when want_logits (with `every`:
+        [n, vocab], one row per token), else None.
         """
         n = len(token_ids)
         end = start + n
@@ -187,7 +190,9 @@ class LlamaRunner:
                 enable_gqa=True,
             )
             x = self._finish_layer(plan, x, out)
-        return self._logits(x[0, -1]) if want_logits else None
+        if not want_logits:
+            return None
+        return self._logits(x[0] if every else x[0, -1])
 
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each sequence in slots 0..B-1; returns float32 logits [B, vocab]."""

@@ -9,8 +9,10 @@ decode steps, finished ones leave at once, and a long prompt is spread over seve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ class _Sequence:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     generator: torch.Generator | None
+    arrived: float = field(default_factory=time.perf_counter)
+    queue_seconds: float | None = None
     generated: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V sit in the cache
     aborted: bool = False
@@ -66,6 +70,18 @@ class _Outbox:
         self._pending.clear()
 
 
+@dataclass
+class _ScoreJob:
+    token_ids: list[int]
+    loop: asyncio.AbstractEventLoop
+    result: asyncio.Future
+
+
+def _resolve(future: asyncio.Future, outcome: Any, value: Any) -> None:
+    if not future.done():  # the caller may have been cancelled meanwhile
+        outcome(value)
+
+
 def _deliver(items: list[tuple[_Sequence, EngineEvent]]) -> None:
     for seq, event in items:
         seq.events.put_nowait(event)
@@ -75,7 +91,12 @@ class TorchEngine:
     def __init__(self, model: Any, tokenizer: Any, limits: EngineLimits) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
-        self.runner = LlamaRunner(model, limits.max_num_seqs, limits.max_model_len, pack_dense=True)
+        # One slot beyond the batch is reserved for scoring, so it never waits for a free slot.
+        self.score_slot = limits.max_num_seqs
+        self.runner = LlamaRunner(
+            model, limits.max_num_seqs + 1, limits.max_model_len, pack_dense=True
+        )
+        self._score_jobs: deque[_ScoreJob] = deque()
         self.eos_ids = self._eos_ids(model, tokenizer)
         self._waiting: deque[_Sequence] = deque()
         self._decoding: list[_Sequence] = []  # index == KV slot
@@ -176,12 +197,36 @@ class TorchEngine:
                 seq.aborted = True  # the caller went away: free the slot at the next step
                 self._wakeup.set()
 
+    async def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Next-token log-probabilities at every position: float32 [len(token_ids), vocab].
+
+        Row i is the distribution the model predicts after token_ids[: i + 1]. Runs on the
+        engine thread between decode steps (for shadow comparison and quality checks).
+        """
+        if not 0 < len(token_ids) <= self.limits.max_model_len:
+            limit = self.limits.max_model_len
+            raise ValueError(f"can score 1..{limit} tokens, got {len(token_ids)}")
+        loop = asyncio.get_running_loop()
+        job = _ScoreJob(list(token_ids), loop, loop.create_future())
+        self._score_jobs.append(job)
+        self._wakeup.set()
+        return await job.result
+
+    def _score_one(self, job: _ScoreJob) -> None:
+        try:
+            logits = self.runner.prefill(self.score_slot, job.token_ids, 0, True, every=True)
+            outcome, value = job.result.set_result, torch.log_softmax(logits, dim=-1)
+        except Exception as error:
+            outcome, value = job.result.set_exception, error
+        with contextlib.suppress(RuntimeError):  # RuntimeError: that caller's loop is gone
+            job.loop.call_soon_threadsafe(_resolve, job.result, outcome, value)
+
     # ---- the scheduler thread --------------------------------------------------------------
 
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._stopping:
-                if not (self._waiting or self._decoding or self._prefilling):
+                if not (self._waiting or self._decoding or self._prefilling or self._score_jobs):
                     self._wakeup.wait(timeout=0.5)
                     self._wakeup.clear()
                     continue
@@ -193,6 +238,8 @@ class TorchEngine:
 
     def _step(self) -> None:
         self._drop_aborted()
+        if self._score_jobs:
+            self._score_one(self._score_jobs.popleft())
         try:
             self._prefill_some()
             if self._decoding:
@@ -218,6 +265,7 @@ class TorchEngine:
                     self._prefilling = candidate
             if self._prefilling is None:
                 return
+            self._prefilling.queue_seconds = time.perf_counter() - self._prefilling.arrived
         seq = self._prefilling
         start = seq.cached
         chunk = seq.prompt_ids[start : start + self.limits.prefill_chunk_tokens]
@@ -276,6 +324,7 @@ class TorchEngine:
                 finish_reason=reason,
                 prompt_tokens=len(seq.prompt_ids),
                 completion_tokens=len(seq.generated),
+                queue_seconds=seq.queue_seconds,
             ),
         )
         return True

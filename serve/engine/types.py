@@ -33,6 +33,7 @@ class EngineEvent(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: Literal["stop", "length", "abort"] | None = None
+    queue_seconds: float | None = None  # on "done": arrival to the start of its prefill
     error: ErrorInfo | None = None
 
 
