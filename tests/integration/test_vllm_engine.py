@@ -118,3 +118,16 @@ def test_metrics_cover_the_vllm_variant(vllm_gateway, client):
         s.labels["variant"]: s.value for s in families["slimserve_variant_weight_bytes"].samples
     }
     assert weights["vllm"] > 2e8
+
+
+def test_compressed_variant_is_exported_for_vllm_and_served(vllm_gateway, client):
+    reply = client.chat.completions.create(
+        model=f"{MODEL}:vllm-w4", messages=QUESTION, max_tokens=20, temperature=0
+    )
+    assert "Paris" in reply.choices[0].message.content
+    variants = httpx.get(f"{vllm_gateway}/v1/variants", timeout=30).json()["variants"]
+    w4, full = variants["vllm-w4"], variants["vllm"]
+    assert w4["engine_name"] == "vllm"
+    assert w4["compression"]["methods"][0]["method"] == "rtn"
+    # 4-bit decoder weights; embeddings stay 16-bit: well under 60% of the bf16 checkpoint
+    assert w4["weight_bytes"] < 0.6 * full["weight_bytes"]

@@ -1,0 +1,125 @@
+"""Build a variant's engine from the config: load, compress, and (for vLLM) export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from transformers import AutoTokenizer
+
+from slimserve.compression import CompressionReport, apply_compression
+from slimserve.serve.config import SlimserveConfig
+from slimserve.serve.engine.limits import EngineLimits
+from slimserve.serve.engine.torch_engine import TorchEngine
+from slimserve.serve.engine.vllm_engine import VllmEngine
+from slimserve.serve.model_store import (
+    cache_root,
+    checkpoint_weight_bytes,
+    load_model_and_tokenizer,
+    resolve_model,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuiltEngine:
+    engine: TorchEngine | VllmEngine
+    tokenizer: Any
+    report: CompressionReport
+    load_seconds: float
+    compress_seconds: float
+
+
+def _limits(cfg: SlimserveConfig, variant: str) -> EngineLimits:
+    options = cfg.engine_for(variant)
+    return EngineLimits(
+        max_num_seqs=options.max_num_seqs,
+        max_model_len=options.max_model_len,
+        max_queued_requests=options.max_queued_requests,
+        prefill_chunk_tokens=options.prefill_chunk_tokens,
+    )
+
+
+def _export_key(model_path: str, specs: list[dict], dtype: str) -> str:
+    import compressed_tensors
+    import torch
+    import transformers
+
+    weights = sorted(Path(model_path).glob("*.safetensors"))
+    fingerprint = [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]
+    blob = json.dumps(
+        {
+            "model": str(Path(model_path).resolve()),
+            "weights": fingerprint,
+            "specs": specs,
+            "dtype": dtype,
+            "versions": [
+                torch.__version__,
+                transformers.__version__,
+                compressed_tensors.__version__,
+            ],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _compressed_checkpoint(
+    cfg: SlimserveConfig, variant: str
+) -> tuple[str, Any, CompressionReport, float, float]:
+    """Compress and export for vLLM once; later starts reuse the export."""
+    from slimserve.serve.engine.vllm_export import export_for_vllm
+
+    options = cfg.engine_for(variant)
+    model_path = resolve_model(cfg.model_for(variant))
+    specs = [spec.model_dump(mode="json") for spec in cfg.variants[variant].compression]
+    target = cache_root() / "vllm-exports" / _export_key(model_path, specs, options.dtype)
+    report_path = target / "slimserve-report.json"
+    started = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if report_path.is_file():
+            log.info("variant %s: reusing the vLLM export at %s", variant, target)
+            report = CompressionReport.model_validate_json(report_path.read_text())
+            tokenizer = AutoTokenizer.from_pretrained(target)
+            return str(target), tokenizer, report, time.perf_counter() - started, 0.0
+        model, tokenizer = load_model_and_tokenizer(model_path, options.dtype)
+        loaded = time.perf_counter()
+        report = apply_compression(model, cfg.variants[variant].compression)
+        export_for_vllm(model, tokenizer, target)
+        report.weight_bytes_after = checkpoint_weight_bytes(str(target))
+        # Written last: its presence marks a complete export.
+        report_path.write_text(report.model_dump_json())
+        return str(target), tokenizer, report, loaded - started, time.perf_counter() - loaded
+
+
+def build_engine(cfg: SlimserveConfig, variant: str) -> BuiltEngine:
+    """The engine a variant's replica serves with (not started yet)."""
+    options = cfg.engine_for(variant)
+    limits = _limits(cfg, variant)
+    if options.name == "torch":
+        started = time.perf_counter()
+        model, tokenizer = load_model_and_tokenizer(cfg.model_for(variant), options.dtype)
+        loaded = time.perf_counter()
+        report = apply_compression(model, cfg.variants[variant].compression)
+        compressed = time.perf_counter()
+        engine = TorchEngine(model, tokenizer, limits)
+        return BuiltEngine(engine, tokenizer, report, loaded - started, compressed - loaded)
+    if cfg.variants[variant].compression:
+        path, tokenizer, report, load_s, compress_s = _compressed_checkpoint(cfg, variant)
+    else:
+        started = time.perf_counter()
+        path = resolve_model(cfg.model_for(variant))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        size = checkpoint_weight_bytes(path)
+        report = CompressionReport(weight_bytes_before=size, weight_bytes_after=size)
+        load_s, compress_s = time.perf_counter() - started, 0.0
+    engine = VllmEngine(path, options.dtype, limits, options.enforce_eager, options.kv_cache_gb)
+    return BuiltEngine(engine, tokenizer, report, load_s, compress_s)
