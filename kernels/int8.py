@@ -1,7 +1,8 @@
 """W8A16: int8 weights with absmax scales, 16-bit activations.
 
-CPU fast path: `torch._weight_int8pack_mm` (oneDNN), which reads the int8 weight directly.
-Reference: de-quantize, then a dense matmul (any device, any dtype).
+Dispatch (`select_w8a16_backend`): the Triton kernel on CUDA; on CPU `torch._weight_int8pack_mm`
+(reads the int8 weight directly) for small batches, and a de-quantize + AMX matmul above
+`cpu_paths.W8A16_INT8PACK_MAX_M` rows; the reference (de-quantize, dense matmul) elsewhere.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimserve.kernels import cpu_paths
 from slimserve.kernels.artifact import dtype_from_name, dtype_name, require_keys
 from slimserve.kernels.dispatch import record_backend
-
-_CPU_FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+from slimserve.kernels.triton_support import TRITON_DTYPES, triton_runs_on
 
 
 def quantize_int8_absmax(
@@ -36,20 +37,29 @@ def int8_weight_matmul_reference(
     return x @ weight.t()
 
 
-def _cpu_int8pack_supports(x: torch.Tensor) -> bool:
-    # torch 2.13's bf16 kernel segfaults for M > 1 when K is not a multiple of 16
-    # (seen at K = 72 and 100); such shapes must take another path, chosen up front.
-    if x.device.type != "cpu" or x.dtype not in _CPU_FAST_DTYPES:
-        return False
-    return not (x.dtype == torch.bfloat16 and x.shape[0] > 1 and x.shape[-1] % 16)
+def select_w8a16_backend(x: torch.Tensor, k: int) -> str:
+    """Triton on CUDA; on CPU int8pack while the batch is small, else de-quantize + AMX matmul."""
+    if triton_runs_on(x) and x.dtype in TRITON_DTYPES:
+        return "triton"
+    if cpu_paths.int8pack_supported(x, k) and x.shape[0] <= cpu_paths.W8A16_INT8PACK_MAX_M:
+        return "cpu-int8pack"
+    if x.device.type == "cpu":
+        return "cpu-dequant-matmul"
+    return "reference"
 
 
 def int8_weight_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] (16/32-bit) @ dequant(qweight [N, K], scale [N]).T -> [M, N] in x.dtype."""
-    if _cpu_int8pack_supports(x):
-        record_backend("w8a16", "cpu-int8pack")
-        return torch._weight_int8pack_mm(x.contiguous(), qweight, scale.to(x.dtype))
-    record_backend("w8a16", "reference")
+    backend = select_w8a16_backend(x, qweight.shape[1])
+    record_backend("w8a16", backend)
+    if backend == "triton":
+        from slimserve.kernels import triton_int8
+
+        return triton_int8.w8a16_matmul(x.contiguous(), qweight, scale)
+    if backend == "cpu-int8pack":
+        return cpu_paths.int8pack_matmul(x, qweight, scale)
+    if backend == "cpu-dequant-matmul":
+        return cpu_paths.int8_dequant_matmul(x, qweight, scale)
     return int8_weight_matmul_reference(x, qweight, scale)
 
 

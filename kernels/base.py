@@ -1,0 +1,66 @@
+"""Shared shape/bias handling for the compressed Linear modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimserve.kernels.artifact import dtype_name
+
+
+class CompressedLinear(nn.Module):
+    """nn.Linear-compatible shell: flattens leading dims, adds the bias, restores the shape."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        has_bias: bool,
+        compute_dtype: torch.dtype,
+        device: torch.device | str | None,
+    ) -> None:
+        super().__init__()
+        dtype_name(compute_dtype)  # validates
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"bad shape: in_features={in_features}, out_features={out_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        bias = torch.empty(out_features, dtype=compute_dtype, device=device) if has_bias else None
+        self.register_buffer("bias", bias)
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        if (bias is None) != (self.bias is None):
+            raise ValueError("bias presence differs from has_bias")
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {bias.shape}")
+            self.bias.copy_(bias.detach())
+
+    def _base_meta(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "has_bias": self.bias is not None,
+            "dtype": dtype_name(self.compute_dtype),
+        }
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] in compute_dtype -> [M, N] in compute_dtype, without the bias."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected last dim {self.in_features}, got input shape {tuple(shape)}"
+            )
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != self.compute_dtype:
+            x2 = x2.to(self.compute_dtype)
+        out = self.matmul(x2)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)

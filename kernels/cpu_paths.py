@@ -1,0 +1,84 @@
+"""torch's own CPU kernels for compressed weights, with the input limits each one really has.
+
+Each `*_supported` check encodes a limit found by probing torch 2.13 on x86-64 (AVX-512 + AMX);
+the dispatch calls these checks instead of catching errors, because one of the limits is a crash,
+not an exception.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimserve.kernels.reference import chunked_rows_matmul
+
+CPU_FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# torch._weight_int4pack_mm_for_cpu accepts only these group sizes, and N % 16 == 0.
+INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
+INT4PACK_N_MULTIPLE = 16
+# torch._weight_int8pack_mm with bf16 activations reads past the end of its inputs (segfault at a
+# page boundary) unless K % 16 == 0; fp16/fp32 were clean, but one rule for all is simpler.
+INT8PACK_K_MULTIPLE = 16
+
+
+def int8pack_supported(x: torch.Tensor, k: int) -> bool:
+    return x.device.type == "cpu" and x.dtype in CPU_FAST_DTYPES and k % INT8PACK_K_MULTIPLE == 0
+
+
+def int8pack_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x.contiguous(), qweight, scale.to(x.dtype))
+
+
+def int8_dequant_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Cache-sized row chunks: one int8 -> 16-bit conversion, then the AMX dense matmul; the
+    per-channel scale is applied to the [M, N] output instead of the [N, K] weight."""
+    out = chunked_rows_matmul(x, qweight.shape[0], lambda a, b: qweight[a:b].to(x.dtype))
+    return out.mul_(scale.to(x.dtype))
+
+
+def int4pack_supported(n: int, k: int, group_size: int) -> bool:
+    return (
+        group_size in INT4PACK_GROUP_SIZES and k % group_size == 0 and n % INT4PACK_N_MULTIPLE == 0
+    )
+
+
+def int4pack_prepare(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert once, at construction: codes [N, K] (3- or 4-bit values) -> (packed weight,
+    scales_and_zeros [K/g, N, 2]). int4pack computes (q - 8) * s + zf, ours (q - z) * s, so
+    zf = (8 - z) * s (computed in fp32, then rounded to the activation dtype like the scales)."""
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    s = scales.float()
+    zf = (8.0 - zeros.float()) * s
+    scales_and_zeros = torch.stack((s.t(), zf.t()), dim=-1).to(dtype).contiguous()
+    return packed, scales_and_zeros
+
+
+def int4pack_matmul(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor
+) -> torch.Tensor:
+    return torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scales_and_zeros)
+
+
+def int_mm_supported(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu"
+
+
+def int_mm(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] x int8 [N, K]^T -> int32 [M, N]. The transposed view matters: a contiguous
+    [K, N] copy made oneDNN several times slower at M=1 in our measurements."""
+    return torch._int_mm(xq, qweight.t())
+
+
+# Largest batch (rows of x) for which each weight-only CPU kernel beats the other path for the
+# same format (de-quantize cache-sized row chunks, then the AMX matmul). These kernels cost time
+# linear in M, while the de-quantize + matmul path is nearly flat up to M=64. Measured with
+# `python -m slimserve.kernels.bench --thresholds --threads 1` on 1536x576, 576x1536 and
+# 4096x4096 (kernels/README.md):
+# int8pack is 1.2-1.5x faster at M=16, even (0.99-1.10x) at M=24, 0.7-0.9x at M=32.
+W8A16_INT8PACK_MAX_M = 24
+# int4pack is still 1.4x faster than the fp32 de-quantize reference at M=64 on all three shapes.
+LOWBIT_INT4PACK_MAX_M = 64

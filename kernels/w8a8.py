@@ -1,0 +1,114 @@
+"""W8A8 (SmoothQuant-style): int8 per-channel weights, int8 per-token dynamic activations.
+
+The smoothing factors are folded into the previous layer by the compression code; this module
+only sees the already-smoothed int8 weight and its per-output-channel scale.
+
+Dispatch (`select_w8a8_backend`): Triton on CUDA (int8 tensor cores); on CPU `torch._int_mm`
+(oneDNN, AMX int8); the reference (exact int32 products via fp32 chunks) elsewhere. Activations are
+quantized per token in torch before the matmul on every path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+import torch
+
+from slimserve.kernels import cpu_paths
+from slimserve.kernels.artifact import dtype_from_name, require_keys
+from slimserve.kernels.base import CompressedLinear
+from slimserve.kernels.dispatch import record_backend
+from slimserve.kernels.reference import (
+    int8_int8_matmul_reference,
+    quantize_per_token_int8,
+)
+from slimserve.kernels.triton_support import TRITON_DTYPES, triton_runs_on
+
+
+def select_w8a8_backend(x: torch.Tensor) -> str:
+    if triton_runs_on(x) and x.dtype in TRITON_DTYPES:
+        return "triton"
+    if cpu_paths.int_mm_supported(x):
+        return "cpu-int-mm"
+    return "reference"
+
+
+def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float -> per-token int8, @ int8 qweight [N, K].T -> int32, scaled -> x.dtype."""
+    backend = select_w8a8_backend(x)
+    record_backend("w8a8", backend)
+    xq, x_scale = quantize_per_token_int8(x)
+    if backend == "triton":
+        from slimserve.kernels import triton_int8
+
+        return triton_int8.w8a8_matmul(xq, x_scale, qweight, weight_scale, x.dtype)
+    if backend == "cpu-int-mm":
+        acc = cpu_paths.int_mm(xq, qweight)
+    else:
+        acc = int8_int8_matmul_reference(xq, qweight)
+    return (acc.float() * x_scale[:, None] * weight_scale.float()[None, :]).to(x.dtype)
+
+
+class W8A8Linear(CompressedLinear):
+    """nn.Linear replacement: int8 x int8 -> int32 matmul with per-token x per-channel scales."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        has_bias: bool,
+        compute_dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Allocates empty buffers; use `from_quantized` (or `from_meta` + `load_state_dict`)."""
+        super().__init__(in_features, out_features, has_bias, compute_dtype, device)
+        n, k = out_features, in_features
+        self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
+        # fp32: the int32 accumulator is rescaled in fp32 before the cast to the compute dtype.
+        self.register_buffer("weight_scale", torch.empty(n, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_quantized(
+        cls,
+        qweight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+    ) -> Self:
+        if qweight.dim() != 2 or qweight.dtype != torch.int8:
+            raise ValueError(
+                f"qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}"
+            )
+        n, k = qweight.shape
+        if tuple(weight_scale.shape) != (n,):
+            raise ValueError(
+                f"weight_scale must have shape ({n},), got {tuple(weight_scale.shape)}"
+            )
+        module = cls(k, n, bias is not None, compute_dtype, qweight.device)
+        with torch.no_grad():
+            module.qweight.copy_(qweight)
+            module.weight_scale.copy_(weight_scale.detach())
+            module._set_bias(bias)
+        return module
+
+    def meta(self) -> dict[str, Any]:
+        return self._base_meta()
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Self:
+        require_keys(cls.__name__, meta, ("in_features", "out_features", "has_bias", "dtype"))
+        return cls(
+            int(meta["in_features"]),
+            int(meta["out_features"]),
+            bool(meta["has_bias"]),
+            dtype_from_name(meta["dtype"]),
+        )
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return w8a8_matmul(x, self.qweight, self.weight_scale)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, w8a8, "
+            f"bias={self.bias is not None}"
+        )
