@@ -45,8 +45,9 @@ async def _one(server: VariantServer, index: int, tokens: int) -> tuple[int, flo
     return generated, (first or ended) - started, rate
 
 
-async def bench(server: VariantServer, variant: str, concurrency: int, requests: int,
-                tokens: int) -> BenchRow:
+async def bench(
+    server: VariantServer, variant: str, concurrency: int, requests: int, tokens: int
+) -> BenchRow:
     await _one(server, 0, 4)  # warm-up
     queue = list(range(requests))
     results: list[tuple[int, float, float]] = []

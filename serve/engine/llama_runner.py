@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimserve.kernels.dense_cpu import fuse_dense
+from slimserve.kernels.fuse import fuse_linears
 
 
 class UnsupportedModelError(ValueError):
@@ -49,29 +49,33 @@ class _LayerPlan:
         if self.qkv is None:
             self.q, self.k, self.v = attn.q_proj, attn.k_proj, attn.v_proj
         else:
-            packed.append(self.qkv.packed_bytes)
             attn.q_proj = attn.k_proj = attn.v_proj = _Dropped()
         self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj], packed)
         if self.gate_up is None:
             self.gate, self.up = mlp.gate_proj, mlp.up_proj
         else:
-            packed.append(self.gate_up.packed_bytes)
             mlp.gate_proj = mlp.up_proj = _Dropped()
         self.o = _packed_or_same(attn, "o_proj", packed)
         self.down = _packed_or_same(mlp, "down_proj", packed)
 
 
 def _fuse(modules: list[nn.Module], packed: list[int] | None) -> nn.Module | None:
-    """The packed fusion of `modules`, or None when packing is off or they are not dense."""
-    return None if packed is None else fuse_dense(modules)
+    """One module for `modules` (dense ones prepacked), or None when fusing is off or
+    impossible. Prepacked dense bytes are counted in `packed`."""
+    if packed is None:
+        return None
+    fused = fuse_linears(modules)
+    packed.append(getattr(fused, "packed_bytes", 0))
+    return fused
 
 
 def _packed_or_same(owner: nn.Module, name: str, packed: list[int] | None) -> nn.Module:
     module = getattr(owner, name)
+    if type(module) is not nn.Linear:
+        return module  # a compressed module alone gains nothing from re-wrapping
     fused = _fuse([module], packed)
     if fused is None:
         return module
-    packed.append(fused.packed_bytes)
     setattr(owner, name, _Dropped())
     return fused
 
@@ -109,12 +113,8 @@ class LlamaRunner:
         packed: list[int] | None = [] if pack_dense else None
         self.layers = [_LayerPlan(layer, packed) for layer in inner.layers]
         # The lm_head is packed separately from a tied input embedding, which stays for lookups.
-        head = _fuse([model.lm_head], packed)
-        if head is None:
-            self.lm_head = model.lm_head
-        else:
-            self.lm_head = head
-            packed.append(head.packed_bytes)
+        head = _fuse([model.lm_head], packed) if type(model.lm_head) is nn.Linear else None
+        self.lm_head = head if head is not None else model.lm_head
         self.packed_weight_bytes = sum(packed or [])
 
     @property

@@ -77,3 +77,21 @@ def test_move_slot_carries_the_cache():
         moved = runner.decode([7], [len(ids)])[0]
     expected = _hf_last_logits(reference_model, [*ids, 7])
     torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compressed_projections_fuse_without_changing_logits():
+    from slimserve.compression import apply_compression
+    from slimserve.compression.quant_specs import Int8WeightOnlySpec
+
+    model = tiny_llama(vocab_size=300)
+    apply_compression(model, [Int8WeightOnlySpec(method="int8-weight-only")])
+    separate = copy.deepcopy(model)
+    ids = [5, 9, 11, 40, 7]
+    fused_runner = LlamaRunner(model, max_slots=1, max_len=16, pack_dense=True)
+    plain_runner = LlamaRunner(separate, max_slots=1, max_len=16)
+    assert all(plan.qkv is not None for plan in fused_runner.layers)
+    assert all(plan.qkv is None for plan in plain_runner.layers)
+    with torch.inference_mode():
+        fused = fused_runner.prefill(0, ids, 0, want_logits=True)
+        plain = plain_runner.prefill(0, ids, 0, want_logits=True)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
