@@ -11,6 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slimserve.compression.specs import CompressionSpec
 
+
+def vllm_can_run(spec: CompressionSpec) -> bool:
+    """Whether vLLM for CPU has kernels for what this spec produces (see vllm_export)."""
+    if spec.method == "smoothquant-w8a8":
+        return not getattr(spec, "include_embeddings", False)  # no int8 embedding in vLLM
+    return spec.method in ("rtn", "gptq", "awq") and getattr(spec, "bits", None) == 4
+
+
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -102,14 +110,18 @@ class SlimserveConfig(_Strict):
         return variants
 
     @model_validator(mode="after")
-    def _vllm_variants_uncompressed(self) -> SlimserveConfig:
+    def _vllm_variants_exportable(self) -> SlimserveConfig:
         for name, variant in self.variants.items():
-            if self.engine_for(name).name == "vllm" and variant.compression:
-                raise ValueError(
-                    f"variants.{name}: engine 'vllm' serves checkpoints as they are; "
-                    "compress this variant on engine 'torch', or point its model: at a "
-                    "checkpoint vLLM can load"
-                )
+            if self.engine_for(name).name != "vllm":
+                continue
+            for index, spec in enumerate(variant.compression):
+                if not vllm_can_run(spec):
+                    raise ValueError(
+                        f"variants.{name}.compression.{index}: {spec.method} has no kernel in "
+                        "vLLM's CPU build; engine 'vllm' takes smoothquant-w8a8 (with "
+                        "include_embeddings: false) or 4-bit rtn / gptq / awq (or serve this "
+                        "variant on engine 'torch')"
+                    )
         return self
 
     @model_validator(mode="after")

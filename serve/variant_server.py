@@ -12,21 +12,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 
-from slimserve.compression import CompressionReport, apply_compression
 from slimserve.kernels.dispatch import chosen_backends
 from slimserve.serve.config import SlimserveConfig
-from slimserve.serve.engine.limits import EngineLimits
-from slimserve.serve.engine.torch_engine import TorchEngine
+from slimserve.serve.engine.factory import build_engine
 from slimserve.serve.engine.types import EngineEvent, ErrorInfo, GenerateRequest
-from slimserve.serve.engine.vllm_engine import VllmEngine
 from slimserve.serve.logs import configure_logging
-from slimserve.serve.model_store import (
-    checkpoint_weight_bytes,
-    load_model_and_tokenizer,
-    resolve_model,
-)
 
 log = logging.getLogger(__name__)
 
@@ -40,32 +31,13 @@ class VariantServer:
         options = cfg.engine_for(variant)
         torch.set_num_threads(options.torch_threads or os.cpu_count() or 1)
         model_name = cfg.model_for(variant)
-        limits = EngineLimits(
-            max_num_seqs=options.max_num_seqs,
-            max_model_len=options.max_model_len,
-            max_queued_requests=options.max_queued_requests,
-            prefill_chunk_tokens=options.prefill_chunk_tokens,
-        )
-        if options.name == "vllm":
-            path = resolve_model(model_name)
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            size = checkpoint_weight_bytes(path)
-            self.report = CompressionReport(weight_bytes_before=size, weight_bytes_after=size)
-            loaded = compressed = time.perf_counter()
-            self.engine = VllmEngine(
-                path, options.dtype, limits, options.enforce_eager, options.kv_cache_gb
-            )
-        else:
-            model, self.tokenizer = load_model_and_tokenizer(model_name, options.dtype)
-            loaded = time.perf_counter()
-            self.report = apply_compression(model, cfg.variants[variant].compression)
-            compressed = time.perf_counter()
-            self.engine = TorchEngine(model, self.tokenizer, limits)
+        built = build_engine(cfg, variant)
+        self.engine, self.tokenizer, self.report = built.engine, built.tokenizer, built.report
         self.engine.start()
         self.engine_name = options.name
         self.timings = {
-            "load_seconds": round(loaded - started, 3),
-            "compress_seconds": round(compressed - loaded, 3),
+            "load_seconds": round(built.load_seconds, 3),
+            "compress_seconds": round(built.compress_seconds, 3),
             "startup_seconds": round(time.perf_counter() - started, 3),
         }
         self.model_name = model_name
