@@ -6,8 +6,8 @@ import logging
 import math
 import os
 
-from slimserve.serve.config import SlimserveConfig
-from slimserve.serve.gateway import GatewayDeployment
+from slimserve.serve.config import SlimserveConfig, load_config
+from slimserve.serve.gateway import GatewayDeployment, routing_user_config
 from slimserve.serve.variant_server import VariantServer
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,19 @@ def build_application(config: SlimserveConfig):  # -> ray.serve.Application
         # The gateway only relays streams; it must not take a CPU away from a variant.
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=4096,
+        # One replica: its routing state (split, canary, shadow windows) is the gateway's.
+        num_replicas=1,
+        # The routing section, so `serve deploy` with a new user_config reweights live
+        # (GatewayDeployment.reconfigure) without restarting anything.
+        user_config=routing_user_config(config.routing),
     )
     return gateway.bind(as_dict, variants)
+
+
+def app_builder(args: dict[str, str]):  # -> ray.serve.Application
+    """Ray Serve application builder: `import_path: slimserve.serve.app:app_builder` with
+    `args: {config: PATH}` in a Serve config file (serve deploy / serve run / KubeRay)."""
+    return build_application(load_config(args["config"]))
 
 
 def logical_cpus_needed(config: SlimserveConfig) -> int:

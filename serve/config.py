@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Literal
@@ -58,10 +59,30 @@ class VariantConfig(_Strict):
     deployment: DeploymentOptions | None = None
 
 
+class ShadowRule(_Strict):
+    """Replay `fraction` of the requests `source` served on `target`, off the caller's path."""
+
+    source: str
+    target: str
+    fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ShadowRule:
+        if self.source == self.target:
+            raise ValueError(f"source and target are both {self.source!r}")
+        return self
+
+
 class RoutingConfig(_Strict):
     split: dict[str, float] = Field(default_factory=dict, description="variant -> weight")
     sticky_key: str | None = Field(None, description="header:<name> to pin a caller to a variant")
     variant_header: str = "x-slimserve-variant"
+    shadow: list[ShadowRule] = Field(default_factory=list, description="shadow copies")
+
+    @field_validator("shadow", mode="before")
+    @classmethod
+    def _one_rule_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, dict) else value
 
     @field_validator("split")
     @classmethod
@@ -85,6 +106,98 @@ class RoutingConfig(_Strict):
         return self.sticky_key.removeprefix("header:").lower() if self.sticky_key else None
 
 
+class ShadowOptions(_Strict):
+    """How shadow copies run (which requests are copied is routing.shadow)."""
+
+    max_concurrency: int = Field(2, ge=1, description="shadow copies in flight; more: dropped")
+    max_gateway_in_flight: int = Field(
+        32, ge=0, description="caller requests in flight above which shadow copies are dropped"
+    )
+    timeout_seconds: float = Field(120.0, gt=0)
+    max_score_tokens: int = Field(
+        256, ge=2, description="prompt + reference tokens scored for KL (the rest is cut)"
+    )
+    window: int = Field(200, ge=1, description="recent comparisons kept per (source, target)")
+
+
+class SelfBenchOptions(_Strict):
+    """The benchmark each variant runs on itself right after loading."""
+
+    enabled: bool = True
+    text: str = Field("pydoc", description='held-out text: "pydoc" or a .txt / .jsonl path')
+    perplexity_windows: int = Field(4, ge=0, description="windows scored for perplexity")
+    window_tokens: int = Field(256, ge=8, description="tokens per perplexity window")
+    prefill_tokens: int = Field(128, ge=1, description="prompt tokens in the prefill test")
+    decode_tokens: int = Field(16, ge=1, description="tokens generated per stream")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 for size in sizes):
+            raise ValueError(f"batch sizes must be >= 1, got {sizes}")
+        return sizes
+
+
+class MfuOptions(_Strict):
+    peak_flops_per_second: float | None = Field(
+        None, gt=0, description="per replica; default: measured (CPU) or a spec table (GPU)"
+    )
+    window_seconds: float = Field(30.0, gt=0, description="achieved FLOP/s averaged over this")
+    benchmark_seconds: float = Field(0.5, gt=0, le=30, description="CPU peak matmul benchmark")
+
+
+class CanarySLO(_Strict):
+    """Limits a candidate must meet; a null limit is not checked."""
+
+    max_p95_ttft_seconds: float | None = Field(None, gt=0)
+    max_p95_e2e_seconds: float | None = Field(None, gt=0)
+    max_error_rate: float | None = Field(0.01, ge=0, le=1, description="5xx share of requests")
+    max_perplexity_delta: float | None = Field(
+        0.05, ge=0, description="(candidate - baseline) / baseline self-benchmark perplexity"
+    )
+    min_token_agreement: float | None = Field(0.8, ge=0, le=1)
+    max_next_token_kl_nats: float | None = Field(0.5, ge=0)
+    min_exact_match: float | None = Field(None, ge=0, le=1)
+    min_samples: int = Field(20, ge=1, description="candidate requests per evaluation window")
+    min_shadow_samples: int = Field(5, ge=1, description="shadow comparisons before judging")
+
+
+class CanaryConfig(_Strict):
+    enabled: bool = Field(False, description="move the split step by step by itself")
+    baseline: str | None = Field(None, description="default: the first variant")
+    candidates: list[str] | None = Field(None, description="default: every other variant")
+    steps: list[float] = Field(
+        default_factory=lambda: [10.0, 25.0, 50.0, 100.0],
+        description="candidate traffic percent after each passing window",
+    )
+    interval_seconds: float = Field(60.0, gt=0, description="evaluation window")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="of the latency quantile CIs")
+    reservoir: int = Field(2048, ge=16, description="recent request samples kept per variant")
+    slo: CanarySLO = Field(default_factory=CanarySLO)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_rise_to_100(cls, steps: list[float]) -> list[float]:
+        if not steps or any(not 0 < s <= 100 for s in steps):
+            raise ValueError(f"steps must be percents in (0, 100], got {steps}")
+        if any(b <= a for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"steps must increase, got {steps}")
+        if steps[-1] != 100:
+            raise ValueError(f"the last step must be 100, got {steps[-1]}")
+        return steps
+
+
+class CostOptions(_Strict):
+    dollars_per_replica_hour: float = Field(1.0, ge=0)
+    per_variant: dict[str, float] = Field(default_factory=dict, description="overrides")
+
+
+class AdminOptions(_Strict):
+    token: str | None = Field(None, description="bearer token of /admin; default: the env var")
+    token_env: str = Field("SLIMSERVE_ADMIN_TOKEN", description="env var read when token unset")
+
+
 class ServerOptions(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -98,6 +211,12 @@ class SlimserveConfig(_Strict):
     engine: EngineOptions = Field(default_factory=EngineOptions)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     server: ServerOptions = Field(default_factory=ServerOptions)
+    shadow: ShadowOptions = Field(default_factory=ShadowOptions)
+    self_bench: SelfBenchOptions = Field(default_factory=SelfBenchOptions)
+    mfu: MfuOptions = Field(default_factory=MfuOptions)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
+    cost: CostOptions = Field(default_factory=CostOptions)
+    admin: AdminOptions = Field(default_factory=AdminOptions)
 
     @field_validator("variants")
     @classmethod
@@ -133,6 +252,38 @@ class SlimserveConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _online_names_known(self) -> SlimserveConfig:
+        check_routing_names(self.routing, list(self.variants))
+        known = set(self.variants)
+        named = {
+            "canary.baseline": [self.canary.baseline] if self.canary.baseline else [],
+            "canary.candidates": self.canary.candidates or [],
+            "cost.per_variant": list(self.cost.per_variant),
+        }
+        for where, names in named.items():
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise ValueError(
+                    f"{where} names unknown variants {unknown}; known: {sorted(known)}"
+                )
+        if self.canary_baseline in self.canary_candidates:
+            raise ValueError(f"canary.candidates includes the baseline {self.canary_baseline!r}")
+        return self
+
+    @property
+    def canary_baseline(self) -> str:
+        return self.canary.baseline or next(iter(self.variants))
+
+    @property
+    def canary_candidates(self) -> list[str]:
+        if self.canary.candidates is not None:
+            return list(self.canary.candidates)
+        return [name for name in self.variants if name != self.canary_baseline]
+
+    def dollars_per_replica_hour(self, variant: str) -> float:
+        return self.cost.per_variant.get(variant, self.cost.dollars_per_replica_hour)
+
     @property
     def public_model_name(self) -> str:
         return self.served_model_name or self.model
@@ -151,6 +302,17 @@ class SlimserveConfig(_Strict):
         split = self.routing.split or {next(iter(self.variants)): 1.0}
         total = sum(split.values())
         return {name: weight / total for name, weight in split.items() if weight > 0}
+
+
+def check_routing_names(routing: RoutingConfig, variants: list[str]) -> None:
+    """Shadow rules must name known variants (the split is checked where it is applied)."""
+    for index, rule in enumerate(routing.shadow):
+        unknown = sorted({rule.source, rule.target} - set(variants))
+        if unknown:
+            raise ValueError(
+                f"routing.shadow.{index} names unknown variants {unknown}; "
+                f"known: {sorted(variants)}"
+            )
 
 
 def _describe(error: ValidationError) -> str:

@@ -1,4 +1,4 @@
-"""The ingress: OpenAI API, routing, streaming, metrics. Holds no model.
+"""The ingress: OpenAI API, routing, streaming, metrics, shadow copies, canary. Holds no model.
 
 `GatewayCore` does the work against a set of variant backends; `create_api` wraps it in FastAPI.
 In Ray Serve the backends are DeploymentHandles; in-process they can be VariantServer objects.
@@ -7,6 +7,7 @@ In Ray Serve the backends are DeploymentHandles; in-process they can be VariantS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -19,7 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from slimserve.serve.config import SlimserveConfig
+from slimserve.serve.admin import admin_router, admin_token
+from slimserve.serve.canary_controller import CanaryController
+from slimserve.serve.config import RoutingConfig, ShadowRule, SlimserveConfig, check_routing_names
+from slimserve.serve.cost import cost_per_1k_tokens
 from slimserve.serve.engine.types import EngineEvent, GenerateRequest
 from slimserve.serve.errors import (
     OpenAIError,
@@ -28,7 +32,9 @@ from slimserve.serve.errors import (
     from_validation_error,
     parse_json_body,
 )
+from slimserve.serve.flops import FlopModel
 from slimserve.serve.metrics import GatewayMetrics
+from slimserve.serve.mfu import RequestWork, WorkMeter, utilization
 from slimserve.serve.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -46,7 +52,8 @@ from slimserve.serve.openai_protocol import (
     new_id,
     now,
 )
-from slimserve.serve.router import UnknownModelError, VariantRouter
+from slimserve.serve.router import RoutingError, UnknownModelError, VariantRouter
+from slimserve.serve.shadow import ShadowManager
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,7 @@ PROBE_TIMEOUT_S = 5.0
 class VariantBackend(Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[EngineEvent]: ...
     async def stats(self) -> dict[str, Any]: ...
+    async def score(self, request: GenerateRequest, reference: str, limit: int) -> dict: ...
 
 
 class InProcessBackend:
@@ -70,6 +78,9 @@ class InProcessBackend:
 
     async def stats(self) -> dict[str, Any]:
         return await self.server.stats()
+
+    async def score(self, request: GenerateRequest, reference: str, limit: int) -> dict:
+        return await self.server.score(request.model_dump(), reference, limit)
 
 
 class RayBackend:
@@ -90,22 +101,40 @@ class RayBackend:
     async def stats(self) -> dict[str, Any]:
         return await self.handle.stats.remote()
 
+    async def score(self, request: GenerateRequest, reference: str, limit: int) -> dict:
+        return await self.handle.score.remote(request.model_dump(), reference, limit)
+
 
 class _RequestClock:
-    """Latency bookkeeping for one request, reported per variant."""
+    """Bookkeeping of one caller request, reported per variant: latency, tokens, FLOPs of work,
+    the canary's sample, and the text a shadow copy is compared with."""
 
-    def __init__(self, metrics: GatewayMetrics, variant: str) -> None:
-        self.metrics = metrics
+    def __init__(self, core: GatewayCore, variant: str, shadows: list[ShadowRule]) -> None:
+        self.core = core
+        self.metrics = core.metrics
         self.variant = variant
+        self.shadows = shadows
         self.arrived = time.perf_counter()
         self.last: float | None = None
+        self.ttft: float | None = None
+        self.work = RequestWork()
+        self.parts: list[str] = []
+        self.finished = False
+        core.in_flight += 1
 
-    def tokens(self, count: int) -> None:
+    def accepted(self, event: EngineEvent) -> None:
+        self.work.accepted(event.prompt_tokens)
+
+    def tokens(self, count: int, text: str = "") -> None:
+        if self.shadows:
+            self.parts.append(text)
         if count <= 0:
             return
+        self.core.meter.add(self.variant, self.work.tokens(count), count)
         stamp = time.perf_counter()
         if self.last is None:
-            self.metrics.ttft.labels(self.variant).observe(stamp - self.arrived)
+            self.ttft = stamp - self.arrived
+            self.metrics.ttft.labels(self.variant).observe(self.ttft)
             count -= 1
         else:
             gap = (stamp - self.last) / count
@@ -117,6 +146,20 @@ class _RequestClock:
         self.metrics.e2e.labels(self.variant).observe(time.perf_counter() - self.arrived)
         self.metrics.prompt_tokens.labels(self.variant).inc(event.prompt_tokens)
         self.metrics.generation_tokens.labels(self.variant).inc(event.completion_tokens)
+        if event.queue_seconds is not None:
+            self.metrics.queue_wait.labels(self.variant).observe(event.queue_seconds)
+
+    def finish(self, endpoint: str, status: str, request: GenerateRequest | None = None) -> None:
+        """Once per request: the status counter, the canary's sample, the shadow copies."""
+        if self.finished:
+            return
+        self.finished = True
+        self.core.in_flight -= 1
+        self.metrics.requests.labels(self.variant, endpoint, status).inc()
+        e2e = time.perf_counter() - self.arrived
+        self.core.canary.record(self.variant, self.ttft, e2e, int(status))
+        if status == "200" and self.shadows and request is not None:
+            self.core.shadow.submit(self.shadows, request, "".join(self.parts), self.core.in_flight)
 
 
 class GatewayCore:
@@ -131,11 +174,85 @@ class GatewayCore:
         )
         self.metrics = GatewayMetrics(list(config.variants))
         self.variant_header = config.routing.variant_header
+        self.meter = WorkMeter(config.mfu.window_seconds)
+        self.shadow = ShadowManager(
+            config.routing.shadow, config.shadow, self.backends, self.metrics, self.meter
+        )
+        self.canary = CanaryController(config, self.router, self.shadow, self.metrics)
+        self.in_flight = 0
+        self._background: list[asyncio.Task] = []
+        self._last_stats: dict[str, dict[str, Any]] = {}
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start_background(self) -> None:
+        """The canary loop; call from inside the serving event loop."""
+        if not self._background:
+            self._background.append(asyncio.create_task(self.canary.run(self.variant_stats)))
+
+    async def stop_background(self) -> None:
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._background.clear()
+        await self.shadow.close()
+
+    # ---- live routing changes ----------------------------------------------------------------
+
+    def apply_routing(
+        self,
+        split: Mapping[str, float] | None = None,
+        shadow: list[ShadowRule] | None = None,
+    ) -> None:
+        """Reweight and/or replace the shadow rules, live. A split set by hand pauses the
+        canary's automatic stepping."""
+        if shadow is not None:
+            try:
+                check_routing_names(RoutingConfig(shadow=shadow), list(self.config.variants))
+            except ValueError as error:
+                raise RoutingError(str(error), "shadow") from None
+        if split is not None:
+            unknown = sorted(set(split) - set(self.config.variants))
+            if unknown:
+                raise RoutingError(f"split names unknown variants {unknown}", "split")
+            try:
+                self.router.set_split(split)
+            except ValueError as error:
+                raise RoutingError(str(error), "split") from None
+            self.canary.manual_split()
+            log.info("split set to %s", self.router.split)
+        if shadow is not None:
+            self.shadow.set_rules(shadow)
+            log.info("shadow rules set to %s", [r.model_dump() for r in shadow])
+
+    def apply_routing_section(self, routing: RoutingConfig, previous: RoutingConfig) -> None:
+        """A whole routing section (Ray Serve's user_config): what differs from `previous` is
+        applied (an unchanged split does not pause the canary)."""
+        split = None
+        if routing.split != previous.split:
+            split = routing.split or {next(iter(self.config.variants)): 1.0}
+        shadow = routing.shadow if routing.shadow != previous.shadow else None
+        self.apply_routing(split=split, shadow=shadow)
+        self.router.sticky_header = routing.sticky_header
+        self.variant_header = routing.variant_header
+
+    def routing_state(self) -> dict[str, Any]:
+        return {
+            "split": self.router.split,
+            "shadow": [r.model_dump() for r in self.shadow.rules],
+            "canary_auto": self.canary.auto,
+            "canary": {
+                name: {"status": s.status, "step": s.step} for name, s in self.canary.states.items()
+            },
+        }
 
     # ---- generation --------------------------------------------------------------------------
 
     async def handle(self, endpoint: str, raw: bytes, headers: Mapping[str, str]) -> Response:
         variant = "none"
+        clock: _RequestClock | None = None
         try:
             body = parse_json_body(raw)
             model_cls = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
@@ -153,15 +270,31 @@ class GatewayCore:
                     param="model",
                     code="model_not_found",
                 ) from None
-            return await self._generate(endpoint, request, variant)
+            clock = _RequestClock(self, variant, self.shadow.pick(variant))
+            return await self._generate(endpoint, request, clock)
         except OpenAIError as error:
-            self.metrics.requests.labels(variant, endpoint, str(error.info.status)).inc()
+            if clock is not None:
+                clock.finish(endpoint, str(error.info.status))
+            else:
+                self.metrics.requests.labels(variant, endpoint, str(error.info.status)).inc()
             extra = {self.variant_header: variant} if variant != "none" else None
             return error_response(error.info, headers=extra)
+        except asyncio.CancelledError:
+            if clock is not None:
+                clock.finish(endpoint, "499")
+            raise
+        except Exception:
+            if clock is not None:
+                clock.finish(endpoint, "500")
+            raise
 
     async def _generate(
-        self, endpoint: str, request: ChatCompletionRequest | CompletionRequest, variant: str
+        self,
+        endpoint: str,
+        request: ChatCompletionRequest | CompletionRequest,
+        clock: _RequestClock,
     ) -> Response:
+        variant = clock.variant
         generate_request = GenerateRequest(
             request_id=new_id("req"),
             prompt=request.prompt_text() if isinstance(request, CompletionRequest) else None,
@@ -170,26 +303,28 @@ class GatewayCore:
             else None,
             sampling=request.sampling(),
         )
-        clock = _RequestClock(self.metrics, variant)
         events = self.backends[variant].generate(generate_request)
         first = await anext(events)
         if first.kind == "error":
             await events.aclose()
             raise OpenAIError(first.error)
+        clock.accepted(first)
         headers = {self.variant_header: variant}
         model_name = f"{self.config.public_model_name}:{variant}"
         if request.stream:
-            stream = self._sse(endpoint, request, events, clock, model_name)
+            stream = self._sse(endpoint, request, events, clock, model_name, generate_request)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-        return await self._collect(endpoint, events, clock, model_name, headers)
+        return await self._collect(endpoint, events, clock, model_name, headers, generate_request)
 
-    async def _collect(self, endpoint, events, clock, model_name, headers) -> Response:
+    async def _collect(
+        self, endpoint, events, clock, model_name, headers, generate_request
+    ) -> Response:
         parts: list[str] = []
         final: EngineEvent | None = None
         try:
             async for event in events:
                 if event.kind == "delta":
-                    clock.tokens(event.tokens)
+                    clock.tokens(event.tokens, event.text)
                     parts.append(event.text)
                 elif event.kind == "error":
                     raise OpenAIError(event.error)
@@ -224,10 +359,12 @@ class GatewayCore:
                 usage=usage,
                 choices=[CompletionChoice(text=text, finish_reason=event.finish_reason)],
             )
-        self.metrics.requests.labels(clock.variant, endpoint, "200").inc()
+        clock.finish(endpoint, "200", generate_request)
         return JSONResponse(body.model_dump(), headers=headers)
 
-    async def _sse(self, endpoint, request, events, clock, model_name) -> AsyncIterator[str]:
+    async def _sse(
+        self, endpoint, request, events, clock, model_name, generate_request
+    ) -> AsyncIterator[str]:
         chat = endpoint == "chat"
         ident, created = new_id("chatcmpl" if chat else "cmpl"), now()
 
@@ -270,7 +407,7 @@ class GatewayCore:
                 yield chunk("", role="assistant")
             async for event in events:
                 if event.kind == "delta":
-                    clock.tokens(event.tokens)
+                    clock.tokens(event.tokens, event.text)
                     if event.text:
                         yield chunk(event.text)
                 elif event.kind == "error":
@@ -289,7 +426,7 @@ class GatewayCore:
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()
-            self.metrics.requests.labels(clock.variant, endpoint, status).inc()
+            clock.finish(endpoint, status, generate_request)
 
     # ---- the rest of the surface -------------------------------------------------------------
 
@@ -307,16 +444,90 @@ class GatewayCore:
     async def variant_stats(self) -> dict[str, dict[str, Any] | None]:
         names = list(self.backends)
         results = await asyncio.gather(*(self._probe(n) for n in names))
+        for name, stats in zip(names, results, strict=True):
+            if stats is not None:
+                self._last_stats[name] = stats
         return dict(zip(names, results, strict=True))
+
+    def live(self, variant: str, stats: dict[str, Any] | None) -> dict[str, Any]:
+        """MFU, achieved FLOP/s, tokens/s and cost of a variant over the MFU window."""
+        stats = stats or self._last_stats.get(variant)
+        if not stats or not stats.get("flops") or not stats.get("peak"):
+            return {"mfu": None}
+        flops = FlopModel.model_validate(stats["flops"])
+        peak = stats["peak"]["flops_per_second"]
+        replicas = self.config.deployment_for(variant).replicas
+        window = self.meter.window(variant)
+        used = utilization(flops, window, peak, replicas)
+        context = (
+            window.work.context_sum / window.work.body_tokens if window.work.body_tokens else 0.0
+        )
+        bench = stats.get("self_bench") or {}
+        capacity = max((bench.get("decode_tokens_per_second") or {}).values(), default=None)
+        cost = cost_per_1k_tokens(
+            self.config.dollars_per_replica_hour(variant),
+            replicas,
+            used.generated_tokens_per_second,
+            capacity,
+            peak,
+            flops.flops_per_token_at(context),
+        )
+        return {
+            "mfu": used.mfu,
+            "achieved_flops_per_second": used.achieved_flops_per_second,
+            "peak_flops_per_second": peak,
+            "replicas": replicas,
+            "generated_tokens_per_second": used.generated_tokens_per_second,
+            "mean_context_tokens": context,
+            "window_seconds": window.seconds,
+            "cost_per_1k_tokens": cost.model_dump(),
+        }
 
     async def render_metrics(self) -> bytes:
         for variant, stats in (await self.variant_stats()).items():
             self.metrics.update_variant(variant, stats)
+            self.metrics.replicas.labels(variant).set(self.config.deployment_for(variant).replicas)
+            live = self.live(variant, stats)
+            if live["mfu"] is not None:
+                self.metrics.mfu.labels(variant).set(live["mfu"])
+                self.metrics.achieved_flops.labels(variant).set(live["achieved_flops_per_second"])
+                for basis, value in live["cost_per_1k_tokens"].items():
+                    if basis != "dollars_per_replica_hour" and value is not None:
+                        self.metrics.cost.labels(variant, basis).set(value)
+        for (source, target), summary in self.shadow.summaries().items():
+            self.metrics.update_shadow(source, target, summary)
+        self.metrics.update_split(list(self.config.variants), self.router.split)
+        self.canary.refresh_metrics()
         return self.metrics.render()
+
+    async def variants_report(self) -> dict[str, Any]:
+        stats = await self.variant_stats()
+        variants = {
+            name: None if s is None else {**s, "live": self.live(name, s)}
+            for name, s in stats.items()
+        }
+        shadow = {
+            f"{s}->{t}": summary.model_dump() for (s, t), summary in self.shadow.summaries().items()
+        }
+        return {"split": self.router.split, "variants": variants, "shadow": shadow}
+
+    async def canary_report(self) -> dict[str, Any]:
+        stats = await self.variant_stats()
+        live = {name: self.live(name, s) for name, s in stats.items()}
+        return self.canary.report(stats, live)
 
 
 def create_api(core: GatewayCore) -> FastAPI:
-    api = FastAPI(title="slimserve", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        core.start_background()
+        try:
+            yield
+        finally:
+            await core.stop_background()
+
+    api = FastAPI(title="slimserve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    api.include_router(admin_router(core, admin_token(core.config.admin)))
 
     @api.exception_handler(OpenAIError)
     async def _openai_error(_: Request, error: OpenAIError) -> JSONResponse:
@@ -345,7 +556,11 @@ def create_api(core: GatewayCore) -> FastAPI:
 
     @api.get("/v1/variants")
     async def variants() -> dict:
-        return {"split": core.router.split, "variants": await core.variant_stats()}
+        return await core.variants_report()
+
+    @api.get("/v1/canary")
+    async def canary() -> dict:
+        return await core.canary_report()
 
     @api.get("/health")
     async def health() -> JSONResponse:
@@ -372,6 +587,25 @@ class GatewayDeployment:
         configure_logging()
         backends = {name: RayBackend(handle) for name, handle in variants.items()}
         self.core = GatewayCore(SlimserveConfig.model_validate(config), backends)
+        self._user_config = routing_user_config(self.core.config.routing)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.core)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Ray Serve calls this with the deployment's user_config: at start, and live whenever
+        `serve deploy` brings a new one. It takes the routing section (bare or under
+        "routing"). The one it was built with is skipped, so a running canary keeps its split.
+        """
+        routing = RoutingConfig.model_validate(user_config.get("routing", user_config))
+        as_dict = routing_user_config(routing)
+        if as_dict == self._user_config:
+            return
+        self.core.apply_routing_section(routing, RoutingConfig.model_validate(self._user_config))
+        self._user_config = as_dict
+        log.info("reconfigured routing: %s", as_dict)
+
+
+def routing_user_config(routing: RoutingConfig) -> dict[str, Any]:
+    """The gateway deployment's user_config: the routing section as JSON."""
+    return routing.model_dump(mode="json")

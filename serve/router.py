@@ -13,6 +13,14 @@ class UnknownModelError(LookupError):
     pass
 
 
+class RoutingError(ValueError):
+    """A routing change that cannot be applied; `param` names the bad field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class VariantRouter:
     def __init__(
         self,
@@ -34,13 +42,14 @@ class VariantRouter:
         if unknown or not weights:
             raise ValueError(f"split must weigh known variants {self.variants}; got {dict(split)}")
         total = sum(weights.values())
-        self._names = list(weights)
-        self._cumulative = list(accumulate(w / total for w in weights.values()))
+        # One assignment: a draw never sees the names of one split with the sums of another.
+        self._table = (list(weights), list(accumulate(w / total for w in weights.values())))
 
     @property
     def split(self) -> dict[str, float]:
-        previous = [0.0, *self._cumulative[:-1]]
-        return {n: c - p for n, c, p in zip(self._names, self._cumulative, previous, strict=True)}
+        names, cumulative = self._table
+        previous = [0.0, *cumulative[:-1]]
+        return {n: c - p for n, c, p in zip(names, cumulative, previous, strict=True)}
 
     def model_ids(self) -> list[str]:
         return [self.public_name, *(f"{self.public_name}:{v}" for v in self.variants)]
@@ -65,5 +74,6 @@ class VariantRouter:
         pinned = self.pinned_variant(model)
         if pinned is not None:
             return pinned
-        index = bisect.bisect_right(self._cumulative, self._draw(headers))
-        return self._names[min(index, len(self._names) - 1)]
+        names, cumulative = self._table
+        index = bisect.bisect_right(cumulative, self._draw(headers))
+        return names[min(index, len(names) - 1)]

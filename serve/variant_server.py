@@ -5,6 +5,7 @@ Runs as a Ray Serve deployment (one per variant), and equally in-process for tes
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -18,6 +19,9 @@ from slimserve.serve.config import SlimserveConfig
 from slimserve.serve.engine.factory import build_engine
 from slimserve.serve.engine.types import EngineEvent, ErrorInfo, GenerateRequest
 from slimserve.serve.logs import configure_logging
+from slimserve.serve.memory import memory_stats
+from slimserve.serve.scoring import score_reference
+from slimserve.serve.variant_bench import bench_variant, run_deferred_self_bench
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +39,14 @@ class VariantServer:
         self.engine, self.tokenizer, self.report = built.engine, built.tokenizer, built.report
         self.engine.start()
         self.engine_name = options.name
+        self.max_model_len = options.max_model_len
+        self.bench = bench_variant(self.engine, self.tokenizer, cfg, variant)
+        self._config = cfg
+        self._bench_task: asyncio.Task | None = None
         self.timings = {
             "load_seconds": round(built.load_seconds, 3),
             "compress_seconds": round(built.compress_seconds, 3),
+            "self_bench_seconds": self.bench.seconds,
             "startup_seconds": round(time.perf_counter() - started, 3),
         }
         self.model_name = model_name
@@ -71,16 +80,48 @@ class VariantServer:
         async for event in self.engine.generate(req.request_id, prompt_ids, req.sampling):
             yield event.model_dump()
 
+    async def score(self, request: dict[str, Any], reference: str, limit: int) -> dict[str, Any]:
+        """Next-token log-probs of the request's prompt + `reference` (see serve.scoring)."""
+        req = GenerateRequest.model_validate(request)
+        reference_ids = self.tokenizer(reference, add_special_tokens=False).input_ids
+        limit = min(limit, self.max_model_len)
+        result = await score_reference(self.engine, self._prompt_ids(req), reference_ids, limit)
+        return result.as_dict()
+
+    def _sparsity(self) -> float:
+        for method in reversed(self.report.methods):
+            if "achieved_sparsity" in method.detail:
+                return float(method.detail["achieved_sparsity"])
+        return 0.0
+
+    async def _self_bench_done(self) -> None:
+        """A pending self-benchmark (engine "vllm") starts on the first stats call, on the
+        serving loop; stats waits for it, so the variant reports ready once benchmarked."""
+        if not self.bench.self_bench_pending:
+            return
+        if self._bench_task is None:
+            self._bench_task = asyncio.get_running_loop().create_task(
+                run_deferred_self_bench(
+                    self.bench, self.engine, self.tokenizer, self._config, self.variant
+                )
+            )
+        await asyncio.shield(self._bench_task)
+
     async def stats(self) -> dict[str, Any]:
+        await self._self_bench_done()
         return {
             "variant": self.variant,
             "model": self.model_name,
             "weight_bytes": self.report.weight_bytes_after,
             "compression_ratio": self.report.compression_ratio,
             "compression": self.report.model_dump(),
+            "compression_methods": [m.method for m in self.report.methods],
+            "sparsity": self._sparsity(),
             "engine_name": self.engine_name,
             "kernels": chosen_backends(),
             "engine": self.engine.stats(),
+            **self.bench.model_dump(exclude={"seconds", "self_bench_pending"}),
+            "memory": memory_stats().model_dump(),
             **self.timings,
         }
 

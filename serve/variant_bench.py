@@ -1,0 +1,88 @@
+"""What a variant measures about itself at startup: FLOP model, device peak, self-benchmark.
+
+Engine "torch" is benchmarked in the constructor, on a private event loop (the engine thread
+serves any loop). vLLM's AsyncLLM is bound to the event loop that serves it, so its variant is
+benchmarked on that loop instead, as soon as the replica serves (`run_deferred_self_bench`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from slimserve.serve.config import SlimserveConfig
+from slimserve.serve.engine.torch_engine import TorchEngine
+from slimserve.serve.flops import FlopModel, count_engine_flops, count_model_flops
+from slimserve.serve.model_store import resolve_model, torch_dtype
+from slimserve.serve.peak import DevicePeak, device_peak
+from slimserve.serve.self_bench import SelfBenchResult, run_self_bench, run_self_bench_blocking
+
+log = logging.getLogger(__name__)
+
+
+class VariantBench(BaseModel):
+    flops: FlopModel  # what runs, after compression
+    flops_uncompressed: FlopModel  # the checkpoint as it is
+    peak: DevicePeak
+    self_bench: SelfBenchResult | None = None
+    self_bench_pending: bool = False  # to run on the serving event loop (engine "vllm")
+    seconds: float = 0.0
+
+
+def checkpoint_flops(model_name: str) -> FlopModel:
+    """The FLOP model of a checkpoint from its config alone (meta device, no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model(model_name))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return count_model_flops(skeleton)
+
+
+def bench_variant(engine: Any, tokenizer: Any, cfg: SlimserveConfig, variant: str) -> VariantBench:
+    """Run on a started engine, before it serves."""
+    started = time.perf_counter()
+    options = cfg.engine_for(variant)
+    uncompressed = checkpoint_flops(cfg.model_for(variant))
+    flops = count_engine_flops(engine) or uncompressed  # vLLM: quantized math costs the same
+    peak = device_peak(
+        torch_dtype(options.dtype), cfg.mfu.peak_flops_per_second, cfg.mfu.benchmark_seconds
+    )
+    result = None
+    on_own_loop = isinstance(engine, TorchEngine)
+    if cfg.self_bench.enabled and on_own_loop:
+        result = run_self_bench_blocking(
+            engine, tokenizer, cfg.self_bench, options.max_model_len, options.max_num_seqs
+        )
+        log.info("variant %s self-benchmark: %s", variant, result.model_dump())
+    return VariantBench(
+        flops=flops,
+        flops_uncompressed=uncompressed,
+        peak=peak,
+        self_bench=result,
+        self_bench_pending=cfg.self_bench.enabled and not on_own_loop,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+async def run_deferred_self_bench(
+    bench: VariantBench, engine: Any, tokenizer: Any, cfg: SlimserveConfig, variant: str
+) -> None:
+    """The self-benchmark on the current (serving) event loop; fills in `bench`."""
+    options = cfg.engine_for(variant)
+    started = time.perf_counter()
+    try:
+        result = await run_self_bench(
+            engine, tokenizer, cfg.self_bench, options.max_model_len, options.max_num_seqs
+        )
+    except Exception as error:
+        log.exception("variant %s self-benchmark failed", variant)
+        result = SelfBenchResult(text=cfg.self_bench.text, unavailable=[f"failed: {error}"])
+    bench.self_bench = result
+    bench.self_bench_pending = False
+    bench.seconds = round(bench.seconds + time.perf_counter() - started, 3)
+    log.info("variant %s self-benchmark: %s", variant, result.model_dump())

@@ -1,0 +1,81 @@
+"""An in-process gateway with the online-benchmark features on: real VariantServers on the tiny
+model, the real FastAPI app, a TestClient. Shared by the MFU, shadow, canary and admin tests."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from slimserve.serve.config import SlimserveConfig, parse_config
+from slimserve.serve.gateway import GatewayCore, InProcessBackend, create_api
+from slimserve.serve.variant_server import VariantServer
+
+CHAT = "/v1/chat/completions"
+# Small enough for a couple of seconds per variant on a tiny model.
+FAST_SELF_BENCH = {
+    "perplexity_windows": 2,
+    "window_tokens": 64,
+    "prefill_tokens": 32,
+    "decode_tokens": 4,
+    "batch_sizes": [1, 4],
+}
+
+
+def online_config(
+    model_dir: Path, variants: dict | None = None, **sections: Any
+) -> SlimserveConfig:
+    data: dict[str, Any] = {
+        "model": str(model_dir),
+        "served_model_name": "tiny",
+        "variants": variants
+        or {"full": {}, "int8": {"compression": [{"method": "int8-weight-only"}]}},
+        "routing": {"split": {"full": 1, "int8": 1}},
+        "engine": {"max_model_len": 256, "max_num_seqs": 4, "torch_threads": 1},
+        "self_bench": FAST_SELF_BENCH,
+    }
+    data.update(sections)
+    return parse_config(data)
+
+
+@contextlib.contextmanager
+def online_gateway(config: SlimserveConfig) -> Iterator[tuple[TestClient, GatewayCore]]:
+    as_dict = config.model_dump(mode="json")
+    servers = {name: VariantServer(name, as_dict) for name in config.variants}
+    core = GatewayCore(config, {n: InProcessBackend(s) for n, s in servers.items()})
+    try:
+        with TestClient(create_api(core)) as client:
+            yield client, core
+    finally:
+        for server in servers.values():
+            server.engine.shutdown()
+
+
+def chat(model: str = "tiny", content: str = "Hello there", **extra: Any) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": content}]}
+    body.update(extra)
+    return body
+
+
+def scrape(client: TestClient) -> dict[str, Any]:
+    """Metric family name -> family, parsed by prometheus_client's own parser."""
+    text = client.get("/metrics").text
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def sample_values(family: Any, suffix: str = "", **labels: str) -> list[float]:
+    return [
+        s.value
+        for s in family.samples
+        if s.name == family.name + suffix and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
+def value(families: dict[str, Any], name: str, suffix: str = "", **labels: str) -> float:
+    values = sample_values(families[name], suffix, **labels)
+    assert len(values) == 1, (name, labels, values)
+    return values[0]

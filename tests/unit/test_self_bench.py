@@ -1,0 +1,60 @@
+"""The startup self-benchmark: perplexity through the engine's score() equals the model's own,
+throughput is measured at each batch size, and the deferred (serving-loop) path fills it in."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from slimserve.compression.calibration import load_text, token_windows
+from slimserve.serve.variant_server import VariantServer
+
+from .online_helpers import FAST_SELF_BENCH, online_config
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    config = online_config(tiny_model_dir, variants={"full": {}}, routing={})
+    server = VariantServer("full", config.model_dump(mode="json"))
+    yield server
+    server.engine.shutdown()
+
+
+def test_self_bench_runs_at_startup_and_reports_both_phases(server):
+    result = server.bench.self_bench
+    assert result is not None and not result.unavailable
+    assert result.perplexity_tokens == FAST_SELF_BENCH["perplexity_windows"] * 63
+    assert (
+        set(result.prefill_tokens_per_second) == set(result.decode_tokens_per_second) == {"1", "4"}
+    )
+    assert all(rate > 0 for rate in result.decode_tokens_per_second.values())
+    stats = asyncio.run(server.stats())
+    assert stats["self_bench"]["perplexity"] == result.perplexity
+    assert stats["peak"]["flops_per_second"] > 0 and stats["flops"]["layers"] == 2
+
+
+def test_perplexity_through_score_matches_the_model_itself(server, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    windows = token_windows(tokenizer, load_text("pydoc", "evaluation"), 64, 2)
+    with torch.inference_mode():
+        losses = [model(w.unsqueeze(0), labels=w.unsqueeze(0)).loss.float() for w in windows]
+    expected = math.exp(torch.stack(losses).mean().item())
+    assert server.bench.self_bench.perplexity == pytest.approx(expected, rel=0.02)
+
+
+def test_a_pending_self_bench_runs_on_the_serving_loop(server):
+    # the path engine "vllm" takes: benchmarked on the loop that serves it, on the first stats
+    saved = server.bench.self_bench
+    server.bench.self_bench, server.bench.self_bench_pending = None, True
+    try:
+        stats = asyncio.run(server.stats())
+        assert stats["self_bench"]["decode_tokens_per_second"]["1"] > 0
+        assert not server.bench.self_bench_pending
+    finally:
+        server.bench.self_bench, server.bench.self_bench_pending = saved, False
+        server._bench_task = None
