@@ -158,5 +158,5 @@ def input_groups(layer: nn.Module, prefix: str, skip: list[str]) -> list[InputGr
     gated = _get(layer, "mlp.gate_proj") is not None
     take("down", ["mlp.down_proj"], linear("mlp.up_proj") if gated else None)
     for name in list(linears):
-        take(name.rsplit(".", 1)[-1], [name], None)
+        take(name, [name], None)
     return groups

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import fnmatch
 import time
 
 from torch import nn
 from tqdm.auto import tqdm
 
+from slimserve.compression.arch import set_submodule, target_linears
 from slimserve.compression.quant_specs import Int8WeightOnlySpec
 from slimserve.compression.report import MethodReport, resident_weight_bytes
 from slimserve.kernels.int8 import Int8Embedding, Int8Linear, quantize_int8_absmax
 
-
-def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+__all__ = ["apply_int8_weight_only", "quantize_embeddings", "set_submodule"]
 
 
-def _skipped(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
-
-
-def _quantize_embeddings(model: nn.Module, per_channel: bool) -> int:
+def quantize_embeddings(model: nn.Module, per_channel: bool) -> int:
     """Quantize input embedding and lm_head; a tied pair keeps sharing one int8 table."""
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -45,17 +38,12 @@ def apply_int8_weight_only(model: nn.Module, spec: Int8WeightOnlySpec) -> Method
     started = time.perf_counter()
     before = resident_weight_bytes(model)
     per_channel = spec.granularity == "per-channel"
-    head = model.get_output_embeddings()
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head and not _skipped(name, spec.skip)
-    ]
+    targets = target_linears(model, spec.skip)
     for name, linear in tqdm(targets, desc="int8-weight-only", unit="layer", disable=None):
         set_submodule(model, name, Int8Linear.from_linear(linear, per_channel))
     replaced = len(targets)
     if spec.include_embeddings:
-        replaced += _quantize_embeddings(model, per_channel)
+        replaced += quantize_embeddings(model, per_channel)
     return MethodReport(
         method=spec.method,
         spec=spec.model_dump(),

@@ -14,7 +14,9 @@ from slimserve.compression.report import MethodReport
 
 def _global_threshold_masks(linears: dict[str, nn.Linear], sparsity: float) -> None:
     """One |W| threshold over every target; exact count via kthvalue plus tie handling."""
-    magnitudes = torch.cat([lin.weight.detach().abs().float().reshape(-1) for lin in linears.values()])
+    magnitudes = torch.cat(
+        [lin.weight.detach().abs().float().reshape(-1) for lin in linears.values()]
+    )
     k = round(sparsity * magnitudes.numel())
     if k == 0:
         return

@@ -17,9 +17,21 @@ log = logging.getLogger(__name__)
 
 
 def lowest_mask(scores: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """True at exactly k lowest scores along `dim` (ties broken by position)."""
+    if scores.dim() == 1 and k > 0:
+        return _lowest_flat(scores, k)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k > 0:
         mask.scatter_(dim, scores.topk(k, dim=dim, largest=False).indices, True)
+    return mask
+
+
+def _lowest_flat(scores: torch.Tensor, k: int) -> torch.Tensor:
+    # kthvalue is a linear-time selection; topk with k ~ n/2 sorts and is several times slower.
+    threshold = scores.kthvalue(k).values
+    mask = scores < threshold
+    ties = (scores == threshold).nonzero().squeeze(1)[: k - int(mask.sum())]
+    mask[ties] = True
     return mask
 
 

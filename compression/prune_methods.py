@@ -2,4 +2,19 @@
 
 from __future__ import annotations
 
-PRUNE_METHODS: dict = {}
+from slimserve.compression.layer_pruning import apply_layer_pruning
+from slimserve.compression.lowrank import apply_low_rank
+from slimserve.compression.magnitude import apply_magnitude
+from slimserve.compression.sparsegpt import apply_sparsegpt
+from slimserve.compression.structured import apply_ffn_pruning, apply_head_pruning
+from slimserve.compression.wanda import apply_wanda
+
+PRUNE_METHODS: dict = {
+    "magnitude": apply_magnitude,
+    "wanda": apply_wanda,
+    "sparsegpt": apply_sparsegpt,
+    "prune-heads": apply_head_pruning,
+    "prune-ffn": apply_ffn_pruning,
+    "prune-layers": apply_layer_pruning,
+    "low-rank": apply_low_rank,
+}

@@ -2,10 +2,10 @@
 
 For a Linear with inputs X, the layer-wise error ||(W - W')X||^2 has Hessian H = X^T X, shared by
 every output row. Columns are visited left to right; when weight w_iq is removed, the rest of its
-row is corrected by -w_iq / [H^-1]_qq * [H^-1]_q,q: (the OBS update restricted to the columns not yet
-visited). Using the upper Cholesky factor of H^-1 gives those rows directly. Updates inside a block
-of columns are applied eagerly, and to the later columns once per block (lazy batching). Mask
-choice per block uses w^2 / [H^-1]_qq^2, the OBS saliency.
+row is corrected by -w_iq / [H^-1]_qq * [H^-1]_q,q: (the OBS update restricted to the columns not
+visited yet). The upper Cholesky factor of H^-1 gives those rows directly. Updates inside a block
+of columns are applied eagerly, and to the later columns once per block (lazy batching). The mask
+inside each block is chosen by the OBS saliency w^2 / [H^-1]_qq^2.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 from pydantic import BaseModel
@@ -70,25 +71,27 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, tok
     return generated, (first or ended) - started, decode_rate
 
 
-async def bench_variant(
-    url: str, model: str, variant: str, concurrency: int, requests: int, tokens: int
+# One request's result: (generated tokens, seconds to first token, decode tokens/s after it).
+RequestResult = tuple[int, float, float]
+
+
+async def closed_loop(
+    one: Callable[[int], Awaitable[RequestResult]],
+    variant: str,
+    concurrency: int,
+    requests: int,
 ) -> BenchRow:
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await _one(client, url, model, PROMPTS[0], 4)  # warm-up
-        queue = list(range(requests))
-        results = []
+    """`concurrency` workers issue `requests` requests back to back; one row of figures."""
+    queue = list(range(requests))
+    results: list[RequestResult] = []
 
-        async def worker() -> None:
-            while queue:
-                index = queue.pop()
-                results.append(
-                    await _one(client, url, model, PROMPTS[index % len(PROMPTS)], tokens)
-                )
+    async def worker() -> None:
+        while queue:
+            results.append(await one(queue.pop()))
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
     total = sum(r[0] for r in results)
     return BenchRow(
         variant=variant,
@@ -100,6 +103,20 @@ async def bench_variant(
         per_stream_tokens_per_s=round(statistics.median(r[2] for r in results), 1),
         ttft_p50_ms=round(statistics.median(r[1] for r in results) * 1000, 1),
     )
+
+
+async def bench_variant(
+    url: str, model: str, variant: str, concurrency: int, requests: int, tokens: int
+) -> BenchRow:
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await _one(client, url, model, PROMPTS[0], 4)  # warm-up
+        return await closed_loop(
+            lambda index: _one(client, url, model, PROMPTS[index % len(PROMPTS)], tokens),
+            variant,
+            concurrency,
+            requests,
+        )
 
 
 def render(rows: list[BenchRow]) -> str:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import statistics
 import time
 
-from slimserve.loadtests.decode_bench import PROMPTS, BenchRow, render
+from slimserve.loadtests.decode_bench import PROMPTS, BenchRow, closed_loop, render
 from slimserve.serve.config import load_config
 from slimserve.serve.engine.types import GenerateRequest, SamplingParams
 from slimserve.serve.logs import configure_logging
@@ -49,26 +48,8 @@ async def bench(
     server: VariantServer, variant: str, concurrency: int, requests: int, tokens: int
 ) -> BenchRow:
     await _one(server, 0, 4)  # warm-up
-    queue = list(range(requests))
-    results: list[tuple[int, float, float]] = []
-
-    async def worker() -> None:
-        while queue:
-            results.append(await _one(server, queue.pop(), tokens))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    seconds = time.perf_counter() - started
-    total = sum(r[0] for r in results)
-    return BenchRow(
-        variant=variant,
-        concurrency=concurrency,
-        requests=requests,
-        output_tokens=total,
-        seconds=round(seconds, 2),
-        output_tokens_per_s=round(total / seconds, 1),
-        per_stream_tokens_per_s=round(statistics.median(r[2] for r in results), 1),
-        ttft_p50_ms=round(statistics.median(r[1] for r in results) * 1000, 1),
+    return await closed_loop(
+        lambda index: _one(server, index, tokens), variant, concurrency, requests
     )
 
 

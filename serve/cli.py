@@ -1,4 +1,4 @@
-"""`slimserve` command line: serve, validate, materialize."""
+"""`slimserve` command line: serve, validate, materialize, compress, eval."""
 
 from __future__ import annotations
 
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     materialize = commands.add_parser("materialize", help="prepare a model directory")
     materialize.add_argument("model", nargs="?", default="smollm2-135m-instruct")
     materialize.set_defaults(func=cmd_materialize)
+
+    from slimserve.compression.offline_cli import register_commands
+
+    register_commands(commands)  # compress, eval
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 from pathlib import Path
 from typing import Literal
@@ -17,8 +18,13 @@ def vllm_can_run(spec: CompressionSpec) -> bool:
     """Whether vLLM for CPU has kernels for what this spec produces (see vllm_export)."""
     if spec.method == "smoothquant-w8a8":
         return not getattr(spec, "include_embeddings", False)  # no int8 embedding in vLLM
-    return spec.method in ("rtn", "gptq", "awq") and getattr(spec, "bits", None) == 4
+    if spec.method not in ("rtn", "gptq", "awq"):
+        return False
+    # compressed-tensors (and so vLLM) stores integer zero points only
+    return getattr(spec, "bits", None) == 4 and getattr(spec, "zero_point", "integer") == "integer"
 
+
+log = logging.getLogger(__name__)
 
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -330,7 +336,33 @@ def parse_config(data: object, source: str = "config") -> SlimserveConfig:
         raise ConfigError(f"invalid {source}:\n{_describe(error)}") from None
 
 
-def load_config(path: str | Path) -> SlimserveConfig:
+def check_against_models(config: SlimserveConfig, source: str = "config") -> None:
+    """Specs that cannot apply to their model's architecture (e.g. a group size that does not
+    divide a layer's width) fail here, naming the spec, before any replica starts."""
+    from transformers import AutoConfig
+
+    from slimserve.serve.model_store import resolve_model
+
+    for name, variant in config.variants.items():
+        if not variant.compression:
+            continue
+        try:
+            model_config = AutoConfig.from_pretrained(resolve_model(config.model_for(name)))
+        except (OSError, ValueError) as error:
+            log.warning(
+                "variant %s: cannot read its model's config to check specs: %s", name, error
+            )
+            continue
+        for index, spec in enumerate(variant.compression):
+            try:
+                spec.check_model(model_config)
+            except ValueError as error:
+                raise ConfigError(
+                    f"invalid {source}:\n  variants.{name}.compression.{index}: {error}"
+                ) from None
+
+
+def load_config(path: str | Path, check_models: bool = True) -> SlimserveConfig:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -338,4 +370,7 @@ def load_config(path: str | Path) -> SlimserveConfig:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config {path} is not valid YAML: {error}") from None
-    return parse_config(data, source=f"config {path}")
+    config = parse_config(data, source=f"config {path}")
+    if check_models:
+        check_against_models(config, source=f"config {path}")
+    return config

@@ -37,6 +37,7 @@ class VariantServer:
         model_name = cfg.model_for(variant)
         built = build_engine(cfg, variant)
         self.engine, self.tokenizer, self.report = built.engine, built.tokenizer, built.report
+        self.cache_status = built.cache_status
         self.engine.start()
         self.engine_name = options.name
         self.max_model_len = options.max_model_len
@@ -51,11 +52,12 @@ class VariantServer:
         }
         self.model_name = model_name
         log.info(
-            "variant %s ready in %.1fs (load %.1fs, compress %.1fs): %s",
+            "variant %s ready in %.1fs (load %.1fs, compress %.1fs, cache %s): %s",
             variant,
             self.timings["startup_seconds"],
             self.timings["load_seconds"],
             self.timings["compress_seconds"],
+            self.cache_status,
             self.report.summary(),
         )
 
@@ -118,6 +120,7 @@ class VariantServer:
             "compression_methods": [m.method for m in self.report.methods],
             "sparsity": self._sparsity(),
             "engine_name": self.engine_name,
+            "cache_status": self.cache_status,
             "kernels": chosen_backends(),
             "engine": self.engine.stats(),
             **self.bench.model_dump(exclude={"seconds", "self_bench_pending"}),

@@ -35,6 +35,9 @@ class BuiltEngine:
     report: CompressionReport
     load_seconds: float
     compress_seconds: float
+    # torch engine: "hit" (compressed artifact loaded), "miss" (compressed now), "rebuilt"
+    # (a corrupt or stale artifact was replaced); vllm: "export-hit" / "export-miss"
+    cache_status: str = "miss"
 
 
 def _limits(cfg: SlimserveConfig, variant: str) -> EngineLimits:
@@ -105,15 +108,20 @@ def build_engine(cfg: SlimserveConfig, variant: str) -> BuiltEngine:
     options = cfg.engine_for(variant)
     limits = _limits(cfg, variant)
     if options.name == "torch":
+        from slimserve.compression.artifact_cache import load_or_compress
+
         started = time.perf_counter()
-        model, tokenizer = load_model_and_tokenizer(cfg.model_for(variant), options.dtype)
-        loaded = time.perf_counter()
-        report = apply_compression(model, cfg.variants[variant].compression)
-        compressed = time.perf_counter()
+        model, tokenizer, report, cache_status = load_or_compress(
+            cfg.model_for(variant), cfg.variants[variant].compression, options.dtype
+        )
+        total = time.perf_counter() - started
+        compress_s = 0.0 if cache_status == "hit" else sum(m.seconds for m in report.methods)
         engine = TorchEngine(model, tokenizer, limits)
-        return BuiltEngine(engine, tokenizer, report, loaded - started, compressed - loaded)
+        return BuiltEngine(engine, tokenizer, report, total - compress_s, compress_s, cache_status)
+    cache_status = "miss"
     if cfg.variants[variant].compression:
         path, tokenizer, report, load_s, compress_s = _compressed_checkpoint(cfg, variant)
+        cache_status = "export-hit" if compress_s == 0.0 else "export-miss"
     else:
         started = time.perf_counter()
         path = resolve_model(cfg.model_for(variant))
@@ -122,4 +130,4 @@ def build_engine(cfg: SlimserveConfig, variant: str) -> BuiltEngine:
         report = CompressionReport(weight_bytes_before=size, weight_bytes_after=size)
         load_s, compress_s = time.perf_counter() - started, 0.0
     engine = VllmEngine(path, options.dtype, limits, options.enforce_eager, options.kv_cache_gb)
-    return BuiltEngine(engine, tokenizer, report, load_s, compress_s)
+    return BuiltEngine(engine, tokenizer, report, load_s, compress_s, cache_status)

@@ -74,6 +74,33 @@ def running_gateway(config: Path, log_path: Path) -> Iterator[str]:
                 process.wait()
 
 
+def assert_disconnect_frees_slot(base: str, model: str, variant: str) -> dict:
+    """Leave a long stream after a few chunks; the variant must report nothing running.
+
+    Returns the variant's last stats.
+    """
+    body = {
+        "model": f"{model}:{variant}",
+        "prompt": "Once upon a time",
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{base}/v1/completions", json=body) as response:
+            for index, _ in enumerate(response.iter_lines()):
+                if index > 5:
+                    break
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            stats = http.get(f"{base}/v1/variants").json()["variants"][variant]
+            if stats["engine"]["running"] == 0:
+                break
+            time.sleep(0.2)
+    assert stats["engine"]["running"] == 0
+    return stats
+
+
 @pytest.fixture(scope="session")
 def gateway_log(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("gateway") / "serve.log"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -10,7 +9,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import CONFIGS, running_gateway
+from .conftest import CONFIGS, assert_disconnect_frees_slot, running_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -82,26 +81,8 @@ def test_vllm_errors_are_openai_errors(client):
 
 
 def test_vllm_disconnect_aborts_the_request(vllm_gateway):
-    body = {
-        "model": f"{MODEL}:vllm",
-        "prompt": "Once upon a time",
-        "max_tokens": 1500,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{vllm_gateway}/v1/completions", json=body) as response:
-            for index, _ in enumerate(response.iter_lines()):
-                if index > 5:
-                    break
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            stats = http.get(f"{vllm_gateway}/v1/variants").json()["variants"]["vllm"]
-            if stats["engine"]["running"] == 0:
-                break
-            time.sleep(0.2)
-        assert stats["engine"]["running"] == 0
-        assert stats["engine_name"] == "vllm"
+    stats = assert_disconnect_frees_slot(vllm_gateway, MODEL, "vllm")
+    assert stats["engine_name"] == "vllm"
 
 
 def test_metrics_cover_the_vllm_variant(vllm_gateway, client):

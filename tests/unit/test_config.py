@@ -69,3 +69,20 @@ def test_per_variant_overrides():
     assert config.model_for("full") == "m"
     # no split configured: everything goes to the first variant
     assert config.effective_split() == {"full": 1.0}
+
+
+def test_specs_are_checked_against_the_models_architecture(tmp_path, tiny_model_dir):
+    config = tmp_path / "bad.yaml"
+    # the tiny model's hidden size is 64: groups of 128 cannot tile it
+    config.write_text(
+        f"model: {tiny_model_dir}\n"
+        "variants:\n  full: {}\n"
+        "  w4: {compression: [{method: rtn, bits: 4, group_size: 128}]}\n"
+    )
+    with pytest.raises(ConfigError, match=r"variants\.w4\.compression\.0: group_size 128"):
+        load_config(config)
+    config.write_text(
+        f"model: {tiny_model_dir}\n"
+        "variants:\n  w4: {compression: [{method: rtn, bits: 4, group_size: 32}]}\n"
+    )
+    assert load_config(config).variants["w4"].compression[0].group_size == 32

@@ -94,6 +94,7 @@ def test_modules_vllm_cannot_run_are_refused_by_name(tmp_path, tokenizer):
         ({"method": "smoothquant-w8a8", "include_embeddings": False}, True),
         ({"method": "smoothquant-w8a8"}, False),
         ({"method": "rtn", "bits": 3, "group_size": 64}, False),
+        ({"method": "rtn", "bits": 4, "group_size": 64, "zero_point": "float"}, False),
         ({"method": "int8-weight-only"}, False),
     ],
 )
