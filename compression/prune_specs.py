@@ -11,21 +11,11 @@ import fnmatch
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from slimserve.compression.spec_base import SpecBase
+from slimserve.compression.spec_base import CalibrationSpec, SpecBase
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-class CalibrationSpec(BaseModel):
-    """Text the data-aware methods run through the model (never the evaluation split)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: str = Field("pydoc", description='"pydoc" or a path to a .txt / .jsonl file')
-    samples: int = Field(32, ge=1, le=4096, description="windows of seq_len tokens")
-    seq_len: int = Field(256, ge=8, le=8192, description="tokens per window")
 
 
 def parse_nm(sparsity: str) -> tuple[int, int]:

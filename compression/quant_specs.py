@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from slimserve.compression.arch import linear_shapes, skipped
-from slimserve.compression.spec_base import SpecBase
-
-
-class CalibrationSpec(BaseModel):
-    """Text the data-aware methods look at: `samples` windows of `seq_len` tokens."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: str = Field("pydoc", description='"pydoc" (offline docs) or a path to .txt / .jsonl')
-    samples: int = Field(32, ge=1, le=4096)
-    seq_len: int = Field(256, ge=16, le=8192)
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, source: str) -> str:
-        if source == "pydoc":
-            return source
-        path = Path(source).expanduser()
-        if path.suffix not in (".txt", ".jsonl"):
-            raise ValueError(f'must be "pydoc" or a .txt / .jsonl file, got {source!r}')
-        if not path.is_file():
-            raise ValueError(f"file not found: {path}")
-        return str(path)
+from slimserve.compression.spec_base import CalibrationSpec, SpecBase
 
 
 def _power_of_two(value: int, field: str) -> int:

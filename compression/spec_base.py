@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class CalibrationSpec(BaseModel):
+    """Text the data-aware methods run through the model: `samples` windows of `seq_len` tokens
+    (never the evaluation split)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field("pydoc", description='"pydoc" (offline docs) or a path to .txt / .jsonl')
+    samples: int = Field(32, ge=1, le=4096, description="windows of seq_len tokens")
+    seq_len: int = Field(256, ge=8, le=8192, description="tokens per window")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source == "pydoc":
+            return source
+        path = Path(source).expanduser()
+        if path.suffix not in (".txt", ".jsonl"):
+            raise ValueError(f'must be "pydoc" or a .txt / .jsonl file, got {source!r}')
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return str(path)
 
 
 class SpecBase(BaseModel):
