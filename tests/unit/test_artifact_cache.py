@@ -124,6 +124,8 @@ def test_key_changes_with_specs_dtype_model_and_versions(tiny_model_dir, tmp_pat
     config["rms_norm_eps"] = 1e-5
     (edited / "config.json").write_text(json.dumps(config))
     assert key(int8, model_dir=edited) != base
+    # An injected change, on purpose: an installed library cannot be upgraded inside a test, so
+    # the version report pretends torch moved on. Nothing about the model is faked.
     versions = artifact_cache.library_versions()
     monkeypatch.setattr(artifact_cache, "library_versions", lambda: {**versions, "torch": "9"})
     assert key(int8) != base
