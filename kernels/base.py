@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import nn
 
-from slimserve.kernels.artifact import dtype_name
+from slimserve.kernels.artifact import dtype_from_name, dtype_name, require_keys
 
 
 class CompressedLinear(nn.Module):
@@ -46,6 +46,21 @@ class CompressedLinear(nn.Module):
             "has_bias": self.bias is not None,
             "dtype": dtype_name(self.compute_dtype),
         }
+
+    def meta(self) -> dict[str, Any]:
+        """Constructor arguments for the artifact cache (subclasses with more add to them)."""
+        return self._base_meta()
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Self:
+        """A module with empty buffers of the right shapes, for `load_state_dict`."""
+        require_keys(cls.__name__, meta, ("in_features", "out_features", "has_bias", "dtype"))
+        return cls(
+            int(meta["in_features"]),
+            int(meta["out_features"]),
+            bool(meta["has_bias"]),
+            dtype_from_name(meta["dtype"]),
+        )
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] in compute_dtype -> [M, N] in compute_dtype, without the bias."""

@@ -12,12 +12,11 @@ format here).
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Self
 
 import torch
 import torch.nn.functional as F
 
-from slimserve.kernels.artifact import dtype_from_name, require_keys
 from slimserve.kernels.base import CompressedLinear
 from slimserve.kernels.dispatch import record_backend
 from slimserve.kernels.packing import compress_24, decompress_24
@@ -117,19 +116,6 @@ class SparseLinear(CompressedLinear):
             module.meta_bits.copy_(meta)
             module._set_bias(bias)
         return module
-
-    def meta(self) -> dict[str, Any]:
-        return self._base_meta()
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> Self:
-        require_keys(cls.__name__, meta, ("in_features", "out_features", "has_bias", "dtype"))
-        return cls(
-            int(meta["in_features"]),
-            int(meta["out_features"]),
-            bool(meta["has_bias"]),
-            dtype_from_name(meta["dtype"]),
-        )
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return sparse24_matmul(x, self.values, self.meta_bits, self.semi_structured)

@@ -10,12 +10,11 @@ quantized per token in torch before the matmul on every path.
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Self
 
 import torch
 
 from slimserve.kernels import cpu_paths
-from slimserve.kernels.artifact import dtype_from_name, require_keys
 from slimserve.kernels.base import CompressedLinear
 from slimserve.kernels.dispatch import record_backend
 from slimserve.kernels.reference import (
@@ -90,19 +89,6 @@ class W8A8Linear(CompressedLinear):
             module.weight_scale.copy_(weight_scale.detach())
             module._set_bias(bias)
         return module
-
-    def meta(self) -> dict[str, Any]:
-        return self._base_meta()
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> Self:
-        require_keys(cls.__name__, meta, ("in_features", "out_features", "has_bias", "dtype"))
-        return cls(
-            int(meta["in_features"]),
-            int(meta["out_features"]),
-            bool(meta["has_bias"]),
-            dtype_from_name(meta["dtype"]),
-        )
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return w8a8_matmul(x, self.qweight, self.weight_scale)
