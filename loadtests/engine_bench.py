@@ -45,12 +45,20 @@ async def _one(server: VariantServer, index: int, tokens: int) -> tuple[int, flo
 
 
 async def bench(
-    server: VariantServer, variant: str, concurrency: int, requests: int, tokens: int
-) -> BenchRow:
+    server: VariantServer, variant: str, levels: list[int], requests_per_stream: int, tokens: int
+) -> list[BenchRow]:
+    """Every concurrency level on one event loop: vLLM's AsyncLLM is bound to the loop it
+    first served, so a fresh loop per level would find its engine shut down."""
     await _one(server, 0, 4)  # warm-up
-    return await closed_loop(
-        lambda index: _one(server, index, tokens), variant, concurrency, requests
-    )
+    rows = []
+    for concurrency in levels:
+        requests = max(requests_per_stream * concurrency, concurrency)
+        row = await closed_loop(
+            lambda index: _one(server, index, tokens), variant, concurrency, requests
+        )
+        log.info("%s", row.model_dump_json())
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -67,11 +75,9 @@ def main() -> None:
     for variant in args.variants:
         server = VariantServer(variant, config)
         try:
-            for concurrency in args.concurrency:
-                requests = max(args.requests_per_stream * concurrency, concurrency)
-                row = asyncio.run(bench(server, variant, concurrency, requests, args.tokens))
-                log.info("%s", row.model_dump_json())
-                rows.append(row)
+            rows += asyncio.run(
+                bench(server, variant, args.concurrency, args.requests_per_stream, args.tokens)
+            )
         finally:
             server.engine.shutdown()
     print(render(rows))

@@ -176,6 +176,10 @@ def count_runner_flops(runner: Any) -> FlopModel:
 
 
 def count_engine_flops(engine: Any) -> FlopModel | None:
-    """From the engine's own runner when it has one (engine "torch"); else None."""
+    """From the engine's own runner when it has one (engine "torch"), as its engine process
+    reported it (`flops`); else None."""
+    reported = getattr(engine, "flops", None)
+    if isinstance(reported, FlopModel):
+        return reported
     runner = getattr(engine, "runner", None)
     return count_runner_flops(runner) if runner is not None else None

@@ -45,9 +45,7 @@ async def perplexity(engine: Any, windows: torch.Tensor) -> tuple[float, int]:
     """exp(mean negative log-likelihood) over every next-token prediction in the windows."""
     nll, count = 0.0, 0
     for window in windows.tolist():
-        logprobs = await engine.score(window)
-        targets = torch.tensor(window[1:]).unsqueeze(1)
-        nll -= logprobs[:-1].gather(1, targets).sum().item()
+        nll -= float((await engine.target_logprobs(window)).sum())
         count += len(window) - 1
     return math.exp(nll / count), count
 
@@ -94,11 +92,11 @@ async def run_self_bench(
     result = SelfBenchResult(text=options.text)
     text = load_text(options.text, "evaluation")
     window = min(options.window_tokens, max_model_len)
-    if options.perplexity_windows and hasattr(engine, "score"):
+    if options.perplexity_windows and hasattr(engine, "target_logprobs"):
         windows = token_windows(tokenizer, text, window, options.perplexity_windows)
         result.perplexity, result.perplexity_tokens = await perplexity(engine, windows)
     elif options.perplexity_windows:
-        result.unavailable.append("perplexity: this engine has no score()")
+        result.unavailable.append("perplexity: this engine has no target_logprobs()")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     prefill_len = min(options.prefill_tokens, max_model_len - 1)
     decode_len = min(options.decode_tokens, max_model_len - DECODE_PROMPT_TOKENS - 1)

@@ -15,7 +15,6 @@ import torch
 from pydantic import BaseModel
 
 from slimserve.serve.config import SlimserveConfig
-from slimserve.serve.engine.torch_engine import TorchEngine
 from slimserve.serve.flops import FlopModel, count_engine_flops, count_model_flops
 from slimserve.serve.model_store import resolve_model, torch_dtype
 from slimserve.serve.peak import DevicePeak, device_peak
@@ -53,7 +52,7 @@ def bench_variant(engine: Any, tokenizer: Any, cfg: SlimserveConfig, variant: st
         torch_dtype(options.dtype), cfg.mfu.peak_flops_per_second, cfg.mfu.benchmark_seconds
     )
     result = None
-    on_own_loop = isinstance(engine, TorchEngine)
+    on_own_loop = getattr(engine, "serves_any_loop", False)
     if cfg.self_bench.enabled and on_own_loop:
         result = run_self_bench_blocking(
             engine, tokenizer, cfg.self_bench, options.max_model_len, options.max_num_seqs

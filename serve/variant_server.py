@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,7 +32,7 @@ class VariantServer:
         self.variant = variant
         cfg = SlimserveConfig.model_validate(config)
         options = cfg.engine_for(variant)
-        torch.set_num_threads(options.torch_threads or os.cpu_count() or 1)
+        torch.set_num_threads(options.intra_op_threads())
         model_name = cfg.model_for(variant)
         built = build_engine(cfg, variant)
         self.engine, self.tokenizer, self.report = built.engine, built.tokenizer, built.report

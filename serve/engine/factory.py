@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BuiltEngine:
-    engine: TorchEngine | VllmEngine
+    engine: Any  # TorchEngine, EngineProcess or VllmEngine
     tokenizer: Any
     report: CompressionReport
     load_seconds: float
@@ -103,21 +103,49 @@ def _compressed_checkpoint(
         return str(target), tokenizer, report, loaded - started, time.perf_counter() - loaded
 
 
+# Compression at startup (GPTQ on a large model) can take long; a hung child must still fail.
+ENGINE_START_TIMEOUT_S = 3600.0
+
+
+def build_torch_engine(cfg: SlimserveConfig, variant: str) -> BuiltEngine:
+    """Load (or compress) the variant and wrap it in an in-process TorchEngine (not started)."""
+    from slimserve.compression.artifact_cache import load_or_compress
+
+    started = time.perf_counter()
+    model, tokenizer, report, cache_status = load_or_compress(
+        cfg.model_for(variant), cfg.variants[variant].compression, cfg.engine_for(variant).dtype
+    )
+    total = time.perf_counter() - started
+    compress_s = 0.0 if cache_status == "hit" else sum(m.seconds for m in report.methods)
+    engine = TorchEngine(model, tokenizer, _limits(cfg, variant))
+    return BuiltEngine(engine, tokenizer, report, total - compress_s, compress_s, cache_status)
+
+
+def _engine_process(cfg: SlimserveConfig, variant: str) -> BuiltEngine:
+    """The torch engine in its own process; this side keeps only the tokenizer."""
+    from slimserve.serve.engine.engine_process import EngineProcess
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model_for(variant)))
+    engine = EngineProcess(cfg, variant, ENGINE_START_TIMEOUT_S)
+    ready = engine.ready
+    return BuiltEngine(
+        engine,
+        tokenizer,
+        ready.report,
+        ready.load_seconds,
+        ready.compress_seconds,
+        ready.cache_status,
+    )
+
+
 def build_engine(cfg: SlimserveConfig, variant: str) -> BuiltEngine:
     """The engine a variant's replica serves with (not started yet)."""
     options = cfg.engine_for(variant)
     limits = _limits(cfg, variant)
     if options.name == "torch":
-        from slimserve.compression.artifact_cache import load_or_compress
-
-        started = time.perf_counter()
-        model, tokenizer, report, cache_status = load_or_compress(
-            cfg.model_for(variant), cfg.variants[variant].compression, options.dtype
-        )
-        total = time.perf_counter() - started
-        compress_s = 0.0 if cache_status == "hit" else sum(m.seconds for m in report.methods)
-        engine = TorchEngine(model, tokenizer, limits)
-        return BuiltEngine(engine, tokenizer, report, total - compress_s, compress_s, cache_status)
+        if options.separate_process:
+            return _engine_process(cfg, variant)
+        return build_torch_engine(cfg, variant)
     cache_status = "miss"
     if cfg.variants[variant].compression:
         path, tokenizer, report, load_s, compress_s = _compressed_checkpoint(cfg, variant)

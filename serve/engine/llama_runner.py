@@ -12,6 +12,9 @@ sit in slots 0..B-1 so a step reads a plain view of the cache, never a gathered 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +83,37 @@ def _packed_or_same(owner: nn.Module, name: str, packed: list[int] | None) -> nn
     return fused
 
 
+@dataclass
+class PrefillChunk:
+    """Prompt tokens [start, start + len(token_ids)) of the sequence in `slot`."""
+
+    slot: int
+    token_ids: list[int]
+    start: int
+    logits: Literal["none", "last", "all"] = "last"
+
+
+@dataclass
+class _DecodeView:
+    """Where a step's decode tokens go in the cache, shared by every layer."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    length: int  # keys to read per slot: the longest sequence's
+    mask: torch.Tensor | None  # additive [B, 1, 1, length]; None when every key is visible
+
+    @classmethod
+    def build(cls, positions: list[int]) -> _DecodeView:
+        pos = torch.tensor(positions, dtype=torch.long)
+        length = max(positions) + 1
+        mask = None  # keys past a sequence's own position hold another sequence's leftovers
+        if min(positions) < length - 1:
+            hidden = torch.arange(length).unsqueeze(0) > pos.unsqueeze(1)
+            mask = torch.zeros(len(positions), length).masked_fill_(hidden, float("-inf"))
+            mask = mask.view(len(positions), 1, 1, length)
+        return cls(torch.arange(len(positions)), pos, length, mask)
+
+
 class LlamaRunner:
     def __init__(
         self, model: nn.Module, max_slots: int, max_len: int, pack_dense: bool = False
@@ -124,23 +158,20 @@ class LlamaRunner:
     def _project_qkv(
         self, plan: _LayerPlan, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [B, T, hidden] -> q [B, H, T, D], k and v [B, Hkv, T, D] with rotary applied."""
-        batch, length, _ = h.shape
+        """h [N, hidden] (one row per token) -> q [N, H, D], k and v [N, Hkv, D], rotary applied.
+
+        q and k are rotated together: one set of elementwise ops per layer instead of two."""
+        tokens = h.shape[0]
+        heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
         if plan.qkv is not None:
-            q_size = self.n_heads * self.head_dim
-            kv_size = self.n_kv_heads * self.head_dim
-            q, k, v = plan.qkv(h).split([q_size, kv_size, kv_size], dim=-1)
+            qk, v = plan.qkv(h).split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
         else:
-            q, k, v = plan.q(h), plan.k(h), plan.v(h)
-        q = q.reshape(batch, length, self.n_heads, self.head_dim)
-        k = k.reshape(batch, length, self.n_kv_heads, self.head_dim)
-        v = v.reshape(batch, length, self.n_kv_heads, self.head_dim)
+            qk, v = torch.cat([plan.q(h), plan.k(h)], dim=-1), plan.v(h)
+        qk = qk.unflatten(-1, (heads + kv_heads, dim))
         if plan.q_norm is not None:
-            q, k = plan.q_norm(q), plan.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
+            qk = torch.cat([plan.q_norm(qk[:, :heads]), plan.k_norm(qk[:, heads:])], dim=1)
+        qk = qk * cos + _rotate_half(qk) * sin
+        return qk[:, :heads], qk[:, heads:], v.reshape(tokens, kv_heads, dim)
 
     def _mlp(self, plan: _LayerPlan, h: torch.Tensor) -> torch.Tensor:
         if plan.gate_up is not None:
@@ -149,16 +180,101 @@ class LlamaRunner:
             gate, up = plan.gate(h), plan.up(h)
         return plan.down(plan.act(gate) * up)
 
-    def _finish_layer(
-        self, plan: _LayerPlan, x: torch.Tensor, attn_out: torch.Tensor
-    ) -> torch.Tensor:
-        batch, _, length, _ = attn_out.shape
-        attn_out = attn_out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
-        x = x + plan.o(attn_out)
-        return x + self._mlp(plan, plan.post_norm(x))
-
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(hidden)).float()
+
+    def step(
+        self, decode_ids: list[int], decode_positions: list[int], chunk: PrefillChunk | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One forward pass over every token of the step: a next token for each decoding
+        sequence (slots 0..B-1, at `decode_positions`) and a chunk of one sequence's prompt.
+
+        All tokens share each layer's matmuls (one pass over the weights); only attention is
+        split, since decode queries read their own slots and the chunk is causal over its slot.
+        Returns (float32 decode logits [B, vocab] or None, the chunk's logits or None: [vocab]
+        for its last token, or [n, vocab] with `chunk.logits == "all"`).
+        """
+        batch = len(decode_ids)
+        chunk_ids = chunk.token_ids if chunk is not None else []
+        if chunk is not None and not batch <= chunk.slot < self.max_slots:
+            raise ValueError(f"prefill slot {chunk.slot} overlaps the {batch} decoding slots")
+        positions = torch.tensor(decode_positions, dtype=torch.long)
+        if chunk is not None:
+            span = torch.arange(chunk.start, chunk.start + len(chunk_ids))
+            positions = torch.cat([positions, span])
+        x = self.embed(torch.tensor(list(decode_ids) + list(chunk_ids), dtype=torch.long))
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        decode = _DecodeView.build(decode_positions) if batch else None
+        for index, plan in enumerate(self.layers):
+            q, k, v = self._project_qkv(plan, plan.input_norm(x), cos, sin)
+            parts = []
+            if decode is not None:
+                parts.append(self._attend_decode(index, decode, q[:batch], k[:batch], v[:batch]))
+            if chunk is not None:
+                parts.append(self._attend_chunk(index, chunk, q[batch:], k[batch:], v[batch:]))
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts)
+            x = x + plan.o(attn)
+            x = x + self._mlp(plan, plan.post_norm(x))
+        decode_logits = self._logits(x[:batch]) if batch else None
+        chunk_logits = None
+        if chunk is not None and chunk.logits == "all":
+            chunk_logits = self._logits(x[batch:])
+        elif chunk is not None and chunk.logits == "last":
+            chunk_logits = self._logits(x[-1])
+        return decode_logits, chunk_logits
+
+    def _attend_decode(
+        self, layer: int, view: _DecodeView, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Decode queries q [B, H, D]: cache this token's K/V, attend over each slot; [B, H*D].
+
+        Query heads are grouped under their shared K/V head, so two batched matmuls cover a
+        layer with no copy of K or V; at batch 8-32 that was ~5x faster than the CPU
+        scaled_dot_product_attention, whose flash kernel is built for long queries. Scores and
+        softmax run in float32.
+        """
+        batch = q.shape[0]
+        self.k_cache[layer][view.rows, :, view.positions] = k
+        self.v_cache[layer][view.rows, :, view.positions] = v
+        keys = self.k_cache[layer, :batch, :, : view.length]
+        values = self.v_cache[layer, :batch, :, : view.length]
+        if batch == 1:  # one sequence sees all its keys; SDPA is as fast there
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(2), keys, values, scale=self.scaling, enable_gqa=True
+            )
+            return out.reshape(batch, -1)
+        grouped = q.unflatten(1, (self.n_kv_heads, self.n_heads // self.n_kv_heads))
+        # matmul on these strided cache views copies them far slower than .contiguous() does
+        # (379 vs 31 us for K at batch 26, 126 positions), so copy first.
+        keys, values = keys.contiguous(), values.contiguous()
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * self.scaling
+        if view.mask is not None:
+            scores = scores + view.mask
+        weights = scores.softmax(dim=-1).to(values.dtype)
+        return torch.matmul(weights, values).reshape(batch, -1)
+
+    def _attend_chunk(
+        self, layer: int, chunk: PrefillChunk, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Prompt-chunk queries q [n, H, D]: cache their K/V, causal attention; [n, H*D]."""
+        n = q.shape[0]
+        start, end, slot = chunk.start, chunk.start + n, chunk.slot
+        self.k_cache[layer, slot, :, start:end] = k.transpose(0, 1)
+        self.v_cache[layer, slot, :, start:end] = v.transpose(0, 1)
+        mask = None
+        if start > 0:  # query i (at position start + i) sees cached keys 0..start + i
+            mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            self.k_cache[layer, slot : slot + 1, :, :end],
+            self.v_cache[layer, slot : slot + 1, :, :end],
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scaling,
+            enable_gqa=True,
+        )
+        return out[0].transpose(0, 1).reshape(n, -1)
 
     def prefill(
         self, slot: int, token_ids: list[int], start: int, want_logits: bool, every: bool = False
@@ -168,56 +284,12 @@ class LlamaRunner:
         Returns float32 logits [vocab] for the last token when want_logits (with `every`:
         [n, vocab], one row per token), else None.
         """
-        n = len(token_ids)
-        end = start + n
-        x = self.embed(torch.tensor(token_ids, dtype=torch.long).unsqueeze(0))
-        cos = self.cos[start:end].view(1, 1, n, -1)
-        sin = self.sin[start:end].view(1, 1, n, -1)
-        mask = None
-        if start > 0:  # query i (at position start + i) sees cached keys 0..start + i
-            mask = torch.arange(end).unsqueeze(0) <= torch.arange(start, end).unsqueeze(1)
-        for index, plan in enumerate(self.layers):
-            q, k, v = self._project_qkv(plan, plan.input_norm(x), cos, sin)
-            self.k_cache[index, slot, :, start:end] = k[0]
-            self.v_cache[index, slot, :, start:end] = v[0]
-            out = F.scaled_dot_product_attention(
-                q,
-                self.k_cache[index, slot : slot + 1, :, :end],
-                self.v_cache[index, slot : slot + 1, :, :end],
-                attn_mask=mask,
-                is_causal=mask is None,
-                scale=self.scaling,
-                enable_gqa=True,
-            )
-            x = self._finish_layer(plan, x, out)
-        if not want_logits:
-            return None
-        return self._logits(x[0] if every else x[0, -1])
+        logits = "all" if every else "last" if want_logits else "none"
+        return self.step([], [], PrefillChunk(slot, list(token_ids), start, logits))[1]
 
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each sequence in slots 0..B-1; returns float32 logits [B, vocab]."""
-        batch = len(token_ids)
-        pos = torch.tensor(positions, dtype=torch.long)
-        length = int(pos.max()) + 1
-        rows = torch.arange(batch)
-        x = self.embed(torch.tensor(token_ids, dtype=torch.long).unsqueeze(1))
-        cos = self.cos[pos].view(batch, 1, 1, -1)
-        sin = self.sin[pos].view(batch, 1, 1, -1)
-        mask = (torch.arange(length).unsqueeze(0) <= pos.unsqueeze(1)).view(batch, 1, 1, length)
-        for index, plan in enumerate(self.layers):
-            q, k, v = self._project_qkv(plan, plan.input_norm(x), cos, sin)
-            self.k_cache[index][rows, :, pos] = k[:, :, 0]
-            self.v_cache[index][rows, :, pos] = v[:, :, 0]
-            out = F.scaled_dot_product_attention(
-                q,
-                self.k_cache[index, :batch, :, :length],
-                self.v_cache[index, :batch, :, :length],
-                attn_mask=mask,
-                scale=self.scaling,
-                enable_gqa=True,
-            )
-            x = self._finish_layer(plan, x, out)
-        return self._logits(x[:, -1])
+        return self.step(token_ids, positions, None)[0]
 
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Copy a sequence's cached K/V to another slot (when the batch is compacted)."""

@@ -1,9 +1,10 @@
-"""Engine "torch": iteration-level (continuous) batching on a background thread.
+"""Engine "torch": iteration-level (continuous) batching.
 
-Every step the scheduler (1) drops aborted sequences, (2) prefills at most
-`prefill_chunk_tokens` prompt tokens of the next waiting sequence, and (3) runs one decode step
-for every sequence already decoding. New requests therefore join the running batch between
-decode steps, finished ones leave at once, and a long prompt is spread over several steps.
+Every step the scheduler (1) drops aborted sequences, then (2) runs one forward pass that
+decodes a token for every running sequence and, in the same pass, prefills at most
+`prefill_chunk_tokens` prompt tokens of the next waiting sequence. New requests therefore join
+the running batch without a pass of their own, finished ones leave at once, and a long prompt is
+spread over several steps.
 """
 
 from __future__ import annotations
@@ -13,20 +14,50 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from slimserve.serve.engine.detokenizer import IncrementalDetokenizer
 from slimserve.serve.engine.limits import EngineLimits, context_error, queue_full_error
-from slimserve.serve.engine.llama_runner import LlamaRunner
+from slimserve.serve.engine.llama_runner import LlamaRunner, PrefillChunk
 from slimserve.serve.engine.sampling import make_generator, sample_tokens
 from slimserve.serve.engine.types import EngineEvent, ErrorInfo, SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+class EventSink(Protocol):
+    """Where a sequence's events go. The engine thread calls `deliver` once per step with that
+    step's events for this sink, as (the sequence's `key`, event) pairs."""
+
+    def deliver(self, items: list[tuple[Any, EngineEvent]]) -> bool:
+        """False when the receiver is gone: its sequences are aborted."""
+        ...
+
+
+class LoopSink:
+    """In-process delivery: one wake-up of the caller's event loop per step, not per token
+    (a call_soon_threadsafe per token per sequence would keep the loop and the GIL busy)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def deliver(self, items: list[tuple[Any, EngineEvent]]) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(put_all, items)
+        except RuntimeError:  # that caller's event loop is gone
+            return False
+        return True
+
+
+def put_all(items: list[tuple[asyncio.Queue, EngineEvent]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
 
 
 @dataclass
@@ -36,8 +67,8 @@ class _Sequence:
     params: SamplingParams
     max_new_tokens: int
     detokenizer: IncrementalDetokenizer
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
+    sink: EventSink
+    key: Any  # the sink's handle for this sequence (a queue in-process, the id over a pipe)
     generator: torch.Generator | None
     arrived: float = field(default_factory=time.perf_counter)
     queue_seconds: float | None = None
@@ -48,46 +79,82 @@ class _Sequence:
 
 
 class _Outbox:
-    """Events of one engine step, handed to each caller's event loop in one wake-up.
-
-    A call_soon_threadsafe per token per sequence costs a loop wake-up each; batching them per
-    step keeps the replica's event loop (and the GIL) free for the streaming work.
-    """
+    """The events of one engine step, grouped by sink and delivered once at the step's end."""
 
     def __init__(self) -> None:
-        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, EngineEvent]]] = {}
+        self._pending: dict[int, tuple[EventSink, list[_Sequence], list]] = {}
 
     def add(self, seq: _Sequence, event: EngineEvent) -> None:
-        self._pending.setdefault(seq.loop, []).append((seq, event))
+        entry = self._pending.get(id(seq.sink))
+        if entry is None:
+            entry = self._pending[id(seq.sink)] = (seq.sink, [], [])
+        entry[1].append(seq)
+        entry[2].append((seq.key, event))
 
     def flush(self) -> None:
-        for loop, items in self._pending.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that caller's event loop is gone
-                for seq, _ in items:
+        for sink, sequences, items in self._pending.values():
+            if not sink.deliver(items):
+                for seq in sequences:
                     seq.aborted = True
         self._pending.clear()
+
+
+ScoreReply = Callable[[torch.Tensor | None, Exception | None], None]
 
 
 @dataclass
 class _ScoreJob:
     token_ids: list[int]
-    loop: asyncio.AbstractEventLoop
-    result: asyncio.Future
+    reply: ScoreReply  # called on the engine thread with (log-probs, None) or (None, error)
 
 
-def _resolve(future: asyncio.Future, outcome: Any, value: Any) -> None:
-    if not future.done():  # the caller may have been cancelled meanwhile
-        outcome(value)
+def _loop_reply(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> ScoreReply:
+    def reply(value: torch.Tensor | None, error: Exception | None) -> None:
+        with contextlib.suppress(RuntimeError):  # RuntimeError: that caller's loop is gone
+            loop.call_soon_threadsafe(settle_future, future, value, error)
+
+    return reply
 
 
-def _deliver(items: list[tuple[_Sequence, EngineEvent]]) -> None:
-    for seq, event in items:
-        seq.events.put_nowait(event)
+def settle_future(future: asyncio.Future, value: Any, error: Exception | None) -> None:
+    if future.done():  # the caller may have been cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def gather_targets(logprobs: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """Row i of `logprobs` predicts token i + 1: the log-probability each next token got."""
+    targets = torch.tensor(token_ids[1:]).unsqueeze(1)
+    return logprobs[:-1].gather(1, targets).squeeze(1)
+
+
+async def drain_events(events: asyncio.Queue[EngineEvent]) -> AsyncIterator[EngineEvent]:
+    """A request's events up to done or error, coalescing deltas that piled up while the
+    consumer was slow: fewer, larger messages downstream."""
+    while True:
+        merged = await events.get()
+        while merged.kind == "delta" and not events.empty():
+            following = events.get_nowait()
+            if following.kind != "delta":
+                yield merged
+                merged = following
+                break
+            merged = EngineEvent(
+                kind="delta",
+                text=merged.text + following.text,
+                tokens=merged.tokens + following.tokens,
+            )
+        yield merged
+        if merged.kind in ("done", "error"):
+            return
 
 
 class TorchEngine:
+    serves_any_loop = True  # events go to whichever caller's loop asked (see LoopSink)
+
     def __init__(self, model: Any, tokenizer: Any, limits: EngineLimits) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
@@ -103,6 +170,8 @@ class TorchEngine:
         self._prefilling: _Sequence | None = None  # always in slot len(self._decoding)
         self._wakeup = threading.Event()
         self._outbox = _Outbox()
+        # One sink per caller loop, so a step wakes each loop once however many it serves.
+        self._loop_sinks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.counters = {
@@ -127,12 +196,17 @@ class TorchEngine:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
+        """Run the scheduler on a background thread (in-process serving and tests)."""
+        self._thread = threading.Thread(target=self.run, name="torch-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self) -> None:
+    def stop(self) -> None:
+        """Ask the scheduler loop to return after its current step (thread-safe)."""
         self._stopping = True
         self._wakeup.set()
+
+    def shutdown(self) -> None:
+        self.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -150,52 +224,74 @@ class TorchEngine:
 
     # ---- the caller's side -----------------------------------------------------------------
 
-    async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[EngineEvent]:
-        """Yields accepted, then deltas, then done; or a single error event."""
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: EventSink,
+        key: Any,
+    ) -> _Sequence | ErrorInfo:
+        """Queue a request (thread-safe); its events go to `sink` under `key`. An ErrorInfo
+        when it cannot be taken (too long for the context, or the queue is full)."""
         problem = context_error(prompt_ids, params, self.limits.max_model_len)
         if problem is None and len(self._waiting) >= self.limits.max_queued_requests:
             problem = queue_full_error()
         if problem is not None:
-            yield EngineEvent(kind="error", error=problem)
-            return
+            return problem
         seq = _Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
             params=params,
             max_new_tokens=params.max_tokens or self.limits.max_model_len - len(prompt_ids),
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
-            loop=asyncio.get_running_loop(),
-            events=asyncio.Queue(),
+            sink=sink,
+            key=key,
             generator=make_generator(params),
         )
         self._waiting.append(seq)
         self._wakeup.set()
+        return seq
+
+    def abort(self, seq: _Sequence) -> None:
+        """The caller went away: free its slot at the next step (no-op once finished)."""
+        if not seq.finished:
+            seq.aborted = True
+            self._wakeup.set()
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[EngineEvent]:
+        """Yields accepted, then deltas, then done; or a single error event."""
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        sink = self._loop_sink(asyncio.get_running_loop())
+        seq = self.submit(request_id, prompt_ids, params, sink, events)
+        if isinstance(seq, ErrorInfo):
+            yield EngineEvent(kind="error", error=seq)
+            return
         yield EngineEvent(kind="accepted", prompt_tokens=len(prompt_ids))
         try:
-            while True:
-                event = await seq.events.get()
-                merged = event
-                # Coalesce what piled up while the consumer was slow: fewer, larger messages.
-                while merged.kind == "delta" and not seq.events.empty():
-                    following = seq.events.get_nowait()
-                    if following.kind != "delta":
-                        yield merged
-                        merged = following
-                        break
-                    merged = EngineEvent(
-                        kind="delta",
-                        text=merged.text + following.text,
-                        tokens=merged.tokens + following.tokens,
-                    )
-                yield merged
-                if merged.kind in ("done", "error"):
-                    return
+            async for event in drain_events(events):
+                yield event
         finally:
-            if not seq.finished:
-                seq.aborted = True  # the caller went away: free the slot at the next step
-                self._wakeup.set()
+            self.abort(seq)
+
+    def _loop_sink(self, loop: asyncio.AbstractEventLoop) -> LoopSink:
+        sink = self._loop_sinks.get(loop)
+        if sink is None:
+            sink = self._loop_sinks[loop] = LoopSink(loop)
+        return sink
+
+    def check_score_length(self, token_ids: list[int]) -> None:
+        if not 0 < len(token_ids) <= self.limits.max_model_len:
+            limit = self.limits.max_model_len
+            raise ValueError(f"can score 1..{limit} tokens, got {len(token_ids)}")
+
+    def submit_score(self, token_ids: list[int], reply: ScoreReply) -> None:
+        """Queue a scoring job (thread-safe); `reply` gets the result on the engine thread."""
+        self.check_score_length(token_ids)
+        self._score_jobs.append(_ScoreJob(list(token_ids), reply))
+        self._wakeup.set()
 
     async def score(self, token_ids: list[int]) -> torch.Tensor:
         """Next-token log-probabilities at every position: float32 [len(token_ids), vocab].
@@ -203,27 +299,30 @@ class TorchEngine:
         Row i is the distribution the model predicts after token_ids[: i + 1]. Runs on the
         engine thread between decode steps (for shadow comparison and quality checks).
         """
-        if not 0 < len(token_ids) <= self.limits.max_model_len:
-            limit = self.limits.max_model_len
-            raise ValueError(f"can score 1..{limit} tokens, got {len(token_ids)}")
         loop = asyncio.get_running_loop()
-        job = _ScoreJob(list(token_ids), loop, loop.create_future())
-        self._score_jobs.append(job)
-        self._wakeup.set()
-        return await job.result
+        future = loop.create_future()
+        self.submit_score(token_ids, _loop_reply(loop, future))
+        return await future
+
+    async def target_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """float32 [len(token_ids) - 1]: the log-probability of each next token (perplexity)."""
+        return gather_targets(await self.score(token_ids), token_ids)
 
     def _score_one(self, job: _ScoreJob) -> None:
         try:
             logits = self.runner.prefill(self.score_slot, job.token_ids, 0, True, every=True)
-            outcome, value = job.result.set_result, torch.log_softmax(logits, dim=-1)
         except Exception as error:
-            outcome, value = job.result.set_exception, error
-        with contextlib.suppress(RuntimeError):  # RuntimeError: that caller's loop is gone
-            job.loop.call_soon_threadsafe(_resolve, job.result, outcome, value)
+            job.reply(None, error)
+            return
+        job.reply(torch.log_softmax(logits, dim=-1), None)
 
     # ---- the scheduler thread --------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The scheduler loop, on the calling thread, until `stop`. The engine process runs it
+        on its main thread: the thread that loaded the model already owns an OpenMP team, and a
+        second team on another thread made libgomp throttle its spin-waits, which measured
+        1.7x slower per decode step on 2 cores."""
         with torch.inference_mode():
             while not self._stopping:
                 if not (self._waiting or self._decoding or self._prefilling or self._score_jobs):
@@ -241,9 +340,7 @@ class TorchEngine:
         if self._score_jobs:
             self._score_one(self._score_jobs.popleft())
         try:
-            self._prefill_some()
-            if self._decoding:
-                self._decode_once()
+            self._forward_once()
         finally:
             self._outbox.flush()
         self.counters["steps"] += 1
@@ -255,36 +352,46 @@ class TorchEngine:
         if self._prefilling is not None and self._prefilling.aborted:
             self._prefilling = None
 
-    def _prefill_some(self) -> None:
-        if self._prefilling is None:
-            if len(self._decoding) >= self.limits.max_num_seqs:
-                return
+    def _next_prefill(self) -> _Sequence | None:
+        """The sequence whose prompt this step feeds (it sits in slot len(self._decoding))."""
+        if self._prefilling is None and len(self._decoding) < self.limits.max_num_seqs:
             while self._waiting and self._prefilling is None:
                 candidate = self._waiting.popleft()
                 if not candidate.aborted:
+                    candidate.queue_seconds = time.perf_counter() - candidate.arrived
                     self._prefilling = candidate
-            if self._prefilling is None:
-                return
-            self._prefilling.queue_seconds = time.perf_counter() - self._prefilling.arrived
-        seq = self._prefilling
-        start = seq.cached
-        chunk = seq.prompt_ids[start : start + self.limits.prefill_chunk_tokens]
-        done = start + len(chunk) == len(seq.prompt_ids)
-        logits = self.runner.prefill(len(self._decoding), chunk, start, want_logits=done)
-        seq.cached += len(chunk)
-        self.counters["prompt_tokens"] += len(chunk)
-        if not done:
-            return
-        self._prefilling = None
-        token = sample_tokens(logits.unsqueeze(0), [seq.params], [seq.generator])[0]
-        self._decoding.append(seq)  # it already sits in slot len(self._decoding)
-        if self._accept_token(seq, token):
-            self._release(len(self._decoding) - 1)
+        return self._prefilling
 
-    def _decode_once(self) -> None:
-        batch = self._decoding
+    def _forward_once(self) -> None:
+        """One pass over the weights: a token for every decoding sequence plus the next chunk
+        of one prompt, so a joining request never stalls the running ones for a pass."""
+        batch = list(self._decoding)
+        seq = self._next_prefill()
+        if not batch and seq is None:
+            return
+        chunk = None
+        if seq is not None:
+            start = seq.cached
+            ids = seq.prompt_ids[start : start + self.limits.prefill_chunk_tokens]
+            done = start + len(ids) == len(seq.prompt_ids)
+            chunk = PrefillChunk(len(batch), ids, start, "last" if done else "none")
         self.counters["peak_batch"] = max(self.counters["peak_batch"], len(batch))
-        logits = self.runner.decode([s.generated[-1] for s in batch], [s.cached for s in batch])
+        decode_logits, chunk_logits = self.runner.step(
+            [s.generated[-1] for s in batch], [s.cached for s in batch], chunk
+        )
+        if chunk is not None:  # before any release moves its slot (it moves what is cached)
+            seq.cached += len(chunk.token_ids)
+            self.counters["prompt_tokens"] += len(chunk.token_ids)
+        if batch:
+            self._accept_decoded(batch, decode_logits)
+        if chunk_logits is not None:
+            self._prefilling = None
+            token = sample_tokens(chunk_logits.unsqueeze(0), [seq.params], [seq.generator])[0]
+            self._decoding.append(seq)  # it already sits in slot len(self._decoding)
+            if self._accept_token(seq, token):
+                self._release(len(self._decoding) - 1)
+
+    def _accept_decoded(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
         for seq in batch:
             seq.cached += 1
         tokens = sample_tokens(logits, [s.params for s in batch], [s.generator for s in batch])

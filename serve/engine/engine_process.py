@@ -1,0 +1,385 @@
+"""Engine "torch" in its own process (the engine core), driven over a pipe.
+
+The scheduler and the model's Python run a whole step at a time. On a thread of the replica
+they shared the interpreter lock with Ray's per-token streaming, and through Ray Serve the engine
+lost about 40% of its in-process throughput. In a child process they share nothing: the replica
+only forwards requests and relays each step's events (one message per step, not per token).
+
+Parent side: `EngineProcess`, with the same surface as `TorchEngine` (generate, score,
+target_logprobs, stats, is_alive, shutdown). Child side: `_child_main`, which loads and
+compresses the variant, runs a `TorchEngine` and answers the pipe. The child exits when the pipe
+closes, so a killed replica never leaves an engine behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from slimserve.compression import CompressionReport
+from slimserve.serve.config import SlimserveConfig
+from slimserve.serve.engine.torch_engine import (
+    TorchEngine,
+    drain_events,
+    gather_targets,
+    put_all,
+    settle_future,
+)
+from slimserve.serve.engine.types import EngineEvent, ErrorInfo, SamplingParams
+from slimserve.serve.flops import FlopModel
+
+log = logging.getLogger(__name__)
+
+STATS_PERIOD_S = 0.5  # how often the child reports its counters
+SHUTDOWN_GRACE_S = 10.0
+
+
+class EngineReady(BaseModel):
+    """What the child reports once the variant is loaded, compressed and ready to serve."""
+
+    report: CompressionReport
+    cache_status: str
+    load_seconds: float
+    compress_seconds: float
+    flops: FlopModel
+    stats: dict[str, Any]
+
+
+class EngineStartError(RuntimeError):
+    pass
+
+
+# ---- the child -------------------------------------------------------------------------------
+
+
+class _PipeSink:
+    """Sends one step's events to the parent in one message. `live` maps the parent's keys to
+    sequences, for aborts; finished ones are dropped as their last event goes out."""
+
+    def __init__(self, conn: Connection, lock: threading.Lock) -> None:
+        self.conn = conn
+        self.lock = lock
+        self.live: dict[int, Any] = {}
+
+    def send(self, message: tuple) -> bool:
+        try:
+            with self.lock:
+                self.conn.send(message)
+        except (OSError, EOFError, BrokenPipeError):  # the parent is gone
+            return False
+        return True
+
+    def deliver(self, items: list[tuple[Any, EngineEvent]]) -> bool:
+        for key, event in items:
+            if event.kind in ("done", "error"):
+                self.live.pop(key, None)
+        return self.send(("events", items))
+
+
+def _child_main(conn: Connection, config: dict[str, Any], variant: str) -> None:
+    from slimserve.serve.engine.factory import build_torch_engine
+    from slimserve.serve.flops import count_engine_flops
+    from slimserve.serve.logs import configure_logging
+
+    configure_logging()
+    cfg = SlimserveConfig.model_validate(config)
+    options = cfg.engine_for(variant)
+    torch.set_num_threads(options.intra_op_threads())
+    try:
+        built = build_torch_engine(cfg, variant)
+        engine = built.engine
+        ready = EngineReady(
+            report=built.report,
+            cache_status=built.cache_status,
+            load_seconds=built.load_seconds,
+            compress_seconds=built.compress_seconds,
+            flops=count_engine_flops(engine),
+            stats=engine.stats(),
+        )
+    except Exception:
+        conn.send(("failed", traceback.format_exc()))
+        return
+    conn.send(("ready", ready.model_dump(mode="json")))
+    reader = threading.Thread(
+        target=_serve_pipe, args=(conn, engine), name="engine-pipe", daemon=True
+    )
+    reader.start()
+    engine.run()  # on this (main) thread; returns once the pipe closes or says shutdown
+
+
+def _serve_pipe(conn: Connection, engine: TorchEngine) -> None:
+    """Takes requests off the pipe until it closes or says shutdown, then stops the engine.
+    Runs no tensor math (that would start a second OpenMP team; see TorchEngine.run)."""
+    sink = _PipeSink(conn, threading.Lock())
+    try:
+        _answer_pipe(conn, engine, sink)
+    finally:
+        engine.stop()
+
+
+def _answer_pipe(conn: Connection, engine: TorchEngine, sink: _PipeSink) -> None:
+    while True:
+        try:
+            if not conn.poll(STATS_PERIOD_S):
+                if not sink.send(("stats", engine.stats())):
+                    return
+                continue
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the replica is gone
+        kind = message[0]
+        if kind == "generate":
+            _, key, request_id, prompt_ids, params = message
+            # Under the send lock, so "accepted" leaves before the engine thread's first delta.
+            with sink.lock:
+                seq = engine.submit(
+                    request_id, prompt_ids, SamplingParams.model_validate(params), sink, key
+                )
+                if isinstance(seq, ErrorInfo):
+                    first = EngineEvent(kind="error", error=seq)
+                else:
+                    sink.live[key] = seq
+                    first = EngineEvent(kind="accepted", prompt_tokens=len(prompt_ids))
+                conn.send(("events", [(key, first)]))
+        elif kind == "abort":
+            seq = sink.live.pop(message[1], None)
+            if seq is not None:
+                engine.abort(seq)
+        elif kind == "score":
+            _, key, token_ids, targets_only = message
+            try:
+                engine.submit_score(token_ids, _score_reply(sink, key, token_ids, targets_only))
+            except ValueError as error:
+                sink.send(("score", key, None, f"ValueError: {error}"))
+        elif kind == "shutdown":
+            return
+
+
+def _score_reply(sink: _PipeSink, key: int, token_ids: list[int], targets_only: bool):
+    def reply(logprobs: torch.Tensor | None, error: Exception | None) -> None:
+        if error is not None:
+            sink.send(("score", key, None, f"{type(error).__name__}: {error}"))
+        elif targets_only:
+            sink.send(("score", key, gather_targets(logprobs, token_ids), None))
+        else:  # float16 halves what crosses the pipe (shadow scoring keeps float16 anyway)
+            sink.send(("score", key, logprobs.to(torch.float16), None))
+
+    return reply
+
+
+# ---- the replica's side ----------------------------------------------------------------------
+
+
+class EngineProcess:
+    """Starts the engine process and blocks until the variant is ready (or failed to load)."""
+
+    serves_any_loop = True  # its reader thread hands events to whichever loop asked
+
+    def __init__(self, cfg: SlimserveConfig, variant: str, startup_timeout_s: float) -> None:
+        self.variant = variant
+        self.max_model_len = cfg.engine_for(variant).max_model_len
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe(duplex=True)
+        self._process = context.Process(
+            target=_child_main,
+            args=(child_conn, cfg.model_dump(mode="json"), variant),
+            name=f"slimserve-engine-{variant}",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()
+        self._send_lock = threading.Lock()
+        self._keys = itertools.count()
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._scores: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._dead: str | None = None
+        self._closing = False
+        self.ready = self._await_ready(startup_timeout_s)
+        self.flops = self.ready.flops
+        self._stats = dict(self.ready.stats)
+        self._reader = threading.Thread(target=self._read, name="engine-pipe", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def _await_ready(self, timeout_s: float) -> EngineReady:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._conn.poll(1.0):
+                try:
+                    kind, payload = self._conn.recv()
+                except EOFError:
+                    break
+                if kind == "ready":
+                    return EngineReady.model_validate(payload)
+                self._stop_process()
+                raise EngineStartError(f"engine of variant {self.variant} failed:\n{payload}")
+            if not self._process.is_alive():
+                break
+        self._stop_process()
+        raise EngineStartError(
+            f"engine process of variant {self.variant} exited (code "
+            f"{self._process.exitcode}) or was not ready within {timeout_s:.0f}s"
+        )
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Already running once constructed (the same call as TorchEngine's)."""
+
+    def is_alive(self) -> bool:
+        return self._dead is None and self._process.is_alive() and self._reader.is_alive()
+
+    def shutdown(self) -> None:
+        self._closing = True
+        if self._process.is_alive():
+            with contextlib.suppress(RuntimeError):  # the pipe broke: it is going anyway
+                self._send(("shutdown",))
+        self._stop_process()
+
+    def _stop_process(self) -> None:
+        self._process.join(timeout=SHUTDOWN_GRACE_S)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout=SHUTDOWN_GRACE_S)
+        with contextlib.suppress(OSError):
+            self._conn.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {**self._stats, "engine_pid": self._process.pid}
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def _send(self, message: tuple) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, EOFError, BrokenPipeError) as error:
+            self._dead = self._dead or f"engine process is gone: {error}"
+            raise RuntimeError(self._dead) from error
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[EngineEvent]:
+        """Yields accepted, then deltas, then done; or a single error event."""
+        if self._dead is not None:
+            yield _server_error(self._dead)
+            return
+        key = next(self._keys)
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._streams[key] = (asyncio.get_running_loop(), events)
+        try:
+            self._send(("generate", key, request_id, prompt_ids, params.model_dump()))
+        except RuntimeError as error:
+            self._streams.pop(key, None)
+            yield _server_error(str(error))
+            return
+        try:
+            async for event in drain_events(events):
+                yield event
+        finally:
+            # Still registered: the caller left before done, so free the slot in the engine.
+            if self._streams.pop(key, None) is not None and self._dead is None:
+                with contextlib.suppress(RuntimeError):
+                    self._send(("abort", key))
+
+    async def _score(self, token_ids: list[int], targets_only: bool) -> torch.Tensor:
+        if not 0 < len(token_ids) <= self.max_model_len:
+            raise ValueError(f"can score 1..{self.max_model_len} tokens, got {len(token_ids)}")
+        if self._dead is not None:
+            raise RuntimeError(self._dead)
+        key = next(self._keys)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._scores[key] = (loop, future)
+        try:
+            self._send(("score", key, list(token_ids), targets_only))
+            return await future
+        finally:
+            self._scores.pop(key, None)
+
+    async def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Next-token log-probabilities at every position: float16 [len(token_ids), vocab] (the
+        in-process engine gives float32; float16 halves what crosses the pipe)."""
+        return await self._score(token_ids, targets_only=False)
+
+    async def target_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """float32 [len(token_ids) - 1]: the log-probability of each next token."""
+        return await self._score(token_ids, targets_only=True)
+
+    # ---- the reader thread -------------------------------------------------------------------
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "events":
+                self._dispatch(message[1])
+            elif kind == "score":
+                self._resolve_score(*message[1:])
+            elif kind == "stats":
+                self._stats = message[1]
+        if self._closing:
+            self._dead = self._dead or "engine process was shut down"
+        else:
+            code = self._process.exitcode
+            self._dead = self._dead or f"engine process of variant {self.variant} exited ({code})"
+            log.error("%s", self._dead)
+        self._fail_everything()
+
+    def _dispatch(self, items: list[tuple[int, EngineEvent]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for key, event in items:
+            entry = self._streams.get(key)
+            if entry is None:
+                continue  # its caller already left
+            if event.kind in ("done", "error"):
+                self._streams.pop(key, None)
+            by_loop.setdefault(entry[0], []).append((entry[1], event))
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that caller's loop is gone
+                loop.call_soon_threadsafe(put_all, batch)
+
+    def _resolve_score(self, key: int, value: torch.Tensor | None, error: str | None) -> None:
+        entry = self._scores.get(key)
+        if entry is None:
+            return
+        loop, future = entry
+        outcome = RuntimeError(error) if error is not None else None
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle_future, future, value, outcome)
+
+    def _fail_everything(self) -> None:
+        streams, self._streams = self._streams, {}
+        self._dispatch_failure(streams)
+        for loop, future in list(self._scores.values()):
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle_future, future, None, RuntimeError(self._dead))
+
+    def _dispatch_failure(self, streams: dict[int, tuple[asyncio.AbstractEventLoop, Any]]) -> None:
+        for loop, queue in streams.values():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(put_all, [(queue, _server_error(self._dead or ""))])
+
+
+def _server_error(message: str) -> EngineEvent:
+    return EngineEvent(
+        kind="error", error=ErrorInfo(status=500, type="server_error", message=message)
+    )

@@ -1,0 +1,127 @@
+"""Engine "torch" in its own process: the same answers as in-process, slots freed when a caller
+leaves, and clear failures when the child cannot load or dies (faults injected on purpose: a
+truncated weights file, a SIGKILL)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+
+from slimserve.serve.engine.engine_process import EngineProcess, EngineStartError
+from slimserve.serve.engine.factory import build_torch_engine
+from slimserve.serve.engine.types import SamplingParams
+
+from .online_helpers import online_config
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def config(tiny_model_dir):
+    return online_config(tiny_model_dir, variants={"full": {}}, routing={})
+
+
+@pytest.fixture(scope="module")
+def process_engine(config):
+    engine = EngineProcess(config, "full", startup_timeout_s=300)
+    yield engine
+    engine.shutdown()
+
+
+async def _run(engine, name, prompt, params=GREEDY):
+    return [event async for event in engine.generate(name, prompt, params)]
+
+
+def _text(events):
+    return "".join(e.text for e in events if e.kind == "delta")
+
+
+def test_the_engine_process_answers_like_the_in_process_engine(config, process_engine):
+    local = build_torch_engine(config, "full").engine
+    local.start()
+    prompts = [[1, 5, 9, 200, 31], [7, 7, 7], [300, 2, 45, 8, 1, 90, 14]]
+    try:
+
+        async def both():
+            remote = await asyncio.gather(
+                *(_run(process_engine, f"p{i}", p) for i, p in enumerate(prompts))
+            )
+            here = await asyncio.gather(*(_run(local, f"l{i}", p) for i, p in enumerate(prompts)))
+            window = list(range(3, 40))
+            scores = (await process_engine.score(window), await local.score(window))
+            targets = (
+                await process_engine.target_logprobs(window),
+                await local.target_logprobs(window),
+            )
+            return remote, here, scores, targets
+
+        remote, here, scores, targets = asyncio.run(both())
+    finally:
+        local.shutdown()
+    for theirs, ours in zip(remote, here, strict=True):
+        assert theirs[0].kind == "accepted"
+        assert theirs[-1].kind == "done" and theirs[-1].completion_tokens == 10
+        assert _text(theirs) == _text(ours)
+    assert scores[0].dtype == torch.float16  # over the pipe
+    torch.testing.assert_close(scores[0].float(), scores[1], atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(targets[0], targets[1])
+    stats = process_engine.stats()
+    assert stats["engine_pid"] == process_engine.pid != os.getpid()
+
+
+def test_a_caller_that_leaves_frees_its_slot(process_engine):
+    before = process_engine.stats()["generated_tokens"]
+
+    async def leave_early():
+        params = SamplingParams(temperature=0, max_tokens=240, ignore_eos=True)
+        async for event in process_engine.generate("leaver", [4, 5, 6], params):
+            if event.kind == "delta":
+                break
+
+    asyncio.run(leave_early())
+    time.sleep(1.5)  # the child reports its counters every 0.5 s once idle
+    stats = process_engine.stats()
+    assert stats["running"] == 0
+    # Aborted after a few steps, not run to its 240 tokens.
+    assert stats["generated_tokens"] - before < 120
+
+
+def test_bad_requests_are_refused_by_the_child(process_engine):
+    too_long = SamplingParams(temperature=0, max_tokens=10_000)
+    events = asyncio.run(_run(process_engine, "long", [1, 2, 3], too_long))
+    assert [e.kind for e in events] == ["error"]
+    assert events[0].error.status == 400
+    with pytest.raises(ValueError, match="can score"):
+        asyncio.run(process_engine.score([]))
+
+
+def test_a_child_that_cannot_load_reports_why(tmp_path, tiny_model_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # injected fault: a truncated checkpoint
+    config = online_config(broken, variants={"full": {}}, routing={})
+    with pytest.raises(EngineStartError, match="failed"):
+        EngineProcess(config, "full", startup_timeout_s=300)
+
+
+def test_a_killed_child_fails_requests_and_health(config):
+    engine = EngineProcess(config, "full", startup_timeout_s=300)
+    try:
+        assert engine.is_alive()
+        os.kill(engine.pid, signal.SIGKILL)  # injected fault
+        deadline = time.monotonic() + 10
+        while engine.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.is_alive()
+        events = asyncio.run(_run(engine, "after", [1, 2, 3]))
+        assert [e.kind for e in events] == ["error"]
+        assert events[0].error.status == 500
+    finally:
+        engine.shutdown()
