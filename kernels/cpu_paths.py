@@ -1,8 +1,8 @@
 """torch's own CPU kernels for compressed weights, with the input limits each one really has.
 
-Each `*_supported` check encodes a limit found by probing torch 2.13 on x86-64 (AVX-512 + AMX);
-the dispatch calls these checks instead of catching errors, because one of the limits is a crash,
-not an exception.
+Each `*_supported` check encodes a limit found by probing torch 2.13 on x86-64 (AVX-512 with
+bf16 and VNNI, no AMX); the dispatch calls these checks instead of catching errors, because one
+of the limits is a crash, not an exception.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def int8pack_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor)
 def int8_dequant_matmul(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
-    """Cache-sized row chunks: one int8 -> 16-bit conversion, then the AMX dense matmul; the
+    """Cache-sized row chunks: one int8 -> 16-bit conversion, then the dense bf16 matmul; the
     per-channel scale is applied to the [M, N] output instead of the [N, K] weight."""
     out = chunked_rows_matmul(x, qweight.shape[0], lambda a, b: qweight[a:b].to(x.dtype))
     return out.mul_(scale.to(x.dtype))
@@ -74,7 +74,7 @@ def int_mm(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 
 
 # Largest batch (rows of x) for which each weight-only CPU kernel beats the other path for the
-# same format (de-quantize cache-sized row chunks, then the AMX matmul). These kernels cost time
+# same format (de-quantize cache-sized row chunks, then the dense matmul). These kernels cost time
 # linear in M, while the de-quantize + matmul path is nearly flat up to M=64. Measured with
 # `python -m slimserve.kernels.bench --thresholds --threads 1` on 1536x576, 576x1536 and
 # 4096x4096 (kernels/README.md):

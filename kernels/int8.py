@@ -1,7 +1,7 @@
 """W8A16: int8 weights with absmax scales, 16-bit activations.
 
 Dispatch (`select_w8a16_backend`): the Triton kernel on CUDA; on CPU `torch._weight_int8pack_mm`
-(reads the int8 weight directly) for small batches, and a de-quantize + AMX matmul above
+(reads the int8 weight directly) for small batches, and a de-quantize + dense matmul above
 `cpu_paths.W8A16_INT8PACK_MAX_M` rows; the reference (de-quantize, dense matmul) elsewhere.
 """
 
@@ -38,7 +38,7 @@ def int8_weight_matmul_reference(
 
 
 def select_w8a16_backend(x: torch.Tensor, k: int) -> str:
-    """Triton on CUDA; on CPU int8pack while the batch is small, else de-quantize + AMX matmul."""
+    """Triton on CUDA; on CPU int8pack while the batch is small, else de-quantize + dense matmul."""
     if triton_runs_on(x) and x.dtype in TRITON_DTYPES:
         return "triton"
     if cpu_paths.int8pack_supported(x, k) and x.shape[0] <= cpu_paths.W8A16_INT8PACK_MAX_M:

@@ -4,8 +4,8 @@ The smoothing factors are folded into the previous layer by the compression code
 only sees the already-smoothed int8 weight and its per-output-channel scale.
 
 Dispatch (`select_w8a8_backend`): Triton on CUDA (int8 tensor cores); on CPU `torch._int_mm`
-(oneDNN, AMX int8); the reference (exact int32 products via fp32 chunks) elsewhere. Activations are
-quantized per token in torch before the matmul on every path.
+(oneDNN, int8 dot products); the reference (exact int32 products via fp32 chunks) elsewhere.
+Activations are quantized per token in torch before the matmul on every path.
 """
 
 from __future__ import annotations

@@ -47,6 +47,12 @@ class EngineOptions(_Strict):
     prefill_chunk_tokens: int = Field(
         512, ge=16, description="prompt tokens prefilled per step, so decodes keep flowing"
     )
+    prefix_cache_slots: int = Field(
+        2,
+        ge=0,
+        description="torch: KV slots that keep recent prompts, so requests sharing a prefix (a "
+        "system prompt) copy its K/V instead of recomputing it; 0 turns it off",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

@@ -13,6 +13,7 @@ class EngineLimits:
     max_model_len: int
     max_queued_requests: int
     prefill_chunk_tokens: int
+    prefix_cache_slots: int = 0
 
 
 def context_error(prompt_ids: list[int], params: SamplingParams, limit: int) -> ErrorInfo | None:

@@ -25,6 +25,7 @@ import torch
 from slimserve.serve.engine.detokenizer import IncrementalDetokenizer
 from slimserve.serve.engine.limits import EngineLimits, context_error, queue_full_error
 from slimserve.serve.engine.llama_runner import LlamaRunner, PrefillChunk
+from slimserve.serve.engine.prefix_cache import PrefixCache
 from slimserve.serve.engine.sampling import make_generator, sample_tokens
 from slimserve.serve.engine.types import EngineEvent, ErrorInfo, SamplingParams
 
@@ -158,10 +159,15 @@ class TorchEngine:
     def __init__(self, model: Any, tokenizer: Any, limits: EngineLimits) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
-        # One slot beyond the batch is reserved for scoring, so it never waits for a free slot.
+        # Slots: the batch, one for scoring (so it never waits for a free slot), then the
+        # prefix cache's.
         self.score_slot = limits.max_num_seqs
+        self.prefix_cache = PrefixCache(limits.max_num_seqs + 1, limits.prefix_cache_slots)
         self.runner = LlamaRunner(
-            model, limits.max_num_seqs + 1, limits.max_model_len, pack_dense=True
+            model,
+            limits.max_num_seqs + 1 + limits.prefix_cache_slots,
+            limits.max_model_len,
+            pack_dense=True,
         )
         self._score_jobs: deque[_ScoreJob] = deque()
         self.eos_ids = self._eos_ids(model, tokenizer)
@@ -177,7 +183,8 @@ class TorchEngine:
         self.counters = {
             "steps": 0,
             "generated_tokens": 0,
-            "prompt_tokens": 0,
+            "prompt_tokens": 0,  # prompt tokens run through the model
+            "prefix_cached_tokens": 0,  # prompt tokens whose K/V was copied from the prefix cache
             "finished": 0,
             "peak_batch": 0,  # most sequences decoded in one step: evidence of batching
         }
@@ -359,8 +366,21 @@ class TorchEngine:
                 candidate = self._waiting.popleft()
                 if not candidate.aborted:
                     candidate.queue_seconds = time.perf_counter() - candidate.arrived
+                    self._reuse_prefix(candidate)
                     self._prefilling = candidate
         return self._prefilling
+
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        hit = self.prefix_cache.lookup(seq.prompt_ids)
+        if hit is not None:
+            self.runner.move_slot(hit.slot, len(self._decoding), hit.tokens)
+            seq.cached = hit.tokens
+            self.counters["prefix_cached_tokens"] += hit.tokens
+
+    def _remember_prefix(self, seq: _Sequence, slot: int) -> None:
+        target = self.prefix_cache.slot_to_fill(seq.prompt_ids)
+        if target is not None:
+            self.runner.move_slot(slot, target, len(seq.prompt_ids))
 
     def _forward_once(self) -> None:
         """One pass over the weights: a token for every decoding sequence plus the next chunk
@@ -386,6 +406,7 @@ class TorchEngine:
             self._accept_decoded(batch, decode_logits)
         if chunk_logits is not None:
             self._prefilling = None
+            self._remember_prefix(seq, len(self._decoding))
             token = sample_tokens(chunk_logits.unsqueeze(0), [seq.params], [seq.generator])[0]
             self._decoding.append(seq)  # it already sits in slot len(self._decoding)
             if self._accept_token(seq, token):

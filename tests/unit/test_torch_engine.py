@@ -117,3 +117,42 @@ def test_full_queue_is_refused_with_503(tokenizer):
     params = SamplingParams(temperature=0, max_tokens=2)
     events = asyncio.run(_collect(engine, "r", [5, 6, 7], params))
     assert events[0].kind == "error" and events[0].error.status == 503
+
+
+def _engine_with_prefix_slots(tokenizer, slots: int) -> TorchEngine:
+    return TorchEngine(
+        tiny_llama(seed=0),
+        tokenizer,
+        EngineLimits(
+            max_num_seqs=2,
+            max_model_len=96,
+            max_queued_requests=8,
+            prefill_chunk_tokens=16,
+            prefix_cache_slots=slots,
+        ),
+    )
+
+
+def test_a_shared_prompt_prefix_is_copied_not_recomputed_and_answers_stay_the_same(tokenizer):
+    shared = _prompt(tokenizer, "You are a careful assistant. Answer briefly and politely.")
+    prompts = [shared + _prompt(tokenizer, tail) for tail in (" Hi!", " What is 2+2?", " Bye.")]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    answers = {}
+    for slots in (0, 2):
+        engine = _engine_with_prefix_slots(tokenizer, slots)
+        engine.start()
+        try:
+            texts = []
+            for i, prompt in enumerate(prompts):  # one at a time: each can reuse the last
+                events = asyncio.run(_collect(engine, f"p{i}", prompt, params))
+                texts.append("".join(e.text for e in events if e.kind == "delta"))
+            answers[slots] = (texts, engine.stats())
+        finally:
+            engine.shutdown()
+    assert answers[2][0] == answers[0][0]
+    assert answers[0][1]["prefix_cached_tokens"] == 0
+    # The second and third prompts found the shared part (at least) in the cache ...
+    assert answers[2][1]["prefix_cached_tokens"] >= 2 * len(shared)
+    # ... and ran only the rest through the model.
+    computed = answers[2][1]["prompt_tokens"]
+    assert computed == sum(map(len, prompts)) - answers[2][1]["prefix_cached_tokens"]
