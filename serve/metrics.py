@@ -72,6 +72,12 @@ class GatewayMetrics:
             ["variant"],
             registry=r,
         )
+        self.prefix_cached_tokens = Gauge(
+            "slimserve_variant_prefix_cached_tokens",
+            "Prompt tokens whose K/V came from the prefix cache since the replica started",
+            ["variant"],
+            registry=r,
+        )
         self.running = Gauge(
             "slimserve_variant_running_requests",
             "Requests in the running batch",
@@ -236,6 +242,8 @@ class GatewayMetrics:
         self.kv_cache_bytes.labels(variant).set(stats["engine"]["kv_cache_bytes"])
         self.running.labels(variant).set(stats["engine"]["running"])
         self.waiting.labels(variant).set(stats["engine"]["waiting"])
+        if "prefix_cached_tokens" in stats["engine"]:  # engine "torch" only
+            self.prefix_cached_tokens.labels(variant).set(stats["engine"]["prefix_cached_tokens"])
         self._update_online(variant, stats)
 
     def _update_online(self, variant: str, stats: dict[str, Any]) -> None:

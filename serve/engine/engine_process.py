@@ -82,10 +82,17 @@ class _PipeSink:
         return True
 
     def deliver(self, items: list[tuple[Any, EngineEvent]]) -> bool:
-        for key, event in items:
-            if event.kind in ("done", "error"):
-                self.live.pop(key, None)
-        return self.send(("events", items))
+        try:
+            # Under the lock: the reader registers a sequence in `live` under it too, so a
+            # request finished in its first step cannot be dropped before it is registered.
+            with self.lock:
+                for key, event in items:
+                    if event.kind in ("done", "error"):
+                        self.live.pop(key, None)
+                self.conn.send(("events", items))
+        except (OSError, EOFError, BrokenPipeError):  # the parent is gone
+            return False
+        return True
 
 
 def _child_main(conn: Connection, config: dict[str, Any], variant: str) -> None:
@@ -130,29 +137,22 @@ def _serve_pipe(conn: Connection, engine: TorchEngine) -> None:
 
 
 def _answer_pipe(conn: Connection, engine: TorchEngine, sink: _PipeSink) -> None:
+    next_stats = time.monotonic()
     while True:
+        # Counters go out every STATS_PERIOD_S, busy or idle.
+        if time.monotonic() >= next_stats:
+            if not sink.send(("stats", engine.stats())):
+                return
+            next_stats = time.monotonic() + STATS_PERIOD_S
         try:
-            if not conn.poll(STATS_PERIOD_S):
-                if not sink.send(("stats", engine.stats())):
-                    return
+            if not conn.poll(max(next_stats - time.monotonic(), 0.0)):
                 continue
             message = conn.recv()
         except (EOFError, OSError):
             return  # the replica is gone
         kind = message[0]
         if kind == "generate":
-            _, key, request_id, prompt_ids, params = message
-            # Under the send lock, so "accepted" leaves before the engine thread's first delta.
-            with sink.lock:
-                seq = engine.submit(
-                    request_id, prompt_ids, SamplingParams.model_validate(params), sink, key
-                )
-                if isinstance(seq, ErrorInfo):
-                    first = EngineEvent(kind="error", error=seq)
-                else:
-                    sink.live[key] = seq
-                    first = EngineEvent(kind="accepted", prompt_tokens=len(prompt_ids))
-                conn.send(("events", [(key, first)]))
+            _admit(conn, engine, sink, *message[1:])
         elif kind == "abort":
             seq = sink.live.pop(message[1], None)
             if seq is not None:
@@ -165,6 +165,33 @@ def _answer_pipe(conn: Connection, engine: TorchEngine, sink: _PipeSink) -> None
                 sink.send(("score", key, None, f"ValueError: {error}"))
         elif kind == "shutdown":
             return
+
+
+def _admit(
+    conn: Connection,
+    engine: TorchEngine,
+    sink: _PipeSink,
+    key: int,
+    request_id: str,
+    prompt_ids: list[int],
+    params: dict[str, Any],
+) -> None:
+    """Queue one request and answer "accepted" (or why not). Under the send lock, so
+    "accepted" leaves before the engine thread's first delta for it."""
+    with sink.lock:
+        try:
+            seq = engine.submit(
+                request_id, prompt_ids, SamplingParams.model_validate(params), sink, key
+            )
+        except Exception as error:  # one bad request must not take the engine down
+            log.exception("could not queue request %s", request_id)
+            seq = ErrorInfo(status=500, type="server_error", message=f"not queued: {error}")
+        if isinstance(seq, ErrorInfo):
+            first = EngineEvent(kind="error", error=seq)
+        else:
+            sink.live[key] = seq
+            first = EngineEvent(kind="accepted", prompt_tokens=len(prompt_ids))
+        conn.send(("events", [(key, first)]))
 
 
 def _score_reply(sink: _PipeSink, key: int, token_ids: list[int], targets_only: bool):

@@ -223,7 +223,8 @@ class TorchEngine:
     def stats(self) -> dict[str, Any]:
         return {
             "running": len(self._decoding) + (self._prefilling is not None),
-            "waiting": sum(not s.aborted for s in self._waiting),
+            # list() copies in one step under the GIL; the engine thread pops meanwhile
+            "waiting": sum(not s.aborted for s in list(self._waiting)),
             "kv_cache_bytes": self.runner.kv_cache_bytes,
             "packed_weight_bytes": self.runner.packed_weight_bytes,
             **self.counters,

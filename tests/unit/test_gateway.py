@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -188,3 +189,27 @@ def test_health_and_metrics_cover_every_variant(client):
         if s.name == "slimserve_generation_tokens_total"
     }
     assert generated["int8"] >= 3
+
+
+def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(client):
+    """Chat requests share the template's system prompt: the second one's K/V for it is copied,
+    and the count reaches /metrics (the engine process reports its counters every 0.5 s)."""
+    for content in ("first question", "second question"):
+        reply = client.post(
+            CHAT,
+            json=_chat(
+                model="tiny:full",
+                messages=[{"role": "user", "content": content}],
+                max_tokens=2,
+                ignore_eos=True,
+            ),
+        )
+        assert reply.status_code == 200
+    cached = 0.0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and cached == 0:
+        time.sleep(0.3)
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        samples = families["slimserve_variant_prefix_cached_tokens"].samples
+        cached = {s.labels["variant"]: s.value for s in samples}.get("full", 0.0)
+    assert cached >= 8
