@@ -1,8 +1,9 @@
 import copy
 
+import pytest
 import torch
 
-from slimserve.serve.engine.llama_runner import LlamaRunner
+from slimserve.serve.engine.llama_runner import LlamaRunner, PrefillChunk
 
 from .conftest import tiny_llama
 
@@ -95,3 +96,40 @@ def test_compressed_projections_fuse_without_changing_logits():
         fused = fused_runner.prefill(0, ids, 0, want_logits=True)
         plain = plain_runner.prefill(0, ids, 0, want_logits=True)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_one_step_decodes_and_prefills_a_chunk_like_separate_passes():
+    """Decodes at ragged positions and a prompt chunk (not its first) share one pass; every
+    row still matches the model's own forward over that sequence."""
+    model = tiny_llama(vocab_size=300)
+    reference_model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (7, 23, 12)]
+    joining = torch.randint(3, 300, (29,), generator=gen).tolist()
+    runner = LlamaRunner(model, max_slots=5, max_len=64, pack_dense=True)
+    with torch.inference_mode():
+        for slot, prompt in enumerate(prompts):
+            runner.prefill(slot, prompt, 0, want_logits=False)
+        runner.prefill(3, joining[:10], 0, want_logits=False)
+        next_ids = [11, 250, 42]
+        decoded, chunk_rows = runner.step(
+            next_ids,
+            [len(p) for p in prompts],
+            PrefillChunk(slot=3, token_ids=joining[10:], start=10, logits="all"),
+        )
+        for row, (prompt, token) in enumerate(zip(prompts, next_ids, strict=True)):
+            expected = _hf_last_logits(reference_model, [*prompt, token])
+            torch.testing.assert_close(decoded[row], expected, rtol=1e-4, atol=1e-4)
+        with torch.inference_mode():
+            every = reference_model(torch.tensor([joining])).logits[0, 10:].float()
+        torch.testing.assert_close(chunk_rows, every, rtol=1e-4, atol=1e-4)
+        # The joining sequence then decodes next to the others from its cache.
+        last = runner.decode([5, 6, 7, 8], [len(p) + 1 for p in prompts] + [len(joining)])
+    expected = _hf_last_logits(reference_model, [*joining, 8])
+    torch.testing.assert_close(last[3], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_chunk_may_not_land_on_a_decoding_slot():
+    runner = LlamaRunner(tiny_llama(vocab_size=300), max_slots=3, max_len=32, pack_dense=True)
+    with torch.inference_mode(), pytest.raises(ValueError, match="overlaps"):
+        runner.step([5, 6], [0, 0], PrefillChunk(slot=1, token_ids=[1, 2], start=0))
