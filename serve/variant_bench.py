@@ -1,8 +1,9 @@
 """What a variant measures about itself at startup: FLOP model, device peak, self-benchmark.
 
-Engine "torch" is benchmarked in the constructor, on a private event loop (the engine thread
-serves any loop). vLLM's AsyncLLM is bound to the event loop that serves it, so its variant is
-benchmarked on that loop instead, as soon as the replica serves (`run_deferred_self_bench`).
+Engine "torch" is benchmarked in the constructor, on a private event loop (its engine hands
+events to whichever loop asked: `serves_any_loop`). vLLM's AsyncLLM is bound to the event loop
+that serves it, so its variant is benchmarked on that loop instead, as soon as the replica
+serves (`run_deferred_self_bench`).
 """
 
 from __future__ import annotations

@@ -131,9 +131,10 @@ class VariantServer:
         return True
 
     def check_health(self) -> None:
-        """Ray Serve calls this periodically; a dead engine thread restarts the replica."""
+        """Ray Serve calls this periodically; a dead engine (process or thread) restarts the
+        replica."""
         if not self.engine.is_alive():
-            raise RuntimeError(f"engine thread of variant {self.variant} is not running")
+            raise RuntimeError(f"the engine of variant {self.variant} is not running")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
