@@ -30,12 +30,13 @@ from pydantic import BaseModel
 
 from slimserve.compression import CompressionReport
 from slimserve.serve.config import SlimserveConfig
+from slimserve.serve.engine.limits import check_score_length, server_error
 from slimserve.serve.engine.torch_engine import (
     TorchEngine,
     drain_events,
     gather_targets,
+    loop_reply,
     put_all,
-    settle_future,
 )
 from slimserve.serve.engine.types import EngineEvent, ErrorInfo, SamplingParams
 from slimserve.serve.flops import FlopModel
@@ -185,7 +186,7 @@ def _admit(
             )
         except Exception as error:  # one bad request must not take the engine down
             log.exception("could not queue request %s", request_id)
-            seq = ErrorInfo(status=500, type="server_error", message=f"not queued: {error}")
+            seq = server_error(f"not queued: {error}")
         if isinstance(seq, ErrorInfo):
             first = EngineEvent(kind="error", error=seq)
         else:
@@ -325,8 +326,7 @@ class EngineProcess:
                     self._send(("abort", key))
 
     async def _score(self, token_ids: list[int], targets_only: bool) -> torch.Tensor:
-        if not 0 < len(token_ids) <= self.max_model_len:
-            raise ValueError(f"can score 1..{self.max_model_len} tokens, got {len(token_ids)}")
+        check_score_length(token_ids, self.max_model_len)
         if self._dead is not None:
             raise RuntimeError(self._dead)
         key = next(self._keys)
@@ -386,27 +386,15 @@ class EngineProcess:
 
     def _resolve_score(self, key: int, value: torch.Tensor | None, error: str | None) -> None:
         entry = self._scores.get(key)
-        if entry is None:
-            return
-        loop, future = entry
-        outcome = RuntimeError(error) if error is not None else None
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle_future, future, value, outcome)
+        if entry is not None:
+            loop_reply(*entry)(value, RuntimeError(error) if error is not None else None)
 
     def _fail_everything(self) -> None:
-        streams, self._streams = self._streams, {}
-        self._dispatch_failure(streams)
-        for loop, future in list(self._scores.values()):
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(settle_future, future, None, RuntimeError(self._dead))
-
-    def _dispatch_failure(self, streams: dict[int, tuple[asyncio.AbstractEventLoop, Any]]) -> None:
-        for loop, queue in streams.values():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(put_all, [(queue, _server_error(self._dead or ""))])
+        failure = _server_error(self._dead or "")
+        self._dispatch([(key, failure) for key in list(self._streams)])
+        for entry in list(self._scores.values()):
+            loop_reply(*entry)(None, RuntimeError(self._dead))
 
 
 def _server_error(message: str) -> EngineEvent:
-    return EngineEvent(
-        kind="error", error=ErrorInfo(status=500, type="server_error", message=message)
-    )
+    return EngineEvent(kind="error", error=server_error(message))

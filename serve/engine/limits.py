@@ -42,3 +42,13 @@ def queue_full_error() -> ErrorInfo:
         message="The server is at capacity; retry shortly.",
         code="queue_full",
     )
+
+
+def server_error(message: str) -> ErrorInfo:
+    return ErrorInfo(status=500, type="server_error", message=message)
+
+
+def check_score_length(token_ids: list[int], limit: int) -> None:
+    """Scoring takes 1..limit tokens (the engine's context window)."""
+    if not 0 < len(token_ids) <= limit:
+        raise ValueError(f"can score 1..{limit} tokens, got {len(token_ids)}")

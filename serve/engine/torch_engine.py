@@ -23,7 +23,13 @@ from typing import Any, Protocol
 import torch
 
 from slimserve.serve.engine.detokenizer import IncrementalDetokenizer
-from slimserve.serve.engine.limits import EngineLimits, context_error, queue_full_error
+from slimserve.serve.engine.limits import (
+    EngineLimits,
+    check_score_length,
+    context_error,
+    queue_full_error,
+    server_error,
+)
 from slimserve.serve.engine.llama_runner import LlamaRunner, PrefillChunk
 from slimserve.serve.engine.prefix_cache import PrefixCache
 from slimserve.serve.engine.sampling import make_generator, sample_tokens
@@ -109,7 +115,9 @@ class _ScoreJob:
     reply: ScoreReply  # called on the engine thread with (log-probs, None) or (None, error)
 
 
-def _loop_reply(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> ScoreReply:
+def loop_reply(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> ScoreReply:
+    """A reply, callable from any thread, that settles `future` on its own loop."""
+
     def reply(value: torch.Tensor | None, error: Exception | None) -> None:
         with contextlib.suppress(RuntimeError):  # RuntimeError: that caller's loop is gone
             loop.call_soon_threadsafe(settle_future, future, value, error)
@@ -290,14 +298,9 @@ class TorchEngine:
             sink = self._loop_sinks[loop] = LoopSink(loop)
         return sink
 
-    def check_score_length(self, token_ids: list[int]) -> None:
-        if not 0 < len(token_ids) <= self.limits.max_model_len:
-            limit = self.limits.max_model_len
-            raise ValueError(f"can score 1..{limit} tokens, got {len(token_ids)}")
-
     def submit_score(self, token_ids: list[int], reply: ScoreReply) -> None:
         """Queue a scoring job (thread-safe); `reply` gets the result on the engine thread."""
-        self.check_score_length(token_ids)
+        check_score_length(token_ids, self.limits.max_model_len)
         self._score_jobs.append(_ScoreJob(list(token_ids), reply))
         self._wakeup.set()
 
@@ -309,7 +312,7 @@ class TorchEngine:
         """
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.submit_score(token_ids, _loop_reply(loop, future))
+        self.submit_score(token_ids, loop_reply(loop, future))
         return await future
 
     async def target_logprobs(self, token_ids: list[int]) -> torch.Tensor:
@@ -470,7 +473,7 @@ class TorchEngine:
             self.runner.move_slot(last + 1, last, self._prefilling.cached)
 
     def _fail_running(self, error: Exception) -> None:
-        info = ErrorInfo(status=500, type="server_error", message=f"generation failed: {error}")
+        info = server_error(f"generation failed: {error}")
         victims = [*self._decoding, *([self._prefilling] if self._prefilling else [])]
         self._decoding.clear()
         self._prefilling = None
