@@ -33,7 +33,7 @@ log = logging.getLogger("slimserve.kernels.bench")
 # (N, K) of the default model (SmolLM2-135M: hidden 576, intermediate 1536, vocab 49152) + 4096^2.
 MODEL_SHAPES = [(1536, 576), (576, 1536), (576, 576), (49152, 576), (4096, 4096)]
 BATCH_SIZES = [1, 4, 8, 16, 32]
-OPS = ("w8a16", "w4a16", "w3a16", "w8a8", "sparse24")
+OPS = ("w8a16", "w4a16", "w3a16", "w8a8", "w8a8-packed", "sparse24")
 GROUP_SIZE = 64  # K=576 allows 32 or 64 with the CPU int4 kernel, not 128
 
 
@@ -128,11 +128,16 @@ def _modules(
             codes, scales, zeros, GROUP_SIZE, bits, None, dtype
         )
     mods["w8a8"] = W8A8Linear.from_quantized(qweight, scale, None, dtype)
+    # As the engine serves it on CPU: the weight in oneDNN's int8 layout (a no-op elsewhere).
+    mods["w8a8-packed"] = W8A8Linear.from_quantized(qweight, scale, None, dtype)
     mask = torch.rand(n, k // 4, 4, generator=gen).argsort(-1) < 2
     mods["sparse24"] = SparseLinear.from_dense(
         (weight.reshape(n, k // 4, 4) * mask).reshape(n, k), None, dtype
     )
-    return {name: mod.to(device) for name, mod in mods.items()}
+    mods = {name: mod.to(device) for name, mod in mods.items()}
+    if device.type == "cpu":
+        mods["w8a8-packed"].pack_for_cpu()
+    return mods
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:
@@ -140,7 +145,10 @@ def _weight_bytes(module: torch.nn.Module) -> int:
     skip = set()
     if isinstance(module, LowBitLinear) and module.cpu_qweight is not None:
         skip = {"qweight", "qweight_hi", "scales", "zeros"}
-    return sum(
+    packed = 0
+    if isinstance(module, W8A8Linear) and module.cpu_pack is not None:
+        packed = module.in_features * module.out_features  # int8, in oneDNN's layout
+    return packed + sum(
         b.numel() * b.element_size()
         for name, b in module.named_buffers()
         if b is not None and name not in skip
@@ -153,7 +161,9 @@ def _backend(op: str, module: torch.nn.Module, x: torch.Tensor) -> str:
     if op in ("w4a16", "w3a16"):
         pack = None if module.cpu_qweight is None else (module.cpu_qweight, module.cpu_scales_zeros)
         return select_lowbit_backend(x, pack)
-    if op == "w8a8":
+    if op == "w8a8-packed" and module.cpu_pack is not None:
+        return "cpu-onednn-packed"
+    if op.startswith("w8a8"):
         return select_w8a8_backend(x)
     return select_sparse24_backend(x, module.semi_structured)
 

@@ -21,6 +21,11 @@ from torch import nn
 
 from slimserve.kernels.fuse import fuse_linears
 
+# Up to this many decoding sequences, attention is torch's fused SDPA over the query heads of
+# each K/V head: a whole step was 4-8% faster at batch 1-2 with 60-200 cached positions (even at
+# 500), level at batch 4 and 3% slower at 8, where the two batched matmuls below win.
+SDPA_DECODE_MAX_BATCH = 2
+
 
 class UnsupportedModelError(ValueError):
     pass
@@ -68,14 +73,25 @@ def _fuse(modules: list[nn.Module], packed: list[int] | None) -> nn.Module | Non
     if packed is None:
         return None
     fused = fuse_linears(modules)
-    packed.append(getattr(fused, "packed_bytes", 0))
+    packed.append(_pack_for_cpu(fused))
     return fused
+
+
+def _pack_for_cpu(module: nn.Module | None) -> int:
+    """Prepacked bytes: dense modules arrive packed; compressed ones that can, pack now."""
+    if module is None:
+        return 0
+    if hasattr(module, "pack_for_cpu") and next(module.buffers()).device.type == "cpu":
+        return module.pack_for_cpu()
+    return getattr(module, "packed_bytes", 0)
 
 
 def _packed_or_same(owner: nn.Module, name: str, packed: list[int] | None) -> nn.Module:
     module = getattr(owner, name)
     if type(module) is not nn.Linear:
-        return module  # a compressed module alone gains nothing from re-wrapping
+        if packed is not None:  # a compressed module alone gains nothing from re-wrapping
+            packed.append(_pack_for_cpu(module))
+        return module
     fused = _fuse([module], packed)
     if fused is None:
         return module
@@ -229,17 +245,28 @@ class LlamaRunner:
     ) -> torch.Tensor:
         """Decode queries q [B, H, D]: cache this token's K/V, attend over each slot; [B, H*D].
 
-        Query heads are grouped under their shared K/V head, so two batched matmuls cover a
-        layer; at batch 8-32 that was ~5x faster than the CPU scaled_dot_product_attention,
-        whose flash kernel is built for long queries, and at batch 1 1.4x (81 cached positions)
-        to 8x (1000). Scores and softmax run in float32.
+        Query heads are grouped under their shared K/V head: the group is one block of queries
+        against its K/V head, so nothing is expanded. From batch 3, two batched matmuls cover a
+        layer (scores and softmax in float32); at batch 8-32 that was ~5x faster than the CPU
+        scaled_dot_product_attention, whose flash kernel pays per (sequence, K/V head) block.
+        At batch 1-2 there are few blocks and the fused kernel wins.
         """
         batch = q.shape[0]
-        self.k_cache[layer][view.rows, :, view.positions] = k
-        self.v_cache[layer][view.rows, :, view.positions] = v
+        if batch == 1:  # plain slicing: a copy instead of an index_put
+            position = view.length - 1
+            self.k_cache[layer, 0, :, position] = k[0]
+            self.v_cache[layer, 0, :, position] = v[0]
+        else:
+            self.k_cache[layer][view.rows, :, view.positions] = k
+            self.v_cache[layer][view.rows, :, view.positions] = v
         keys = self.k_cache[layer, :batch, :, : view.length]
         values = self.v_cache[layer, :batch, :, : view.length]
         grouped = q.unflatten(1, (self.n_kv_heads, self.n_heads // self.n_kv_heads))
+        if batch <= SDPA_DECODE_MAX_BATCH:
+            out = F.scaled_dot_product_attention(
+                grouped, keys, values, attn_mask=view.mask, scale=self.scaling
+            )
+            return out.reshape(batch, -1)
         # matmul on these strided cache views copies them far slower than .contiguous() does
         # (379 vs 31 us for K at batch 26, 126 positions), so copy first.
         keys, values = keys.contiguous(), values.contiguous()

@@ -53,6 +53,23 @@ def test_int8pack_matches_fp64(dtype: torch.dtype, n: int, k: int) -> None:
         assert rel_error(out, x.double() @ ref_w.t()) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("n", "k"), [(40, 128), (50, 576), (7, 1536), (33, 100), (5, 3)])
+def test_onednn_int8_matches_the_exact_w8a8_product(dtype: torch.dtype, n: int, k: int) -> None:
+    qweight, wscale = quantize_int8_absmax(torch.randn(n, k))
+    packed, zero_points = cpu_paths.onednn_int8_prepack(qweight)
+    for m in (1, 3, 17, 40):
+        x = _x(m, k, dtype, seed=m) * 3
+        xq, xs = quantize_per_token_int8(x)
+        codes, scale = cpu_paths.quantize_per_token_uint8(x)
+        assert torch.equal(codes.int(), xq.int() + 128)
+        torch.testing.assert_close(scale[:, 0], xs, rtol=0, atol=0)
+        ref = (xq.double() @ qweight.double().t()) * xs.double()[:, None] * wscale.double()
+        out = cpu_paths.onednn_int8_matmul(x, packed, wscale, zero_points)
+        assert out.dtype == dtype
+        assert rel_error(out, ref) < BOUND[dtype]
+
+
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("n", "k", "g"), [(48, 128, 32), (64, 576, 64), (16, 256, 128)])

@@ -16,6 +16,7 @@ from slimserve.kernels import (
     W8A8Linear,
     quantize_int8_absmax,
 )
+from slimserve.kernels.dispatch import chosen_backends
 from slimserve.kernels.reference import quantize_per_token_int8
 
 from .helpers import lowbit_weight_fp64, random_24, random_lowbit, rel_error
@@ -84,6 +85,24 @@ def test_w8a8_linear_matches_fp64(dtype: torch.dtype) -> None:
     assert rel_error(out, ref) < TOL[dtype]
     # And the whole W8A8 error against the unquantized product stays at int8 level.
     assert rel_error(out, x.double() @ weight.double().t() + module.bias.double()) < 3e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k"), [(48, 160), (33, 100), (5, 3)])
+def test_w8a8_packed_for_cpu_gives_the_same_output(dtype: torch.dtype, n: int, k: int) -> None:
+    qweight, wscale = quantize_int8_absmax(torch.randn(n, k))
+    module = W8A8Linear.from_quantized(qweight, wscale, torch.randn(n), dtype)
+    inputs = [_x(m, k, dtype, seed=m) for m in (1, 3, 17, 40)]
+    before = [module(x) for x in inputs]
+    assert module.pack_for_cpu() == n * k
+    assert module.qweight.numel() == 0  # one copy of the weight stays, oneDNN's
+    for x, expected in zip(inputs, before, strict=True):
+        kept = x.clone()
+        out = module(x)
+        torch.testing.assert_close(x, kept, rtol=0, atol=0)  # the input is not quantized in place
+        # Same int32 sums and scales; only the fp32 rounding of the two rescales may differ.
+        assert rel_error(out, expected.double()) < {torch.float32: 1e-6}.get(dtype, 8e-3)
+    assert "cpu-onednn-packed" in chosen_backends()["w8a8"]
 
 
 def test_w8a8_rejects_bad_input() -> None:

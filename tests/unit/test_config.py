@@ -21,6 +21,16 @@ def test_default_config_loads():
     assert config.routing.sticky_header == "x-user-id"
 
 
+SHIPPED_CONFIGS = sorted((ROOT / "deploy/configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.variants
+    assert abs(sum(config.effective_split().values()) - 1.0) < 1e-9
+
+
 @pytest.mark.parametrize(
     ("data", "field"),
     [

@@ -28,11 +28,13 @@ def test_prefill_and_chunked_prefill_match_hf():
     torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_batched_decode_at_different_positions_matches_hf():
+# 1-2 sequences take the fused-attention path, 3 the batched matmuls; 2 needs the mask.
+@pytest.mark.parametrize("prompt_lengths", [(7,), (5, 19), (5, 19, 11)])
+def test_batched_decode_at_different_positions_matches_hf(prompt_lengths):
     model = tiny_llama(vocab_size=300)
     reference_model = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (5, 19, 11)]
+    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in prompt_lengths]
     runner = LlamaRunner(model, max_slots=4, max_len=64, pack_dense=True)
     sequences = [list(p) for p in prompts]
     with torch.inference_mode():
@@ -80,12 +82,29 @@ def test_move_slot_carries_the_cache():
     torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_compressed_projections_fuse_without_changing_logits():
+def _to_w8a8(model) -> None:
+    from slimserve.kernels import W8A8Linear, quantize_int8_absmax
+
+    for layer in model.model.layers:
+        for owner in (layer.self_attn, layer.mlp):
+            for name, child in list(owner.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    qweight, scale = quantize_int8_absmax(child.weight.detach())
+                    w8a8 = W8A8Linear.from_quantized(qweight, scale, None, torch.float32)
+                    setattr(owner, name, w8a8)
+
+
+def _to_int8_weight_only(model) -> None:
     from slimserve.compression import apply_compression
     from slimserve.compression.quant_specs import Int8WeightOnlySpec
 
-    model = tiny_llama(vocab_size=300)
     apply_compression(model, [Int8WeightOnlySpec(method="int8-weight-only")])
+
+
+@pytest.mark.parametrize("compress", [_to_int8_weight_only, _to_w8a8])
+def test_compressed_projections_fuse_without_changing_logits(compress):
+    model = tiny_llama(vocab_size=300)
+    compress(model)
     separate = copy.deepcopy(model)
     ids = [5, 9, 11, 40, 7]
     fused_runner = LlamaRunner(model, max_slots=1, max_len=16, pack_dense=True)
@@ -96,6 +115,9 @@ def test_compressed_projections_fuse_without_changing_logits():
         fused = fused_runner.prefill(0, ids, 0, want_logits=True)
         plain = plain_runner.prefill(0, ids, 0, want_logits=True)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    if compress is _to_w8a8:  # W8A8 weights now live in oneDNN's int8 layout only
+        assert fused_runner.layers[0].qkv.cpu_pack is not None
+        assert fused_runner.layers[0].down.qweight.numel() == 0
 
 
 def test_one_step_decodes_and_prefills_a_chunk_like_separate_passes():
