@@ -8,8 +8,9 @@ Dispatch (`select_w8a8_backend`): Triton on CUDA (int8 tensor cores); on CPU `to
 Activations are quantized per token in torch before the matmul on every path.
 
 A serving engine on CPU calls `W8A8Linear.pack_for_cpu()` once: the weight moves into oneDNN's
-blocked int8 layout (`cpu_paths.onednn_int8_matmul`, 1.4-1.6x faster than bf16 prepacked at 8-32
-rows, kernels/README.md) and the plain copy is dropped, as the dense weights are.
+blocked int8 layout (`cpu_paths.onednn_int8_matmul`: 1.7-4.9x `_int_mm` at 8-32 rows on large
+weights; on small ones the per-token quantization's fixed cost dominates, kernels/README.md) and
+the plain copy is dropped, as the dense weights are.
 """
 
 from __future__ import annotations
@@ -100,12 +101,14 @@ class W8A8Linear(CompressedLinear):
     cpu_pack: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def pack_for_cpu(self) -> int:
-        """Serve from oneDNN's int8 layout from now on; the module can no longer be saved or
-        moved. Returns the packed weight bytes (0 where this torch has no oneDNN int8 kernels:
-        the module keeps `torch._int_mm`, which the dispatch metrics show)."""
-        if not cpu_paths.onednn_int8_supported() or self.qweight.device.type != "cpu":
-            log.info("W8A8 %dx%d: no oneDNN int8 kernels here, staying on torch._int_mm",
-                     self.out_features, self.in_features)  # fmt: skip
+        """On CPU, serve from oneDNN's int8 layout from now on; the module can no longer be
+        saved or moved. Returns the packed weight bytes: 0 off CPU (nothing to pack) and where
+        this torch has no oneDNN int8 kernels (the module keeps `torch._int_mm`, and says so)."""
+        if self.qweight.device.type != "cpu":
+            return 0
+        if not cpu_paths.onednn_int8_supported():
+            log.warning("W8A8 %dx%d: no oneDNN int8 kernels in this torch, staying on _int_mm",
+                        self.out_features, self.in_features)  # fmt: skip
             return 0
         if self.cpu_pack is None:
             self.cpu_pack = cpu_paths.onednn_int8_prepack(self.qweight)

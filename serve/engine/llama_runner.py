@@ -81,7 +81,7 @@ def _pack_for_cpu(module: nn.Module | None) -> int:
     """Prepacked bytes: dense modules arrive packed; compressed ones that can, pack now."""
     if module is None:
         return 0
-    if hasattr(module, "pack_for_cpu") and next(module.buffers()).device.type == "cpu":
+    if hasattr(module, "pack_for_cpu"):
         return module.pack_for_cpu()
     return getattr(module, "packed_bytes", 0)
 

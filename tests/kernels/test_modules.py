@@ -105,6 +105,20 @@ def test_w8a8_packed_for_cpu_gives_the_same_output(dtype: torch.dtype, n: int, k
     assert "cpu-onednn-packed" in chosen_backends()["w8a8"]
 
 
+def test_w8a8_without_onednn_int8_stays_on_int_mm(monkeypatch) -> None:
+    # Injected on purpose: a torch build without oneDNN's int8 ops.
+    from slimserve.kernels import cpu_paths
+
+    monkeypatch.setattr(cpu_paths, "onednn_int8_supported", lambda: False)
+    qweight, wscale = quantize_int8_absmax(torch.randn(24, 64))
+    module = W8A8Linear.from_quantized(qweight, wscale, None, torch.bfloat16)
+    x = _x(5, 64, torch.bfloat16)
+    before = module(x)
+    assert module.pack_for_cpu() == 0
+    assert module.cpu_pack is None and torch.equal(module.qweight, qweight)
+    torch.testing.assert_close(module(x), before, rtol=0, atol=0)
+
+
 def test_w8a8_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="int8"):
         W8A8Linear.from_quantized(torch.zeros(4, 8), torch.ones(4), None, torch.bfloat16)
