@@ -1,8 +1,31 @@
-"""Compression methods applied to a loaded model at replica startup."""
+"""Compression methods applied to a loaded model at replica startup.
 
-from slimserve.compression.registry import apply_compression
-from slimserve.compression.report import CompressionReport, MethodReport, resident_weight_bytes
-from slimserve.compression.specs import CompressionSpec, Int8WeightOnlySpec
+The names below load on first use (PEP 562), so that importing a spec module
+(`slimserve.compression.specs`, which the config and the gateway need) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from slimserve.compression.registry import apply_compression
+    from slimserve.compression.report import (
+        CompressionReport,
+        MethodReport,
+        resident_weight_bytes,
+    )
+    from slimserve.compression.specs import CompressionSpec, Int8WeightOnlySpec
+
+_WHERE = {
+    "apply_compression": "slimserve.compression.registry",
+    "CompressionReport": "slimserve.compression.report",
+    "MethodReport": "slimserve.compression.report",
+    "resident_weight_bytes": "slimserve.compression.report",
+    "CompressionSpec": "slimserve.compression.specs",
+    "Int8WeightOnlySpec": "slimserve.compression.specs",
+}
 
 __all__ = [
     "CompressionReport",
@@ -12,3 +35,9 @@ __all__ = [
     "apply_compression",
     "resident_weight_bytes",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

@@ -18,7 +18,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel
 
 
@@ -43,11 +42,11 @@ class ShadowSummary(BaseModel):
     target_reference_perplexity: float | None
 
 
-def _reference_ppl(logprobs: torch.Tensor, ids: list[int], rows: range) -> float | None:
+def _reference_ppl(logprobs: np.ndarray, ids: list[int], rows: range) -> float | None:
     if not rows:
         return None
-    targets = torch.tensor([ids[r + 1] for r in rows]).unsqueeze(1)
-    nll = -logprobs[rows.start : rows.stop].gather(1, targets).mean().item()
+    targets = [ids[r + 1] for r in rows]
+    nll = -float(logprobs[np.arange(rows.start, rows.stop), targets].mean())
     return math.exp(nll)
 
 
@@ -57,22 +56,23 @@ def compare(
     source_score: dict[str, Any] | None,
     target_score: dict[str, Any] | None,
 ) -> ShadowScores:
+    """numpy, not torch: this runs in the gateway, which does not load torch."""
     scores = ShadowScores(exact_match=source_text == target_text)
     if source_score is None or target_score is None:
         return scores
     ids = source_score["token_ids"]
     if ids != target_score["token_ids"]:
         return scores  # different tokenizers: positions do not line up
-    lp_s = torch.from_numpy(np.asarray(source_score["logprobs"])).float()
-    lp_t = torch.from_numpy(np.asarray(target_score["logprobs"])).float()
-    kl = (lp_s.exp() * (lp_s - lp_t)).sum(dim=-1)
+    lp_s = np.asarray(source_score["logprobs"], dtype=np.float32)
+    lp_t = np.asarray(target_score["logprobs"], dtype=np.float32)
+    kl = (np.exp(lp_s) * (lp_s - lp_t)).sum(axis=-1)
     scores.next_token_kl_nats = max(float(kl.mean()), 0.0)
     scores.scored_tokens = len(ids)
     rows = range(max(source_score["prompt_tokens"] - 1, 0), len(ids) - 1)
     if rows:
-        picks_s = lp_s[rows.start :].argmax(dim=-1)
-        picks_t = lp_t[rows.start :].argmax(dim=-1)
-        scores.token_agreement = float((picks_s == picks_t).float().mean())
+        picks_s = lp_s[rows.start :].argmax(axis=-1)
+        picks_t = lp_t[rows.start :].argmax(axis=-1)
+        scores.token_agreement = float((picks_s == picks_t).mean())
         scores.source_reference_perplexity = _reference_ppl(lp_s, ids, rows)
         scores.target_reference_perplexity = _reference_ppl(lp_t, ids, rows)
     return scores

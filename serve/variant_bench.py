@@ -16,7 +16,8 @@ import torch
 from pydantic import BaseModel
 
 from slimserve.serve.config import SlimserveConfig
-from slimserve.serve.flops import FlopModel, count_engine_flops, count_model_flops
+from slimserve.serve.flop_count import count_engine_flops, count_model_flops
+from slimserve.serve.flops import FlopModel
 from slimserve.serve.model_store import resolve_model, torch_dtype
 from slimserve.serve.peak import DevicePeak, device_peak
 from slimserve.serve.self_bench import SelfBenchResult, run_self_bench, run_self_bench_blocking

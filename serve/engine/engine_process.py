@@ -98,7 +98,7 @@ class _PipeSink:
 
 def _child_main(conn: Connection, config: dict[str, Any], variant: str) -> None:
     from slimserve.serve.engine.factory import build_torch_engine
-    from slimserve.serve.flops import count_engine_flops
+    from slimserve.serve.flop_count import count_engine_flops
     from slimserve.serve.logs import configure_logging
 
     configure_logging()

@@ -15,14 +15,8 @@ from slimserve.compression.activations import calibration_override
 from slimserve.compression.registry import apply_compression
 from slimserve.compression.specs import CompressionSpec
 from slimserve.serve.engine.llama_runner import LlamaRunner
-from slimserve.serve.flops import (
-    TokenWork,
-    count_model_flops,
-    count_runner_flops,
-    decode_work,
-    prefill_work,
-    score_work,
-)
+from slimserve.serve.flop_count import count_model_flops, count_runner_flops
+from slimserve.serve.flops import TokenWork, decode_work, prefill_work, score_work
 from slimserve.serve.mfu import RequestWork, WorkMeter, utilization
 from slimserve.serve.peak import device_peak, gpu_peak_from_table
 

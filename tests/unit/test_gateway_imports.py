@@ -1,0 +1,23 @@
+"""The gateway replica relays streams and does routing math: it must not load torch (~200 MB of
+resident memory per process, and a second of startup)."""
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_the_gateway_module_does_not_import_torch():
+    probe = textwrap.dedent(
+        """
+        import sys
+        import slimserve.serve.gateway
+        from slimserve.serve.config import load_config
+        from slimserve.serve.shadow_scores import compare
+        heavy = sorted(m for m in ("torch", "transformers", "vllm") if m in sys.modules)
+        print(",".join(heavy))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.strip() == "", f"the gateway imports {result.stdout.strip()}"
