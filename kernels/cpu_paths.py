@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from slimserve.kernels.reference import chunked_rows_matmul
+from slimserve.kernels.reference import chunked_rows_matmul, per_token_codes
 
 CPU_FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -94,10 +94,8 @@ def onednn_int8_prepack(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def quantize_per_token_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The codes of `reference.quantize_per_token_int8`, shifted to uint8; scale fp32 [M, 1]."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=1, keepdim=True).div_(127.0).clamp_(min=1e-12)
-    codes = xf.div(scale).round_().clamp_(-127, 127).add_(_UINT8_ZERO_POINT)  # x.float() may be x
-    return codes.to(torch.uint8), scale
+    codes, scale = per_token_codes(x)
+    return codes.add_(_UINT8_ZERO_POINT).to(torch.uint8), scale
 
 
 def onednn_int8_matmul(

@@ -81,12 +81,18 @@ def lowbit_matmul_reference(
     return chunked_rows_matmul(x, scales.shape[0], expand)
 
 
+def per_token_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric int8 codes per row of x [M, K], still as fp32 values in [-127, 127],
+    and the fp32 scale [M, 1]; the int8 and uint8 quantizers store them each their own way."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=1, keepdim=True).div_(127.0).clamp_(min=1e-12)
+    return xf.div(scale).round_().clamp_(-127, 127), scale  # div, not div_: x.float() may be x
+
+
 def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric int8 per row of x [M, K]: (int8 [M, K], fp32 scale [M])."""
-    xf = x.float()
-    scale = (xf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(xf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    codes, scale = per_token_codes(x)
+    return codes.to(torch.int8), scale[:, 0]
 
 
 def int8_int8_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
