@@ -32,11 +32,11 @@ from slimserve.compression import CompressionReport
 from slimserve.serve.config import SlimserveConfig
 from slimserve.serve.engine.limits import check_score_length, server_error
 from slimserve.serve.engine.torch_engine import (
+    LoopSink,
     TorchEngine,
     drain_events,
     gather_targets,
     loop_reply,
-    put_all,
 )
 from slimserve.serve.engine.types import EngineEvent, ErrorInfo, SamplingParams
 from slimserve.serve.flops import FlopModel
@@ -381,8 +381,7 @@ class EngineProcess:
                 self._streams.pop(key, None)
             by_loop.setdefault(entry[0], []).append((entry[1], event))
         for loop, batch in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that caller's loop is gone
-                loop.call_soon_threadsafe(put_all, batch)
+            LoopSink(loop).deliver(batch)  # False when that caller's loop is gone: nothing to do
 
     def _resolve_score(self, key: int, value: torch.Tensor | None, error: str | None) -> None:
         entry = self._scores.get(key)
