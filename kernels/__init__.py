@@ -3,7 +3,7 @@
 Importing this package never imports triton; the Triton kernels load on first CUDA use.
 """
 
-from slimserve.kernels import cpu_paths
+from slimserve.kernels import cpu_paths, native
 from slimserve.kernels.int8 import (
     Int8Embedding,
     Int8Linear,
@@ -27,6 +27,7 @@ __all__ = [
     "cpu_paths",
     "int8_weight_matmul",
     "lowbit_weight_matmul",
+    "native",
     "quantize_int8_absmax",
     "quantize_per_token_int8",
     "sparse24_matmul",

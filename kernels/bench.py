@@ -33,8 +33,16 @@ log = logging.getLogger("slimserve.kernels.bench")
 # (N, K) of the default model (SmolLM2-135M: hidden 576, intermediate 1536, vocab 49152) + 4096^2.
 MODEL_SHAPES = [(1536, 576), (576, 1536), (576, 576), (49152, 576), (4096, 4096)]
 BATCH_SIZES = [1, 4, 8, 16, 32]
-OPS = ("w8a16", "w4a16", "w3a16", "w8a8", "w8a8-packed", "sparse24")
+OPS = ("w8a16", "w8a16-int8pack", "w4a16", "w3a16", "w8a8", "w8a8-packed", "sparse24")
+CPU_ONLY_OPS = ("w8a16-int8pack",)
 GROUP_SIZE = 64  # K=576 allows 32 or 64 with the CPU int4 kernel, not 128
+
+
+class _Int8PackOnly(Int8Linear):
+    """W8A16 always on torch's int8pack: the baseline our own GEMV replaced at 1-2 rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_paths.int8pack_matmul(x, self.qweight, self.scale)
 
 
 @dataclass
@@ -120,6 +128,7 @@ def _modules(
     qweight, scale = quantize_int8_absmax(weight)
     mods: dict[str, torch.nn.Module] = {}
     mods["w8a16"] = Int8Linear(qweight, scale.to(dtype), None, dtype)
+    mods["w8a16-int8pack"] = _Int8PackOnly(qweight, scale.to(dtype), None, dtype)
     for bits in (4, 3):
         codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
         scales = torch.rand(n, k // GROUP_SIZE, generator=gen) * 0.01
@@ -157,7 +166,9 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 
 def _backend(op: str, module: torch.nn.Module, x: torch.Tensor) -> str:
     if op == "w8a16":
-        return select_w8a16_backend(x, module.in_features)
+        return select_w8a16_backend(x, module.qweight, module.scale)
+    if op == "w8a16-int8pack":
+        return "cpu-int8pack"
     if op in ("w4a16", "w3a16"):
         pack = None if module.cpu_qweight is None else (module.cpu_qweight, module.cpu_scales_zeros)
         return select_lowbit_backend(x, pack)
@@ -178,6 +189,8 @@ def run_table(
     target_s: float,
 ) -> list[Row]:
     rows: list[Row] = []
+    if device.type != "cpu":
+        ops = tuple(op for op in ops if op not in CPU_ONLY_OPS)
     for n, k in shapes:
         dense_w = (torch.randn(n, k) * 0.02).to(dtype=dtype, device=device)
         mods = _modules(n, k, dtype, device)

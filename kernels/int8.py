@@ -1,8 +1,10 @@
 """W8A16: int8 weights with absmax scales, 16-bit activations.
 
-Dispatch (`select_w8a16_backend`): the Triton kernel on CUDA; on CPU `torch._weight_int8pack_mm`
-(reads the int8 weight directly) for small batches, and a de-quantize + dense matmul above
-`cpu_paths.W8A16_INT8PACK_MAX_M` rows; the reference (de-quantize, dense matmul) elsewhere.
+Dispatch (`select_w8a16_backend`): the Triton kernel on CUDA; on CPU with 16-bit activations our
+own GEMV (`native.py`, int16 activation codes x int8 weights in VNNI) up to
+`native.W8A16_GEMV_MAX_M` rows, then `torch._weight_int8pack_mm` (reads the int8 weight directly)
+for small batches, and a de-quantize + dense matmul above `cpu_paths.W8A16_INT8PACK_MAX_M` rows;
+the reference (de-quantize, dense matmul) elsewhere.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimserve.kernels import cpu_paths
+from slimserve.kernels import cpu_paths, native
 from slimserve.kernels.artifact import dtype_from_name, dtype_name, require_keys
 from slimserve.kernels.dispatch import record_backend
 from slimserve.kernels.triton_support import TRITON_DTYPES, triton_runs_on
@@ -37,10 +39,18 @@ def int8_weight_matmul_reference(
     return x @ weight.t()
 
 
-def select_w8a16_backend(x: torch.Tensor, k: int) -> str:
-    """Triton on CUDA; on CPU int8pack while the batch is small, else de-quantize + dense matmul."""
+# fp32 activations keep torch's kernels: int16 codes are finer than bf16 / fp16 inputs, not fp32.
+NATIVE_W8A16_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def select_w8a16_backend(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> str:
+    """Triton on CUDA; on CPU our GEMV for a few 16-bit rows, int8pack while the batch is small,
+    else de-quantize + dense matmul."""
     if triton_runs_on(x) and x.dtype in TRITON_DTYPES:
         return "triton"
+    if x.dtype in NATIVE_W8A16_DTYPES and native.w8a16_gemv_supported(x, qweight, scale):
+        return "cpu-native-gemv"
+    k = qweight.shape[1]
     if cpu_paths.int8pack_supported(x, k) and x.shape[0] <= cpu_paths.W8A16_INT8PACK_MAX_M:
         return "cpu-int8pack"
     if x.device.type == "cpu":
@@ -50,12 +60,14 @@ def select_w8a16_backend(x: torch.Tensor, k: int) -> str:
 
 def int8_weight_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] (16/32-bit) @ dequant(qweight [N, K], scale [N]).T -> [M, N] in x.dtype."""
-    backend = select_w8a16_backend(x, qweight.shape[1])
+    backend = select_w8a16_backend(x, qweight, scale)
     record_backend("w8a16", backend)
     if backend == "triton":
         from slimserve.kernels import triton_int8
 
         return triton_int8.w8a16_matmul(x.contiguous(), qweight, scale)
+    if backend == "cpu-native-gemv":
+        return native.kernels().w8a16_gemv(x, qweight, scale)
     if backend == "cpu-int8pack":
         return cpu_paths.int8pack_matmul(x, qweight, scale)
     if backend == "cpu-dequant-matmul":

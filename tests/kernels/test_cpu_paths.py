@@ -18,6 +18,7 @@ from slimserve.kernels import (
     cpu_paths,
     int8_weight_matmul,
     lowbit_weight_matmul,
+    native,
     quantize_int8_absmax,
     quantize_per_token_int8,
     w8a8_matmul,
@@ -116,11 +117,18 @@ def test_unsupported_lowbit_shape_has_no_cpu_copy_and_uses_the_reference() -> No
 
 def test_dispatch_chooses_by_batch_size_on_cpu() -> None:
     k = 576
+    qweight, scale = quantize_int8_absmax(torch.randn(48, k))
+    scale = scale.to(torch.bfloat16)
+    few = _x(native.W8A16_GEMV_MAX_M, k, torch.bfloat16)
     small = _x(cpu_paths.W8A16_INT8PACK_MAX_M, k, torch.bfloat16)
     large = _x(cpu_paths.W8A16_INT8PACK_MAX_M + 1, k, torch.bfloat16)
-    assert select_w8a16_backend(small, k) == "cpu-int8pack"
-    assert select_w8a16_backend(large, k) == "cpu-dequant-matmul"
-    assert select_w8a16_backend(_x(1, 72, torch.bfloat16), 72) == "cpu-dequant-matmul"
+    assert select_w8a16_backend(few, qweight, scale) == "cpu-native-gemv"
+    assert select_w8a16_backend(_x(1, k, torch.float32), qweight, scale) == "cpu-int8pack"
+    assert select_w8a16_backend(small, qweight, scale) == "cpu-int8pack"
+    assert select_w8a16_backend(large, qweight, scale) == "cpu-dequant-matmul"
+    q72, s72 = quantize_int8_absmax(torch.randn(48, 72))
+    assert select_w8a16_backend(_x(1, 72, torch.bfloat16), q72, s72) == "cpu-native-gemv"
+    assert select_w8a16_backend(_x(9, 72, torch.bfloat16), q72, s72) == "cpu-dequant-matmul"
 
     codes, scales, zeros = random_lowbit(64, k, 4, 64)
     module = LowBitLinear.from_codes(codes, scales, zeros, 64, 4, None, torch.bfloat16)
@@ -139,12 +147,13 @@ def test_ops_record_the_backend_they_ran() -> None:
     k = 128
     qweight, scale = quantize_int8_absmax(torch.randn(32, k))
     int8_weight_matmul(_x(1, k, torch.bfloat16), qweight, scale.to(torch.bfloat16))
+    int8_weight_matmul(_x(1, k, torch.float32), qweight, scale)
     w8a8_matmul(_x(2, k, torch.bfloat16), qweight, scale)
     codes, scales, zeros = random_lowbit(32, k, 3, 32)
     module = LowBitLinear.from_codes(codes, scales, zeros, 32, 3, None, torch.bfloat16)
     module(_x(1, k, torch.bfloat16))
     backends = chosen_backends()
-    assert "cpu-int8pack" in backends["w8a16"]
+    assert {"cpu-native-gemv", "cpu-int8pack"} <= set(backends["w8a16"])
     assert "cpu-int-mm" in backends["w8a8"]
     assert "cpu-int4pack" in backends["w3a16"]
 

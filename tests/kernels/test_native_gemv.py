@@ -1,0 +1,195 @@
+"""slimserve's own CPU GEMV (kernels/cpu_gemv.cpp): exact integer sums, fp64 agreement at ragged
+shapes and every row count it takes, edge rows, the dispatch, and how a missing or broken build
+is reported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimserve.kernels import Int8Linear, native, quantize_int8_absmax
+from slimserve.kernels.int8 import select_w8a16_backend
+
+from .helpers import rel_error
+
+CPU_FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+HAS_VNNI = all(flag in CPU_FLAGS.split() for flag in ("avx512bw", "avx512vl", "avx512_vnni"))
+pytestmark = pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+
+# 16-bit activations: the int16 codes are finer than the inputs; the bound is the output rounding.
+BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+SHAPES = [(1, 3), (5, 33), (77, 100), (960, 576), (64, 1536), (7, 4100)]
+
+
+def _kernels() -> native.NativeKernels:
+    loaded = native.kernels()
+    assert loaded is not None, "AVX-512 VNNI is present: the library must build and load"
+    return loaded
+
+
+def _weights(n: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    qweight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(n, generator=gen) * 0.02 + 1e-3).to(dtype)
+    return qweight, scale
+
+
+def _x(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    # Rows at different magnitudes, so each row's own scale matters.
+    return (torch.randn(m, k, generator=gen) * torch.logspace(-2, 2, m)[:, None]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_matches_fp64_at_every_row_count(dtype: torch.dtype, n: int, k: int) -> None:
+    kernels = _kernels()
+    qweight, scale = _weights(n, k, dtype, seed=n + k)
+    limit = kernels.w8a16_code_limit
+    for m in range(1, native.W8A16_GEMV_MAX_M + 1):
+        x = _x(m, k, dtype, seed=m)
+        out = kernels.w8a16_gemv(x, qweight, scale)
+        assert out.dtype == dtype and out.shape == (m, n)
+        ref = (x.double() @ qweight.double().t()) * scale.double()
+        if dtype == torch.float32:
+            # Not dispatched here (fp32 keeps torch's kernels); the arithmetic still holds: the
+            # error is at most half a code step per input, times the weights it meets.
+            step = x.double().abs().amax(dim=1, keepdim=True) / limit
+            worst = step / 2 * (qweight.double().abs().sum(dim=1) * scale.double())
+            assert ((out.double() - ref).abs() <= worst + 1e-6 * ref.abs()).all(), m
+            continue
+        for row in range(m):  # per row: a small row must not hide under a large one's error
+            assert rel_error(out[row], ref[row]) < BOUND[dtype], (m, row)
+
+
+@pytest.mark.parametrize(("n", "k"), [(5, 33), (960, 576), (64, 1536)])
+def test_integer_sums_are_exact(n: int, k: int) -> None:
+    """fp32 output = the exact int32 sum of int16 codes x int8 weights, times the two scales."""
+    kernels = _kernels()
+    qweight, scale = _weights(n, k, torch.float32, seed=k)
+    x = _x(2, k, torch.float32, seed=k)
+    limit = kernels.w8a16_code_limit
+    assert limit == 32767 and 255 * 127 * kernels.w8a16_max_k <= 2**31 - 1
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    # As the kernel: an fp32 division (python's `limit / t` would multiply by t's reciprocal),
+    # then round half to even like lrintf.
+    codes = torch.round(x * (torch.full_like(absmax, limit) / absmax))
+    sums = codes.double() @ qweight.double().t()  # exact: far below 2 ** 53
+    expected = sums * (absmax.double() / limit) * scale.double()
+    out = kernels.w8a16_gemv(x, qweight, scale)
+    torch.testing.assert_close(out, expected.float(), rtol=1.2e-7, atol=0)  # one fp32 rounding
+
+
+def test_zero_and_non_finite_rows_stay_in_their_row() -> None:
+    kernels = _kernels()
+    qweight, scale = _weights(40, 96, torch.bfloat16, seed=1)
+    for bad in (1, 0):
+        x = _x(2, 96, torch.bfloat16, seed=2 + bad)
+        good = 1 - bad
+        ref = (x[good].double() @ qweight.double().t()) * scale.double()
+        x[bad] = 0
+        out = kernels.w8a16_gemv(x, qweight, scale)
+        assert torch.equal(out[bad], torch.zeros(40, dtype=torch.bfloat16))
+        assert rel_error(out[good], ref) < BOUND[torch.bfloat16]
+        x[bad, 5] = float("inf")
+        out = kernels.w8a16_gemv(x, qweight, scale)
+        assert out[bad].isnan().all()
+        assert rel_error(out[good], ref) < BOUND[torch.bfloat16]
+
+
+def test_limits_are_checked_before_the_call() -> None:
+    kernels = _kernels()
+    qweight, scale = _weights(16, 64, torch.bfloat16, seed=3)
+    too_many = _x(native.W8A16_GEMV_MAX_M + 1, 64, torch.bfloat16, seed=4)
+    assert not native.w8a16_gemv_supported(too_many, qweight, scale)
+    assert not native.w8a16_gemv_supported(too_many[:2].double(), qweight, scale)
+    assert not native.w8a16_gemv_supported(too_many[:2], qweight.t(), scale)
+    with pytest.raises(ValueError, match="refused"):
+        kernels.w8a16_gemv(too_many, qweight, scale)
+
+
+@pytest.mark.parametrize("m", [1, native.W8A16_GEMV_MAX_M])
+def test_int8_linear_runs_it_through_the_dispatch(m: int) -> None:
+    qweight, scale = quantize_int8_absmax(torch.randn(200, 576))
+    bias = torch.randn(200)
+    module = Int8Linear(qweight, scale, bias, torch.bfloat16)
+    x = _x(m, 576, torch.bfloat16, seed=m).reshape(1, m, 576)
+    assert select_w8a16_backend(x[0], module.qweight, module.scale) == "cpu-native-gemv"
+    ref = x[0].double() @ (qweight.double() * module.scale.double()[:, None]).t()
+    ref += module.bias.double()
+    out = module(x)
+    assert out.shape == (1, m, 200)
+    assert rel_error(out[0], ref) < BOUND[torch.bfloat16]
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+        check=False,
+    )
+
+
+PROBE = """
+    import logging, torch
+    logging.basicConfig(level=logging.INFO)
+    from slimserve.kernels import native
+    from slimserve.kernels.int8 import select_w8a16_backend
+    q = torch.zeros(16, 64, dtype=torch.int8)
+    s = torch.ones(16, dtype=torch.bfloat16)
+    print("backend", select_w8a16_backend(torch.ones(1, 64, dtype=torch.bfloat16), q, s))
+"""
+
+
+def test_a_failed_build_is_reported_and_torch_kernels_run(tmp_path: Path) -> None:
+    """Fault injected on purpose: a "compiler" that always fails (`false`)."""
+    result = _run(PROBE, CXX="false", SLIMSERVE_CACHE=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "backend cpu-int8pack" in result.stdout
+    assert "native CPU kernels unavailable" in result.stderr
+    assert "false failed on cpu_gemv.cpp" in result.stderr
+
+
+def test_switched_off_by_environment() -> None:
+    result = _run(PROBE, SLIMSERVE_NATIVE_KERNELS="0")
+    assert "backend cpu-int8pack" in result.stdout
+    assert "disabled by SLIMSERVE_NATIVE_KERNELS=0" in result.stderr
+
+
+def test_replicas_building_at_once_all_load_one_library(tmp_path: Path) -> None:
+    code = PROBE + "\n    print('built', native.build())\n"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "SLIMSERVE_CACHE": str(tmp_path)},
+        )
+        for _ in range(3)
+    ]
+    outputs = [proc.communicate(timeout=180) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err for _, err in outputs]
+    assert all("backend cpu-native-gemv" in out for out, _ in outputs)
+    libraries = list((tmp_path / "native").glob("*.so"))
+    assert len(libraries) == 1
+    assert not [p for p in (tmp_path / "native").iterdir() if p.is_dir()]  # no scratch left
+
+
+def test_strided_rows_are_read_as_their_values() -> None:
+    kernels = _kernels()
+    qweight, scale = _weights(24, 64, torch.bfloat16, seed=5)
+    wide = _x(2, 128, torch.bfloat16, seed=6)
+    x = wide[:, ::2]  # not contiguous
+    ref = (x.double() @ qweight.double().t()) * scale.double()
+    assert native.w8a16_gemv_supported(x, qweight, scale)
+    assert rel_error(kernels.w8a16_gemv(x, qweight, scale), ref) < BOUND[torch.bfloat16]
