@@ -27,3 +27,12 @@ def chosen_backends() -> dict[str, list[str]]:
         op, backend = key.split(":", 1)
         by_op.setdefault(op, []).append(backend)
     return by_op
+
+
+def merged_backends(*parts: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Backends recorded in several processes (a replica and its engine process), per op."""
+    by_op: dict[str, set[str]] = {}
+    for part in parts:
+        for op, backends in part.items():
+            by_op.setdefault(op, set()).update(backends)
+    return {op: sorted(by_op[op]) for op in sorted(by_op)}

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from slimserve.kernels.dispatch import chosen_backends
+from slimserve.kernels.dispatch import chosen_backends, merged_backends
 from slimserve.serve.config import SlimserveConfig
 from slimserve.serve.engine.factory import build_engine
 from slimserve.serve.engine.types import EngineEvent, ErrorInfo, GenerateRequest
@@ -110,6 +110,7 @@ class VariantServer:
 
     async def stats(self) -> dict[str, Any]:
         await self._self_bench_done()
+        engine = self.engine.stats()
         return {
             "variant": self.variant,
             "model": self.model_name,
@@ -120,8 +121,8 @@ class VariantServer:
             "sparsity": self._sparsity(),
             "engine_name": self.engine_name,
             "cache_status": self.cache_status,
-            "kernels": chosen_backends(),
-            "engine": self.engine.stats(),
+            "kernels": merged_backends(chosen_backends(), engine.get("kernels", {})),
+            "engine": engine,
             **self.bench.model_dump(exclude={"seconds", "self_bench_pending"}),
             "memory": memory_stats().model_dump(),
             **self.timings,

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
+from slimserve.kernels.dispatch import chosen_backends
 from slimserve.serve.engine.detokenizer import IncrementalDetokenizer
 from slimserve.serve.engine.limits import (
     EngineLimits,
@@ -235,6 +236,7 @@ class TorchEngine:
             "waiting": sum(not s.aborted for s in list(self._waiting)),
             "kv_cache_bytes": self.runner.kv_cache_bytes,
             "packed_weight_bytes": self.runner.packed_weight_bytes,
+            "kernels": chosen_backends(),  # this process's: the engine may run in its own
             **self.counters,
         }
 

@@ -73,6 +73,11 @@ def test_the_engine_process_answers_like_the_in_process_engine(config, process_e
     torch.testing.assert_close(targets[0], targets[1])
     stats = process_engine.stats()
     assert stats["engine_pid"] == process_engine.pid != os.getpid()
+    # The kernels the child ran reach the replica's stats with the next periodic update.
+    deadline = time.monotonic() + 10
+    while not process_engine.stats()["kernels"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "dense" in process_engine.stats()["kernels"]
 
 
 def test_a_caller_that_leaves_frees_its_slot(process_engine):
