@@ -155,7 +155,9 @@ def w8a16_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
     """A CPU call the kernel takes: few rows, contiguous weights, dtypes it reads."""
     if x.device.type != "cpu" or x.dim() != 2 or not 1 <= x.shape[0] <= W8A16_GEMV_MAX_M:
         return False
-    if x.dtype not in _DTYPE_CODES or scale.dtype not in _DTYPE_CODES:
+    if qweight.dtype != torch.int8 or x.dtype not in _DTYPE_CODES:
+        return False
+    if scale.dtype not in _DTYPE_CODES:
         return False
     if not (qweight.is_contiguous() and scale.is_contiguous()):
         return False

@@ -110,6 +110,7 @@ def test_limits_are_checked_before_the_call() -> None:
     assert not native.w8a16_gemv_supported(too_many, qweight, scale)
     assert not native.w8a16_gemv_supported(too_many[:2].double(), qweight, scale)
     assert not native.w8a16_gemv_supported(too_many[:2], qweight.t(), scale)
+    assert not native.w8a16_gemv_supported(too_many[:2], qweight.to(torch.int16), scale)
     with pytest.raises(ValueError, match="refused"):
         kernels.w8a16_gemv(too_many, qweight, scale)
 
