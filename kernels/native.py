@@ -1,5 +1,6 @@
-"""slimserve's own CPU kernels in C++ (`cpu_gemv.cpp`), built once per machine and called through
-ctypes (which releases the interpreter lock for the call).
+"""slimserve's own CPU kernels in C++ (`cpu_gemv.cpp`: W8A16 GEMV; `cpu_decode_attention.cpp`: one
+sequence's rotary + cache write + attention), built once per machine into one library and called
+through ctypes (which releases the interpreter lock for the call).
 
 The library is compiled on first use with the system C++ compiler (`CXX`, else `c++` / `g++`)
 into `$SLIMSERVE_CACHE/native/`, named by a hash of the source, the compiler's version and the
@@ -26,7 +27,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("cpu_gemv.cpp", "cpu_decode_attention.cpp")
+)
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # Rows (tokens) one call handles: a whole int8 decode step at batch 1 / 2 was 1.46x / 1.14x
 # faster than on torch's int8pack, 0.8-0.9x at 3-8 (kernels/README.md).
@@ -56,9 +59,9 @@ def _library_path(compiler: str) -> Path:
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode()):
-        digest.update(part)
-    return cache_dir() / f"cpu_gemv-{digest.hexdigest()[:16]}.so"
+    for part in (*(source.read_bytes() for source in SOURCES), version.encode(), *FLAGS):
+        digest.update(part.encode() if isinstance(part, str) else part)
+    return cache_dir() / f"slimserve_cpu-{digest.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
@@ -71,13 +74,14 @@ def build() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         partial = Path(scratch) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(partial)],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial)],
             capture_output=True,
             text=True,
             check=False,
         )
         if result.returncode != 0:
-            raise NativeBuildError(f"{compiler} failed on {SOURCE.name}:\n{result.stderr[-2000:]}")
+            names = " ".join(source.name for source in SOURCES)
+            raise NativeBuildError(f"{compiler} failed on {names}:\n{result.stderr[-2000:]}")
         os.replace(partial, target)
     log.info("built %s with %s", target, compiler)
     return target
@@ -120,6 +124,42 @@ class NativeKernels:
             raise ValueError(f"slim_w8a16_gemv refused M={m} K={k} N={n}")
         return out
 
+    def decode_attention(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        position: int,
+        heads: int,
+        scaling: float,
+    ) -> torch.Tensor:
+        """One sequence, one layer, bf16: qkv [(H + 2 Hkv) * D] of the new token (q | k | v, not
+        yet rotated), cos / sin [D] at `position`, the slot's caches [Hkv, max_len, D] (the new
+        key and value are written at `position`) -> attention output [1, H * D] over keys
+        0..position. Callers check `decode_attention_supported` first."""
+        kv_heads, max_len, dim = k_cache.shape
+        qkv = qkv.contiguous()
+        out = torch.empty(1, heads * dim, dtype=torch.bfloat16)
+        status = self.library.slim_decode_attention_bf16(
+            qkv.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            max_len,
+            position,
+            heads,
+            kv_heads,
+            dim,
+            scaling,
+            out.data_ptr(),
+        )
+        if status != 0:
+            raise ValueError(f"slim_decode_attention_bf16 refused H={heads} Hkv={kv_heads} D={dim}")
+        return out
+
 
 def _load(path: Path) -> NativeKernels:
     library = ctypes.CDLL(str(path))
@@ -131,6 +171,17 @@ def _load(path: Path) -> NativeKernels:
         getattr(library, name).argtypes = []
     library.slim_w8a16_gemv.restype = cint
     library.slim_w8a16_gemv.argtypes = [ptr, cint, i64, i64, ptr, ptr, cint, i64, ptr]
+    library.slim_decode_attention_bf16.restype = cint
+    library.slim_decode_attention_bf16.argtypes = [
+        *(ptr,) * 5,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        ctypes.c_float,
+        ptr,
+    ]
     return NativeKernels(library)
 
 
@@ -163,3 +214,19 @@ def w8a16_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
         return False
     native = kernels()
     return native is not None and x.shape[1] <= native.w8a16_max_k
+
+
+def decode_attention_supported(
+    qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int
+) -> bool:
+    """bf16 CPU tensors, contiguous slot caches [Hkv, max_len, D] with D % 16 == 0 (<= 256)."""
+    if qkv.device.type != "cpu" or qkv.dtype != torch.bfloat16 or not qkv.is_contiguous():
+        return False
+    if k_cache.dtype != torch.bfloat16 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
+        return False
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return False
+    kv_heads, _, dim = k_cache.shape
+    if dim % 16 or dim > 256 or heads % kv_heads or qkv.numel() != (heads + 2 * kv_heads) * dim:
+        return False
+    return kernels() is not None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimserve.kernels import Int8Linear, native
+from slimserve.kernels import native
 from slimserve.kernels.fuse import fuse_linears
 
 # Up to this many decoding sequences, attention is torch's fused SDPA over the query heads of
@@ -189,8 +189,19 @@ class LlamaRunner:
         head = _fuse([model.lm_head], packed) if type(model.lm_head) is nn.Linear else None
         self.lm_head = head if head is not None else model.lm_head
         self.packed_weight_bytes = sum(packed or [])
-        if any(isinstance(module, Int8Linear) for module in model.modules()):
-            native.kernels()  # build or load now, not inside the first request's decode step
+        # A lone decoding sequence (no prompt chunk in the step) takes each layer's rotary,
+        # cache write and attention in one native call; loading it here also keeps the build
+        # out of the first request.
+        self.native_single_decode = (
+            self.dtype == torch.bfloat16
+            and all(plan.qkv is not None and plan.q_norm is None for plan in self.layers)
+            and native.decode_attention_supported(
+                torch.empty((self.n_heads + 2 * self.n_kv_heads) * self.head_dim, dtype=self.dtype),
+                self.k_cache[0, 0],
+                self.v_cache[0, 0],
+                self.n_heads,
+            )
+        )
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -236,6 +247,8 @@ class LlamaRunner:
         for its last token, or [n, vocab] with `chunk.logits == "all"`).
         """
         batch = len(decode_ids)
+        if batch == 1 and chunk is None and self.native_single_decode:
+            return self._decode_one(decode_ids[0], decode_positions[0]), None
         chunk_ids = chunk.token_ids if chunk is not None else []
         if chunk is not None and not batch <= chunk.slot < self.max_slots:
             raise ValueError(f"prefill slot {chunk.slot} overlaps the {batch} decoding slots")
@@ -264,6 +277,29 @@ class LlamaRunner:
         elif chunk is not None and chunk.logits == "last":
             chunk_logits = self._logits(x[-1])
         return decode_logits, chunk_logits
+
+    def _decode_one(self, token: int, position: int) -> torch.Tensor:
+        """`step` for one decoding sequence in slot 0 and no prompt chunk: float32 logits
+        [1, vocab]. Same modules as `step`; rotary, cache write and attention are one native
+        call per layer (the cached keys bit-identical to the eager ops)."""
+        kernels = native.kernels()
+        x = self.embed(torch.tensor([token], dtype=torch.long))
+        cos, sin = self.cos[position], self.sin[position]
+        for index, plan in enumerate(self.layers):
+            qkv = plan.qkv(plan.input_norm(x))
+            attn = kernels.decode_attention(
+                qkv,
+                cos,
+                sin,
+                self.k_cache[index, 0],
+                self.v_cache[index, 0],
+                position,
+                self.n_heads,
+                self.scaling,
+            )
+            x = x + plan.o(attn)
+            x = x + self._mlp(plan, plan.post_norm(x))
+        return self._logits(x)
 
     def _attend_decode(
         self, layer: int, view: _DecodeView, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
