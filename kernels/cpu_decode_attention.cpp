@@ -13,22 +13,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_bf16.h"
+
 #define SLIM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-static inline float bf16_value(uint16_t v) {
-  uint32_t bits = (uint32_t)v << 16;
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-static inline uint16_t bf16_round(float f) {
-  uint32_t bits;
-  memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return (uint16_t)(bits >> 16);
-}
 
 // 16 bf16 -> 16 fp32
 SLIM_AVX512 static inline __m512 load16(const uint16_t *p) {
@@ -59,10 +47,11 @@ static void rotate(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, 
                    uint16_t *out) {
   const int64_t half = dim / 2;
   for (int64_t d = 0; d < dim; d++) {
-    float rotated = d < half ? -bf16_value(x[d + half]) : bf16_value(x[d - half]);
-    float a = bf16_value(bf16_round(bf16_value(x[d]) * bf16_value(cos[d])));
-    float b = bf16_value(bf16_round(rotated * bf16_value(sin[d])));
-    out[d] = bf16_round(a + b);
+    const float rotated =
+        d < half ? -slim_bf16_to_float(x[d + half]) : slim_bf16_to_float(x[d - half]);
+    const float a = slim_round_to_bf16(slim_bf16_to_float(x[d]) * slim_bf16_to_float(cos[d]));
+    const float b = slim_round_to_bf16(rotated * slim_bf16_to_float(sin[d]));
+    out[d] = slim_float_to_bf16(a + b);
   }
 }
 
@@ -142,7 +131,7 @@ extern "C" SLIM_AVX512 int slim_decode_attention_bf16(
       for (int64_t c = 0; c < chunks; c++) {
         float lane[16];
         _mm512_storeu_ps(lane, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
-        for (int i = 0; i < 16; i++) dst[16 * c + i] = bf16_round(lane[i]);
+        for (int i = 0; i < 16; i++) dst[16 * c + i] = slim_float_to_bf16(lane[i]);
       }
     }
   }

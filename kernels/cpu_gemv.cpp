@@ -1,5 +1,5 @@
-// One- and two-row W8A16 matmul (decode at batch 1-2) for x86-64 CPUs with AVX-512 VNNI, loaded through ctypes
-// (kernels/native.py builds it once per machine with the system C++ compiler).
+// One- and two-row W8A16 matmul (decode at batch 1-2) for x86-64 CPUs with AVX-512 VNNI, loaded
+// through ctypes (kernels/native.py builds it once per machine with the system C++ compiler).
 //
 // Why not torch._weight_int8pack_mm: at 1-8 rows a decode step only streams the int8 weights, and
 // that kernel widens each int8 to fp32 and multiplies in fp32 (three vector ops per 16 weights), so
@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_bf16.h"
+
 #define SLIM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
 
 enum SlimDtype { SLIM_F32 = 0, SLIM_BF16 = 1, SLIM_F16 = 2 };
@@ -29,24 +31,13 @@ static const int64_t PREFETCH_BYTES = 12288;
 SLIM_AVX512 static inline float load_scalar(const void *base, int dtype, int64_t i) {
   if (dtype == SLIM_F32) return ((const float *)base)[i];
   if (dtype == SLIM_F16) return _cvtsh_ss(((const uint16_t *)base)[i]);
-  uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  // quiet NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
-  return (uint16_t)(bits >> 16);
+  return slim_bf16_to_float(((const uint16_t *)base)[i]);
 }
 
 SLIM_AVX512 static inline void store_scalar(void *base, int dtype, int64_t i, float v) {
   if (dtype == SLIM_F32) ((float *)base)[i] = v;
   else if (dtype == SLIM_F16) ((uint16_t *)base)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
-  else ((uint16_t *)base)[i] = float_to_bf16(v);
+  else ((uint16_t *)base)[i] = slim_float_to_bf16(v);
 }
 
 extern "C" int64_t slim_w8a16_code_limit(void) { return CODE_LIMIT; }

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(
     Path(__file__).with_name(name) for name in ("cpu_gemv.cpp", "cpu_decode_attention.cpp")
 )
+HEADERS = (Path(__file__).with_name("cpu_bf16.h"),)
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # Rows (tokens) one call handles: a whole int8 decode step at batch 1 / 2 was 1.46x / 1.14x
 # faster than on torch's int8pack, 0.8-0.9x at 3-8 (kernels/README.md).
@@ -59,7 +60,8 @@ def _library_path(compiler: str) -> Path:
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
     digest = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in SOURCES), version.encode(), *FLAGS):
+    sources = (*SOURCES, *HEADERS)
+    for part in (*(source.read_bytes() for source in sources), version.encode(), *FLAGS):
         digest.update(part.encode() if isinstance(part, str) else part)
     return cache_dir() / f"slimserve_cpu-{digest.hexdigest()[:16]}.so"
 
