@@ -1,8 +1,9 @@
-// One decoding sequence's attention step for one layer, bf16, x86-64 with AVX-512 (built and
-// loaded with cpu_gemv.cpp by kernels/native.py).
+// One decoding sequence's step outside the matmuls, bf16, x86-64 with AVX-512 (built and loaded
+// with cpu_gemv.cpp by kernels/native.py): per layer, rotary + cache writes + attention, the
+// residual add + RMSNorm, and SiLU(gate) * up.
 //
-// Why: at batch 1 a layer's rotary, cache writes and attention are ~15 small torch ops (~40 us
-// of fixed costs per layer, ~1.2 ms of a ~10 ms int8 decode step); here they are one call.
+// Why: at batch 1 these are ~25 small torch ops per layer, each with microseconds of fixed cost
+// and almost no arithmetic (~3 ms of a ~10 ms int8 decode step); here they are three calls.
 // Rotary rounds to bf16 after each product and after the sum, as the eager bf16 ops do, so the
 // cached keys are bit-identical; scores, softmax and the weighted sum run in fp32 (as torch's
 // fused SDPA does), the output is rounded to bf16 once.
@@ -138,4 +139,31 @@ extern "C" SLIM_AVX512 int slim_decode_attention_bf16(
   free(q_rot);
   free(scores);
   return 0;
+}
+
+// x += delta (bf16, in place; delta may be NULL), then out = weight * (x / rms(x)) with the
+// eager ops' roundings: the normalized x rounded to bf16, then the product rounded to bf16.
+extern "C" void slim_add_rms_norm_bf16(uint16_t *x, const uint16_t *delta, const uint16_t *weight,
+                                       int64_t n, float eps, uint16_t *out) {
+  float squares = 0.0f;
+  for (int64_t i = 0; i < n; i++) {
+    if (delta != NULL)
+      x[i] = slim_float_to_bf16(slim_bf16_to_float(x[i]) + slim_bf16_to_float(delta[i]));
+    const float v = slim_bf16_to_float(x[i]);
+    squares += v * v;
+  }
+  const float inv = 1.0f / sqrtf(squares / (float)n + eps);
+  for (int64_t i = 0; i < n; i++) {
+    const float normed = slim_round_to_bf16(slim_bf16_to_float(x[i]) * inv);
+    out[i] = slim_float_to_bf16(slim_bf16_to_float(weight[i]) * normed);
+  }
+}
+
+// gate_up [2n] = gate | up -> out [n] = silu(gate) * up, each op rounded to bf16 as eager.
+extern "C" void slim_silu_mul_bf16(const uint16_t *gate_up, int64_t n, uint16_t *out) {
+  for (int64_t i = 0; i < n; i++) {
+    const float g = slim_bf16_to_float(gate_up[i]);
+    const float silu = slim_round_to_bf16(g / (1.0f + expf(-g)));
+    out[i] = slim_float_to_bf16(silu * slim_bf16_to_float(gate_up[n + i]));
+  }
 }

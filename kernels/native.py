@@ -162,6 +162,30 @@ class NativeKernels:
             raise ValueError(f"slim_decode_attention_bf16 refused H={heads} Hkv={kv_heads} D={dim}")
         return out
 
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """bf16, one row: x += delta in place (unless None), then RMSNorm(x) * weight as a new
+        tensor, rounded as transformers' Llama RMSNorm rounds. x must be contiguous."""
+        out = torch.empty_like(x)
+        self.library.slim_add_rms_norm_bf16(
+            x.data_ptr(),
+            None if delta is None else delta.contiguous().data_ptr(),
+            weight.data_ptr(),
+            x.numel(),
+            eps,
+            out.data_ptr(),
+        )
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """bf16 [1, 2n] = gate | up -> [1, n] silu(gate) * up, rounded as the eager ops round."""
+        gate_up = gate_up.contiguous()
+        n = gate_up.shape[-1] // 2
+        out = torch.empty(1, n, dtype=torch.bfloat16)
+        self.library.slim_silu_mul_bf16(gate_up.data_ptr(), n, out.data_ptr())
+        return out
+
 
 def _load(path: Path) -> NativeKernels:
     library = ctypes.CDLL(str(path))
@@ -173,6 +197,10 @@ def _load(path: Path) -> NativeKernels:
         getattr(library, name).argtypes = []
     library.slim_w8a16_gemv.restype = cint
     library.slim_w8a16_gemv.argtypes = [ptr, cint, i64, i64, ptr, ptr, cint, i64, ptr]
+    library.slim_add_rms_norm_bf16.restype = None
+    library.slim_add_rms_norm_bf16.argtypes = [ptr, ptr, ptr, i64, ctypes.c_float, ptr]
+    library.slim_silu_mul_bf16.restype = None
+    library.slim_silu_mul_bf16.argtypes = [ptr, i64, ptr]
     library.slim_decode_attention_bf16.restype = cint
     library.slim_decode_attention_bf16.argtypes = [
         *(ptr,) * 5,

@@ -66,6 +66,10 @@ def _norm(module: nn.Module) -> nn.Module | _RMSNorm:
     return _RMSNorm(module) if type(module).__name__ in _PLAIN_RMS_NORMS else module
 
 
+def _is_silu(act: object) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
 class _LayerPlan:
     """The matmuls of one decoder layer as the runner calls them."""
 
@@ -88,6 +92,19 @@ class _LayerPlan:
             mlp.gate_proj = mlp.up_proj = _Dropped()
         self.o = _packed_or_same(attn, "o_proj", packed)
         self.down = _packed_or_same(mlp, "down_proj", packed)
+
+
+def _native_decode_layer(plan: _LayerPlan) -> bool:
+    """The layer shape `LlamaRunner._decode_one` computes: fused q|k|v and gate|up, plain
+    RMSNorms, SiLU, no per-head q/k norms."""
+    return (
+        plan.qkv is not None
+        and plan.gate_up is not None
+        and plan.q_norm is None
+        and isinstance(plan.input_norm, _RMSNorm)
+        and isinstance(plan.post_norm, _RMSNorm)
+        and _is_silu(plan.act)
+    )
 
 
 def _fuse(modules: list[nn.Module], packed: list[int] | None) -> nn.Module | None:
@@ -194,7 +211,8 @@ class LlamaRunner:
         # out of the first request.
         self.native_single_decode = (
             self.dtype == torch.bfloat16
-            and all(plan.qkv is not None and plan.q_norm is None for plan in self.layers)
+            and all(_native_decode_layer(plan) for plan in self.layers)
+            and isinstance(self.final_norm, _RMSNorm)
             and native.decode_attention_supported(
                 torch.empty((self.n_heads + 2 * self.n_kv_heads) * self.head_dim, dtype=self.dtype),
                 self.k_cache[0, 0],
@@ -280,15 +298,18 @@ class LlamaRunner:
 
     def _decode_one(self, token: int, position: int) -> torch.Tensor:
         """`step` for one decoding sequence in slot 0 and no prompt chunk: float32 logits
-        [1, vocab]. Same modules as `step`; rotary, cache write and attention are one native
-        call per layer (the cached keys bit-identical to the eager ops)."""
+        [1, vocab]. Same modules and roundings as `step`; between the matmuls, native calls:
+        residual add + RMSNorm, rotary + cache write + attention, SiLU(gate) * up (the cached
+        keys bit-identical to the eager ops)."""
         kernels = native.kernels()
-        x = self.embed(torch.tensor([token], dtype=torch.long))
+        x = self.embed(torch.tensor([token], dtype=torch.long)).contiguous()  # the residual
         cos, sin = self.cos[position], self.sin[position]
+        delta = None
         for index, plan in enumerate(self.layers):
-            qkv = plan.qkv(plan.input_norm(x))
+            norm = plan.input_norm
+            h = kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
             attn = kernels.decode_attention(
-                qkv,
+                plan.qkv(h),
                 cos,
                 sin,
                 self.k_cache[index, 0],
@@ -297,9 +318,11 @@ class LlamaRunner:
                 self.n_heads,
                 self.scaling,
             )
-            x = x + plan.o(attn)
-            x = x + self._mlp(plan, plan.post_norm(x))
-        return self._logits(x)
+            norm = plan.post_norm
+            h = kernels.add_rms_norm(x, plan.o(attn), norm.weight, norm.eps)
+            delta = plan.down(kernels.silu_mul(plan.gate_up(h)))
+        final = self.final_norm
+        return self.lm_head(kernels.add_rms_norm(x, delta, final.weight, final.eps)).float()
 
     def _attend_decode(
         self, layer: int, view: _DecodeView, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

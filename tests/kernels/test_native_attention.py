@@ -1,6 +1,7 @@
-"""slimserve's own CPU decode attention (kernels/cpu_decode_attention.cpp): rotary and cache
-writes bit-identical to the eager bf16 ops, attention against an fp64 reference at several
-head layouts, head sizes and cache lengths, and the limits checked before a call."""
+"""slimserve's own CPU ops for one decoding sequence (kernels/cpu_decode_attention.cpp): rotary
+and cache writes bit-identical to the eager bf16 ops, attention against an fp64 reference at
+several head layouts, head sizes and cache lengths, the limits checked before a call, and the
+residual add + RMSNorm and SiLU(gate) * up rounded as the eager ops round."""
 
 from __future__ import annotations
 
@@ -93,3 +94,32 @@ def test_limits_are_checked_before_the_call() -> None:
     with pytest.raises(ValueError, match="refused"):
         cos = sin = torch.zeros(64, dtype=torch.bfloat16)
         native.kernels().decode_attention(qkv, cos, sin, k_cache, v_cache, 20, 9, 0.125)
+
+
+@pytest.mark.parametrize("n", [576, 64, 1001])
+def test_add_rms_norm_rounds_like_the_eager_ops(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(1, n, generator=gen) * 3).bfloat16()
+    delta = torch.randn(1, n, generator=gen).bfloat16()
+    weight = (torch.rand(n, generator=gen) + 0.5).bfloat16()
+    summed = x + delta
+    expected = weight * torch.nn.functional.rms_norm(summed.float(), (n,), None, 1e-5).bfloat16()
+    out = native.kernels().add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(x, summed)  # the residual, updated in place
+    # Same roundings; only the order of the sum of squares may move a value by one bf16 step.
+    assert (out == expected).float().mean() > 0.99
+    torch.testing.assert_close(out, expected, rtol=8e-3, atol=0)
+    again = native.kernels().add_rms_norm(x, None, weight, 1e-5)  # no residual: norm only
+    assert torch.equal(x, summed) and torch.equal(again, out)
+
+
+@pytest.mark.parametrize("n", [1536, 7])
+def test_silu_mul_rounds_like_the_eager_ops(n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    gate_up = (torch.randn(1, 2 * n, generator=gen) * 4).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    out = native.kernels().silu_mul(gate_up)
+    assert out.shape == (1, n)
+    assert (out == expected).float().mean() > 0.99
+    torch.testing.assert_close(out, expected, rtol=8e-3, atol=1e-6)
