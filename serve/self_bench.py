@@ -71,14 +71,22 @@ async def prefill_rate(engine: Any, prompts: list[list[int]]) -> float:
 
 
 async def decode_rate(engine: Any, prompts: list[list[int]], tokens: int) -> float:
+    """Tokens/s once every stream has its first token. An engine may hand a caller several
+    steps' tokens as one delta when the caller lags behind; if every token came before that
+    point (a fast engine, a busy loop), the rate is taken over the whole requests instead,
+    their short prefill included, rather than reported as 0."""
     params = SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True)
+    started = time.perf_counter()
     streams = await asyncio.gather(
         *(_run_stream(engine, f"bench-decode-{i}", p, params) for i, p in enumerate(prompts))
     )
     all_started = max(stamps[0][0] for stamps in streams)
     ended = max(stamps[-1][0] for stamps in streams)
     after = sum(n for stamps in streams for t, n in stamps if t > all_started)
-    return after / max(ended - all_started, 1e-9)
+    if after > 0 and ended > all_started:
+        return after / (ended - all_started)
+    total = sum(n for stamps in streams for _, n in stamps)
+    return total / max(ended - started, 1e-9)
 
 
 def _prompts(ids: torch.Tensor, count: int, length: int) -> list[list[int]]:

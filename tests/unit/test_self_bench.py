@@ -11,6 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimserve.compression.calibration import load_text, token_windows
+from slimserve.serve.engine.types import EngineEvent
+from slimserve.serve.self_bench import decode_rate
 from slimserve.serve.variant_server import VariantServer
 
 from .online_helpers import FAST_SELF_BENCH, online_config
@@ -58,3 +60,18 @@ def test_a_pending_self_bench_runs_on_the_serving_loop(server):
     finally:
         server.bench.self_bench, server.bench.self_bench_pending = saved, False
         server._bench_task = None
+
+
+class _OneDeltaEngine:
+    """Fault injected on purpose: an engine that hands each request's tokens over as one delta
+    (what a fast engine does to a caller that lags behind)."""
+
+    async def generate(self, name, prompt, params):
+        await asyncio.sleep(0.05)
+        yield EngineEvent(kind="delta", text="x" * params.max_tokens, tokens=params.max_tokens)
+        yield EngineEvent(kind="done", completion_tokens=params.max_tokens)
+
+
+def test_decode_rate_of_coalesced_deltas_is_not_zero():
+    rate = asyncio.run(decode_rate(_OneDeltaEngine(), [[1, 2, 3]] * 2, tokens=31))
+    assert 2 * 32 / 0.2 < rate < 2 * 32 / 0.04  # whole requests of ~50 ms, in parallel
