@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from slimserve.kernels.packing import compress_24
@@ -47,3 +49,13 @@ def random_24(n: int, k: int, seed: int = 0) -> torch.Tensor:
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref|: a scale-free bound that ragged/small outputs cannot dodge."""
     return float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+def cpu_has(*flags: str) -> bool:
+    """Whether /proc/cpuinfo lists every flag (read independently of the code under test)."""
+    info = Path("/proc/cpuinfo")
+    words = set(info.read_text().split()) if info.exists() else set()
+    return all(flag in words for flag in flags)
+
+
+AVX512_VNNI = ("avx512bw", "avx512vl", "avx512_vnni")

@@ -5,18 +5,14 @@ residual add + RMSNorm and SiLU(gate) * up rounded as the eager ops round."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from slimserve.kernels import native
 
-from .helpers import rel_error
+from .helpers import AVX512_VNNI, cpu_has, rel_error
 
-CPU_FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-HAS_AVX512 = all(flag in CPU_FLAGS.split() for flag in ("avx512bw", "avx512vl", "avx512_vnni"))
-pytestmark = pytest.mark.skipif(not HAS_AVX512, reason="this CPU has no AVX-512 (BW, VL, VNNI)")
+pytestmark = pytest.mark.skipif(not cpu_has(*AVX512_VNNI), reason="this CPU has no AVX-512 VNNI")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,9 @@ import torch
 from slimserve.kernels import Int8Linear, native, quantize_int8_absmax
 from slimserve.kernels.int8 import select_w8a16_backend
 
-from .helpers import rel_error
+from .helpers import AVX512_VNNI, cpu_has, rel_error
 
-CPU_FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-HAS_VNNI = all(flag in CPU_FLAGS.split() for flag in ("avx512bw", "avx512vl", "avx512_vnni"))
-pytestmark = pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(not cpu_has(*AVX512_VNNI), reason="this CPU has no AVX-512 VNNI")
 
 # 16-bit activations: the int16 codes are finer than the inputs; the bound is the output rounding.
 BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,6 +158,12 @@ def test_a_chunk_may_not_land_on_a_decoding_slot():
         runner.step([5, 6], [0, 0], PrefillChunk(slot=1, token_ids=[1, 2], start=0))
 
 
+@pytest.mark.skipif(
+    "avx512_vnni" not in Path("/proc/cpuinfo").read_text()
+    if Path("/proc/cpuinfo").exists()
+    else True,
+    reason="the native kernels need AVX-512 VNNI",
+)
 def test_a_lone_decode_runs_natively_with_the_same_cache_and_logits():
     """bf16, one sequence, no prompt chunk: the native rotary + cache write + attention against
     the eager path of the same runner code (switched off on a copy)."""
