@@ -56,7 +56,11 @@ static void rotate(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, 
   }
 }
 
-extern "C" int64_t slim_decode_attention_max_head_dim(void) { return 256; }
+// Keys, values and accumulators of one head live in registers: head_dim / 16 vectors at most.
+static const int64_t MAX_HEAD_DIM = 256;
+static const int64_t MAX_GROUP = 256;  // query heads per K/V head
+
+extern "C" int64_t slim_decode_attention_max_head_dim(void) { return MAX_HEAD_DIM; }
 
 // qkv: [heads + 2 * kv_heads, head_dim] of this token, q | k | v; cos / sin: [head_dim] at
 // `position`; k_cache / v_cache: [kv_heads, max_len, head_dim] of the sequence's slot (the new
@@ -66,8 +70,8 @@ extern "C" SLIM_AVX512 int slim_decode_attention_bf16(
     const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, uint16_t *k_cache,
     uint16_t *v_cache, int64_t max_len, int64_t position, int64_t heads, int64_t kv_heads,
     int64_t head_dim, float scaling, uint16_t *out) {
-  if (head_dim % 16 != 0 || head_dim > 256 || kv_heads < 1 || heads % kv_heads != 0 ||
-      heads / kv_heads > 256 ||
+  if (head_dim % 16 != 0 || head_dim > MAX_HEAD_DIM || kv_heads < 1 || heads % kv_heads != 0 ||
+      heads / kv_heads > MAX_GROUP ||
       position < 0 || position >= max_len)
     return -1;
   const int64_t group = heads / kv_heads, length = position + 1, chunks = head_dim / 16;
@@ -92,7 +96,7 @@ extern "C" SLIM_AVX512 int slim_decode_attention_bf16(
     const uint16_t *values = v_cache + g * max_len * head_dim;
     // Scores of the group's query heads against every key, each key converted once.
     for (int64_t j = 0; j < length; j++) {
-      __m512 key[16];
+      __m512 key[MAX_HEAD_DIM / 16];
       for (int64_t c = 0; c < chunks; c++) key[c] = load16(keys + j * head_dim + 16 * c);
       for (int64_t h = 0; h < group; h++) {
         const uint16_t *q = q_rot + (g * group + h) * head_dim;
@@ -101,7 +105,7 @@ extern "C" SLIM_AVX512 int slim_decode_attention_bf16(
         scores[h * (length + 16) + j] = _mm512_reduce_add_ps(acc) * scaling;
       }
     }
-    float sums[256];
+    float sums[MAX_GROUP];
     for (int64_t h = 0; h < group; h++) {
       float *row = scores + h * (length + 16);
       float peak = -INFINITY;
@@ -119,7 +123,7 @@ extern "C" SLIM_AVX512 int slim_decode_attention_bf16(
     }
     // Weighted sum of the values, per query head (the group's values stay in L1 / L2).
     for (int64_t h0 = 0; h0 < group; h0++) {
-      __m512 acc[16];
+      __m512 acc[MAX_HEAD_DIM / 16];
       for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
       const float *weights = scores + h0 * (length + 16);
       for (int64_t j = 0; j < length; j++) {

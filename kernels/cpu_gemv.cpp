@@ -76,11 +76,11 @@ SLIM_AVX512 static void quantize_rows(const void *x, int dtype, int64_t rows, in
 
 // ROWS activation rows against every weight row, WR weight rows per pass, each 64-byte weight
 // vector loaded once for all ROWS. Per weight row: sum(lo * w), sum(hi * w) and sum(w) (the last
-// undoes the +128 of the high bytes). Writes activation rows < valid.
+// undoes the +128 of the high bytes).
 template <int ROWS, int WR>
 SLIM_AVX512 static void gemv_block(const uint8_t *lo, const uint8_t *hi, const double *xscale,
-                                   int64_t valid, int64_t kp, const int8_t *w, const void *wscale,
-                                   int wdtype, int64_t n_total, int64_t k, void *out, int odtype) {
+                                   int64_t kp, const int8_t *w, const void *wscale, int wdtype,
+                                   int64_t n_total, int64_t k, void *out, int odtype) {
   const int64_t kmain = k & ~(int64_t)63;
   const __mmask64 tail = k > kmain ? (__mmask64)(~0ull >> (64 - (k - kmain))) : 0;
   const __m512i ones = _mm512_set1_epi8(1);
@@ -126,7 +126,7 @@ SLIM_AVX512 static void gemv_block(const uint8_t *lo, const uint8_t *hi, const d
       if (index < n) continue;  // written by the previous pass
       const int64_t weight_sum = _mm512_reduce_add_epi32(acc_w[r]);
       const double ws = (double)load_scalar(wscale, wdtype, index);
-      for (int m = 0; m < valid; m++) {
+      for (int m = 0; m < ROWS; m++) {
         const int64_t high = (int64_t)_mm512_reduce_add_epi32(acc_hi[r][m]) - 128 * weight_sum;
         const int64_t sum = 256 * high + (int64_t)_mm512_reduce_add_epi32(acc_lo[r][m]);
         store_scalar(out, odtype, m * n_total + index, (float)((double)sum * xscale[m] * ws));
@@ -147,8 +147,8 @@ extern "C" int slim_w8a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, 
   double scales[MAX_ROWS] = {0};
   quantize_rows(x, xdtype, m, k, kp, lo, hi, scales);
   // One row: eight weight rows per pass (more loads in flight); two rows: four (registers).
-  if (m == 1) gemv_block<1, 8>(lo, hi, scales, 1, kp, w, wscale, wdtype, n, k, out, xdtype);
-  else gemv_block<2, 4>(lo, hi, scales, 2, kp, w, wscale, wdtype, n, k, out, xdtype);
+  if (m == 1) gemv_block<1, 8>(lo, hi, scales, kp, w, wscale, wdtype, n, k, out, xdtype);
+  else gemv_block<2, 4>(lo, hi, scales, kp, w, wscale, wdtype, n, k, out, xdtype);
   free(bytes);
   return 0;
 }

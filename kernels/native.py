@@ -1,9 +1,9 @@
 """slimserve's own CPU kernels in C++ (`cpu_gemv.cpp`: W8A16 GEMV; `cpu_decode_attention.cpp`: one
-sequence's rotary + cache write + attention), built once per machine into one library and called
-through ctypes (which releases the interpreter lock for the call).
+sequence's rotary + cache write + attention, residual add + RMSNorm, SiLU * up), built once per
+machine into one library and called through ctypes (which releases the interpreter lock).
 
 The library is compiled on first use with the system C++ compiler (`CXX`, else `c++` / `g++`)
-into `$SLIMSERVE_CACHE/native/`, named by a hash of the source, the compiler's version and the
+into `$SLIMSERVE_CACHE/native/`, named by a hash of the sources, the compiler's version and the
 flags, and moved into place atomically so replicas starting together never load a half-written
 file. Where there is no compiler or the CPU lacks AVX-512 VNNI, `kernels()` returns None, the
 reason is logged once and the dispatch keeps torch's own CPU kernels (the chosen backend shows in
@@ -102,6 +102,10 @@ class NativeKernels:
     def w8a16_max_k(self) -> int:
         return int(self.library.slim_w8a16_max_k())
 
+    @functools.cached_property
+    def decode_attention_max_head_dim(self) -> int:
+        return int(self.library.slim_decode_attention_max_head_dim())
+
     def w8a16_gemv(
         self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     ) -> torch.Tensor:
@@ -192,7 +196,7 @@ def _load(path: Path) -> NativeKernels:
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     library.slim_cpu_supported.restype = cint
     library.slim_cpu_supported.argtypes = []
-    for name in ("slim_w8a16_code_limit", "slim_w8a16_max_k"):
+    for name in ("slim_w8a16_code_limit", "slim_w8a16_max_k", "slim_decode_attention_max_head_dim"):
         getattr(library, name).restype = i64
         getattr(library, name).argtypes = []
     library.slim_w8a16_gemv.restype = cint
@@ -249,7 +253,8 @@ def w8a16_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
 def decode_attention_supported(
     qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int
 ) -> bool:
-    """bf16 CPU tensors, contiguous slot caches [Hkv, max_len, D] with D % 16 == 0 (<= 256)."""
+    """bf16 CPU tensors, contiguous slot caches [Hkv, max_len, D] with D % 16 == 0, D at most
+    the kernel's limit (256)."""
     if qkv.device.type != "cpu" or qkv.dtype != torch.bfloat16 or not qkv.is_contiguous():
         return False
     if k_cache.dtype != torch.bfloat16 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
@@ -257,6 +262,7 @@ def decode_attention_supported(
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return False
     kv_heads, _, dim = k_cache.shape
-    if dim % 16 or dim > 256 or heads % kv_heads or qkv.numel() != (heads + 2 * kv_heads) * dim:
+    if dim % 16 or heads % kv_heads or qkv.numel() != (heads + 2 * kv_heads) * dim:
         return False
-    return kernels() is not None
+    native = kernels()
+    return native is not None and dim <= native.decode_attention_max_head_dim

@@ -87,6 +87,9 @@ def test_limits_are_checked_before_the_call() -> None:
     odd = torch.zeros((9 + 6) * 40, dtype=torch.bfloat16)
     short_k, short_v = k_cache[..., :40].contiguous(), v_cache[..., :40].contiguous()
     assert not native.decode_attention_supported(odd, short_k, short_v, 9)  # D % 16
+    wide = torch.zeros(2, 4, 272, dtype=torch.bfloat16)  # D = 272 > the kernel's 256
+    assert native.kernels().decode_attention_max_head_dim == 256
+    assert not native.decode_attention_supported(torch.zeros(6 * 272).bfloat16(), wide, wide, 2)
     with pytest.raises(ValueError, match="refused"):
         cos = sin = torch.zeros(64, dtype=torch.bfloat16)
         native.kernels().decode_attention(qkv, cos, sin, k_cache, v_cache, 20, 9, 0.125)
