@@ -1,8 +1,12 @@
-// bf16 <-> fp32 scalar conversions shared by slimserve's C++ CPU kernels.
+// bf16 <-> fp32 conversions shared by slimserve's C++ CPU kernels: scalar, and 16 lanes at a
+// time with AVX-512 (callers compile them into functions targeting AVX-512 F / BW / VL).
 #pragma once
 
+#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+
+#define SLIM_AVX512_BASE __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 static inline float slim_bf16_to_float(uint16_t v) {
   uint32_t bits = (uint32_t)v << 16;
@@ -23,4 +27,35 @@ static inline uint16_t slim_float_to_bf16(float f) {
 // f rounded to the nearest bf16 value, kept as a float (what an eager bf16 op stores).
 static inline float slim_round_to_bf16(float f) {
   return slim_bf16_to_float(slim_float_to_bf16(f));
+}
+
+// 16 bf16 -> 16 fp32
+SLIM_AVX512_BASE static inline __m512 load16(const uint16_t *p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+// 16 fp32 -> 16 bf16, round to nearest even as torch rounds; NaN stays a quiet NaN.
+SLIM_AVX512_BASE static inline __m256i to_bf16x16(__m512 f) {
+  const __m512i bits = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  rounded = _mm512_mask_or_epi32(rounded, nan, bits, _mm512_set1_epi32(0x400000));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+// f rounded to bf16, kept in fp32 (what an eager bf16 op stores).
+SLIM_AVX512_BASE static inline __m512 round_bf16x16(__m512 f) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(f)), 16));
+}
+
+// Up to 16 bf16 at p (mask m) -> fp32, zeros outside the mask.
+SLIM_AVX512_BASE static inline __m512 load16_masked(const uint16_t *p, __mmask16 m) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+SLIM_AVX512_BASE static inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
 }

@@ -98,20 +98,28 @@ def quantize_per_token_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return codes.add_(_UINT8_ZERO_POINT).to(torch.uint8), scale
 
 
-def onednn_int8_matmul(
-    x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero_points: torch.Tensor
+def onednn_int8_gemm(
+    codes: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero_points: torch.Tensor
 ) -> torch.Tensor:
-    """W8A8 with per-token activation scales on prepacked int8 weights; -> [M, N] in x.dtype.
+    """uint8 activation codes [M, K] (zero point 128) x prepacked int8 weights -> fp32 [M, N]
+    with the per-channel weight scale applied.
 
     oneDNN's scales are per tensor for activations, so the GEMM runs with scale 1 and applies
-    only the per-channel weight scale (exact int32 sums, then one fp32 multiply); the per-token
-    scale follows on the fp32 output."""
-    codes, x_scale = quantize_per_token_uint8(x)
-    out = torch.ops.onednn.qlinear_pointwise(
+    only the per-channel weight scale (exact int32 sums, then one fp32 multiply); the caller
+    applies the per-token scale to the fp32 output."""
+    return torch.ops.onednn.qlinear_pointwise(
         codes, 1.0, _UINT8_ZERO_POINT, packed, weight_scale, zero_points,
         None, 1.0, 0, torch.float32, "none", [], "",
     )  # fmt: skip
-    return out.mul_(x_scale).to(x.dtype)
+
+
+def onednn_int8_matmul(
+    x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero_points: torch.Tensor
+) -> torch.Tensor:
+    """W8A8 with per-token activation scales on prepacked int8 weights; -> [M, N] in x.dtype,
+    every step in torch ops."""
+    codes, x_scale = quantize_per_token_uint8(x)
+    return onednn_int8_gemm(codes, packed, weight_scale, zero_points).mul_(x_scale).to(x.dtype)
 
 
 # Largest batch (rows of x) for which each weight-only CPU kernel beats the other path for the

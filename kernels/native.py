@@ -1,5 +1,6 @@
-"""slimserve's own CPU kernels in C++ (`cpu_gemv.cpp`: W8A16 GEMV; `cpu_decode_attention.cpp`: one
-sequence's rotary + cache write + attention, residual add + RMSNorm, SiLU * up), built once per
+"""slimserve's own CPU kernels in C++ (`cpu_gemv.cpp`: W8A16 GEMV; `cpu_decode_attention.cpp`: a
+decode step's rotary + cache writes + attention per sequence, residual add + RMSNorm, SiLU * up;
+`cpu_quantize.cpp`: W8A8's per-token activation quantization and rescale), built once per
 machine into one library and called through ctypes (which releases the interpreter lock).
 
 The library is compiled on first use with the system C++ compiler (`CXX`, else `c++` / `g++`)
@@ -28,7 +29,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("cpu_gemv.cpp", "cpu_decode_attention.cpp")
+    Path(__file__).with_name(name)
+    for name in ("cpu_gemv.cpp", "cpu_decode_attention.cpp", "cpu_quantize.cpp")
 )
 HEADERS = (Path(__file__).with_name("cpu_bf16.h"),)
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
@@ -137,25 +139,29 @@ class NativeKernels:
         sin: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        position: int,
+        positions: torch.Tensor,
         heads: int,
         scaling: float,
     ) -> torch.Tensor:
-        """One sequence, one layer, bf16: qkv [(H + 2 Hkv) * D] of the new token (q | k | v, not
-        yet rotated), cos / sin [D] at `position`, the slot's caches [Hkv, max_len, D] (the new
-        key and value are written at `position`) -> attention output [1, H * D] over keys
-        0..position. Callers check `decode_attention_supported` first."""
-        kv_heads, max_len, dim = k_cache.shape
-        qkv = qkv.contiguous()
-        out = torch.empty(1, heads * dim, dtype=torch.bfloat16)
+        """Every decoding sequence of a step, one layer, bf16. Sequence b: row b of qkv
+        [B, (H + 2 Hkv) * D] (q | k | v of its new token, not yet rotated), slot b of the
+        layer's caches [slots, Hkv, max_len, D] (its new key and value written at positions[b]),
+        the cos / sin tables [max_len, D] -> attention output [B, H * D], each sequence over its
+        own keys 0..positions[b]. positions: int64 [B]. Callers check
+        `decode_attention_supported` first."""
+        batch = qkv.shape[0]
+        _, kv_heads, max_len, dim = k_cache.shape
+        out = torch.empty(batch, heads * dim, dtype=torch.bfloat16)
         status = self.library.slim_decode_attention_bf16(
             qkv.data_ptr(),
+            qkv.stride(0),
             cos.data_ptr(),
             sin.data_ptr(),
             k_cache.data_ptr(),
             v_cache.data_ptr(),
             max_len,
-            position,
+            positions.data_ptr(),
+            batch,
             heads,
             kv_heads,
             dim,
@@ -163,31 +169,64 @@ class NativeKernels:
             out.data_ptr(),
         )
         if status != 0:
-            raise ValueError(f"slim_decode_attention_bf16 refused H={heads} Hkv={kv_heads} D={dim}")
+            raise ValueError(
+                f"slim_decode_attention_bf16 refused B={batch} H={heads} Hkv={kv_heads} D={dim} "
+                f"positions {positions.tolist()} of {max_len}"
+            )
+        return out
+
+    def quantize_rows_u8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, K] (fp32 / bf16 / fp16, unit column stride) -> (uint8 codes [M, K], fp32 scale
+        [M, 1]): the codes of `cpu_paths.quantize_per_token_uint8`, bit for bit."""
+        rows, k = x.shape
+        codes = torch.empty(rows, k, dtype=torch.uint8)
+        scales = torch.empty(rows, 1, dtype=torch.float32)
+        status = self.library.slim_quantize_rows_u8(
+            x.data_ptr(), _DTYPE_CODES[x.dtype], rows, k, x.stride(0), codes.data_ptr(),
+            scales.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"slim_quantize_rows_u8 refused {x.dtype}")
+        return codes, scales
+
+    def rescale_rows(
+        self, acc: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """fp32 acc [M, N] (contiguous) * scales [M, 1] fp32 -> [M, N] in dtype, rounded to
+        nearest even: `acc.mul_(scales).to(dtype)` in one pass."""
+        rows, n = acc.shape
+        out = torch.empty(rows, n, dtype=dtype)
+        status = self.library.slim_rescale_rows(
+            acc.data_ptr(), scales.data_ptr(), rows, n, _DTYPE_CODES[dtype], out.data_ptr()
+        )
+        if status != 0:
+            raise ValueError(f"slim_rescale_rows refused {dtype}")
         return out
 
     def add_rms_norm(
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> torch.Tensor:
-        """bf16, one row: x += delta in place (unless None), then RMSNorm(x) * weight as a new
-        tensor, rounded as transformers' Llama RMSNorm rounds. x must be contiguous."""
+        """bf16 rows [R, n]: x += delta in place (unless None), then RMSNorm(x) * weight per row
+        as a new tensor, rounded as transformers' Llama RMSNorm rounds. x must be contiguous."""
         out = torch.empty_like(x)
+        rows, n = x.shape
         self.library.slim_add_rms_norm_bf16(
             x.data_ptr(),
             None if delta is None else delta.contiguous().data_ptr(),
             weight.data_ptr(),
-            x.numel(),
+            rows,
+            n,
             eps,
             out.data_ptr(),
         )
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """bf16 [1, 2n] = gate | up -> [1, n] silu(gate) * up, rounded as the eager ops round."""
+        """bf16 [R, 2n] = gate | up -> [R, n] silu(gate) * up, rounded as the eager ops round."""
         gate_up = gate_up.contiguous()
-        n = gate_up.shape[-1] // 2
-        out = torch.empty(1, n, dtype=torch.bfloat16)
-        self.library.slim_silu_mul_bf16(gate_up.data_ptr(), n, out.data_ptr())
+        rows, n = gate_up.shape[0], gate_up.shape[-1] // 2
+        out = torch.empty(rows, n, dtype=torch.bfloat16)
+        self.library.slim_silu_mul_bf16(gate_up.data_ptr(), rows, n, out.data_ptr())
         return out
 
 
@@ -202,17 +241,21 @@ def _load(path: Path) -> NativeKernels:
     library.slim_w8a16_gemv.restype = cint
     library.slim_w8a16_gemv.argtypes = [ptr, cint, i64, i64, ptr, ptr, cint, i64, ptr]
     library.slim_add_rms_norm_bf16.restype = None
-    library.slim_add_rms_norm_bf16.argtypes = [ptr, ptr, ptr, i64, ctypes.c_float, ptr]
+    library.slim_add_rms_norm_bf16.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
     library.slim_silu_mul_bf16.restype = None
-    library.slim_silu_mul_bf16.argtypes = [ptr, i64, ptr]
+    library.slim_silu_mul_bf16.argtypes = [ptr, i64, i64, ptr]
+    library.slim_quantize_rows_u8.restype = cint
+    library.slim_quantize_rows_u8.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr]
+    library.slim_rescale_rows.restype = cint
+    library.slim_rescale_rows.argtypes = [ptr, ptr, i64, i64, cint, ptr]
     library.slim_decode_attention_bf16.restype = cint
     library.slim_decode_attention_bf16.argtypes = [
-        *(ptr,) * 5,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
+        ptr,  # qkv
+        i64,  # its row stride
+        *(ptr,) * 4,  # cos, sin, k_cache, v_cache
+        i64,  # max_len
+        ptr,  # positions
+        *(i64,) * 4,  # batch, heads, kv_heads, head_dim
         ctypes.c_float,
         ptr,
     ]
@@ -251,18 +294,34 @@ def w8a16_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
 
 
 def decode_attention_supported(
-    qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    heads: int,
 ) -> bool:
-    """bf16 CPU tensors, contiguous slot caches [Hkv, max_len, D] with D % 16 == 0, D at most
-    the kernel's limit (256)."""
-    if qkv.device.type != "cpu" or qkv.dtype != torch.bfloat16 or not qkv.is_contiguous():
+    """bf16 CPU tensors: qkv rows [B, (H + 2 Hkv) * D] with unit column stride, contiguous layer
+    caches [slots >= B, Hkv, max_len, D] with D % 16 == 0 and D at most the kernel's limit (256),
+    a contiguous cos / sin table [max_len, D]."""
+    tensors = (qkv, cos, k_cache, v_cache)
+    if any(t.device.type != "cpu" or t.dtype != torch.bfloat16 for t in tensors):
         return False
-    if k_cache.dtype != torch.bfloat16 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
+    if qkv.dim() != 2 or qkv.stride(1) != 1 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         return False
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous()):
         return False
-    kv_heads, _, dim = k_cache.shape
-    if dim % 16 or heads % kv_heads or qkv.numel() != (heads + 2 * kv_heads) * dim:
+    slots, kv_heads, max_len, dim = k_cache.shape
+    if dim % 16 or heads % kv_heads or qkv.shape[1] != (heads + 2 * kv_heads) * dim:
+        return False
+    if qkv.shape[0] > slots or cos.shape != (max_len, dim):
         return False
     native = kernels()
     return native is not None and dim <= native.decode_attention_max_head_dim
+
+
+def quantize_rows_supported(x: torch.Tensor) -> bool:
+    """W8A8 activations the native quantizer reads: 2-D CPU rows of a dtype it knows, unit
+    column stride."""
+    if x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPE_CODES:
+        return False
+    return x.stride(1) == 1 and kernels() is not None

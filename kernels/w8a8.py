@@ -10,7 +10,9 @@ Activations are quantized per token in torch before the matmul on every path.
 A serving engine on CPU calls `W8A8Linear.pack_for_cpu()` once: the weight moves into oneDNN's
 blocked int8 layout (`cpu_paths.onednn_int8_matmul`: 1.7-4.9x `_int_mm` at 8-32 rows on large
 weights; on small ones the per-token quantization's fixed cost dominates, kernels/README.md) and
-the plain copy is dropped, as the dense weights are.
+the plain copy is dropped, as the dense weights are. Where the native kernels load
+(`native.py`), the per-token quantization before that GEMM and the rescale after it are one call
+each (`cpu_quantize.cpp`, identical codes), not ~12 torch ops per projection.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Self
 
 import torch
 
-from slimserve.kernels import cpu_paths
+from slimserve.kernels import cpu_paths, native
 from slimserve.kernels.base import CompressedLinear
 from slimserve.kernels.dispatch import record_backend
 from slimserve.kernels.reference import (
@@ -116,11 +118,18 @@ class W8A8Linear(CompressedLinear):
         return self.out_features * self.in_features
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_pack is not None:
-            record_backend("w8a8", "cpu-onednn-packed")
-            packed, zero_points = self.cpu_pack
-            return cpu_paths.onednn_int8_matmul(x, packed, self.weight_scale, zero_points)
-        return w8a8_matmul(x, self.qweight, self.weight_scale)
+        if self.cpu_pack is None:
+            return w8a8_matmul(x, self.qweight, self.weight_scale)
+        packed, zero_points = self.cpu_pack
+        if native.quantize_rows_supported(x):
+            # The same codes and scales as torch's ops below, in one call each side of the GEMM.
+            record_backend("w8a8", "cpu-onednn-packed-native-quantize")
+            kernels = native.kernels()
+            codes, x_scale = kernels.quantize_rows_u8(x)
+            acc = cpu_paths.onednn_int8_gemm(codes, packed, self.weight_scale, zero_points)
+            return kernels.rescale_rows(acc, x_scale, x.dtype)
+        record_backend("w8a8", "cpu-onednn-packed")
+        return cpu_paths.onednn_int8_matmul(x, packed, self.weight_scale, zero_points)
 
     def extra_repr(self) -> str:
         return (

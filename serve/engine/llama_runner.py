@@ -95,7 +95,7 @@ class _LayerPlan:
 
 
 def _native_decode_layer(plan: _LayerPlan) -> bool:
-    """The layer shape `LlamaRunner._decode_one` computes: fused q|k|v and gate|up, plain
+    """The layer shape `LlamaRunner._step_native` computes: fused q|k|v and gate|up, plain
     RMSNorms, SiLU, no per-head q/k norms."""
     return (
         plan.qkv is not None
@@ -206,17 +206,19 @@ class LlamaRunner:
         head = _fuse([model.lm_head], packed) if type(model.lm_head) is nn.Linear else None
         self.lm_head = head if head is not None else model.lm_head
         self.packed_weight_bytes = sum(packed or [])
-        # A lone decoding sequence (no prompt chunk in the step) takes each layer's rotary,
-        # cache write and attention in one native call; loading it here also keeps the build
-        # out of the first request.
-        self.native_single_decode = (
+        # Between the matmuls, native calls: per layer, rotary + cache writes + attention of
+        # every decoding sequence, residual add + RMSNorm, SiLU * up. Loading the library here
+        # also keeps its build out of the first request.
+        qkv_width = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.native_decode = (
             self.dtype == torch.bfloat16
             and all(_native_decode_layer(plan) for plan in self.layers)
             and isinstance(self.final_norm, _RMSNorm)
             and native.decode_attention_supported(
-                torch.empty((self.n_heads + 2 * self.n_kv_heads) * self.head_dim, dtype=self.dtype),
-                self.k_cache[0, 0],
-                self.v_cache[0, 0],
+                torch.empty(1, qkv_width, dtype=self.dtype),
+                self.cos,
+                self.k_cache[0],
+                self.v_cache[0],
                 self.n_heads,
             )
         )
@@ -228,15 +230,22 @@ class LlamaRunner:
     def _project_qkv(
         self, plan: _LayerPlan, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [N, hidden] (one row per token) -> q [N, H, D], k and v [N, Hkv, D], rotary applied.
+        """h [N, hidden] (one row per token) -> q [N, H, D], k and v [N, Hkv, D], rotary applied."""
+        if plan.qkv is not None:
+            qkv = plan.qkv(h)
+        else:
+            qkv = torch.cat([plan.q(h), plan.k(h), plan.v(h)], dim=-1)
+        return self._rotate_qkv(plan, qkv, cos, sin)
+
+    def _rotate_qkv(
+        self, plan: _LayerPlan, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected q | k | v rows [N, (H + 2 Hkv) * D] -> q [N, H, D], k and v [N, Hkv, D].
 
         q and k are rotated together: one set of elementwise ops per layer instead of two."""
-        tokens = h.shape[0]
+        tokens = qkv.shape[0]
         heads, kv_heads, dim = self.n_heads, self.n_kv_heads, self.head_dim
-        if plan.qkv is not None:
-            qk, v = plan.qkv(h).split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
-        else:
-            qk, v = torch.cat([plan.q(h), plan.k(h)], dim=-1), plan.v(h)
+        qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
         qk = qk.unflatten(-1, (heads + kv_heads, dim))
         if plan.q_norm is not None:
             qk = torch.cat([plan.q_norm(qk[:, :heads]), plan.k_norm(qk[:, heads:])], dim=1)
@@ -265,11 +274,11 @@ class LlamaRunner:
         for its last token, or [n, vocab] with `chunk.logits == "all"`).
         """
         batch = len(decode_ids)
-        if batch == 1 and chunk is None and self.native_single_decode:
-            return self._decode_one(decode_ids[0], decode_positions[0]), None
         chunk_ids = chunk.token_ids if chunk is not None else []
         if chunk is not None and not batch <= chunk.slot < self.max_slots:
             raise ValueError(f"prefill slot {chunk.slot} overlaps the {batch} decoding slots")
+        if self.native_decode:
+            return self._step_native(decode_ids, decode_positions, chunk)
         positions = torch.tensor(decode_positions, dtype=torch.long)
         if chunk is not None:
             span = torch.arange(chunk.start, chunk.start + len(chunk_ids))
@@ -296,33 +305,56 @@ class LlamaRunner:
             chunk_logits = self._logits(x[-1])
         return decode_logits, chunk_logits
 
-    def _decode_one(self, token: int, position: int) -> torch.Tensor:
-        """`step` for one decoding sequence in slot 0 and no prompt chunk: float32 logits
-        [1, vocab]. Same modules and roundings as `step`; between the matmuls, native calls:
-        residual add + RMSNorm, rotary + cache write + attention, SiLU(gate) * up (the cached
-        keys bit-identical to the eager ops)."""
+    def _step_native(
+        self, decode_ids: list[int], decode_positions: list[int], chunk: PrefillChunk | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`step` with the same modules and roundings; between the matmuls, native calls:
+        residual add + RMSNorm, SiLU(gate) * up, and for the decoding sequences rotary + cache
+        writes + attention, each over its own cached keys in place (cached keys bit-identical to
+        the eager ops'). A prompt chunk's rotary and causal attention stay eager."""
         kernels = native.kernels()
-        x = self.embed(torch.tensor([token], dtype=torch.long)).contiguous()  # the residual
-        cos, sin = self.cos[position], self.sin[position]
+        batch = len(decode_ids)
+        chunk_ids = chunk.token_ids if chunk is not None else []
+        x = self.embed(torch.tensor(list(decode_ids) + list(chunk_ids), dtype=torch.long))
+        x = x.contiguous()  # the residual, updated in place by the norms
+        positions = torch.tensor(decode_positions, dtype=torch.long)
+        if chunk is not None:
+            span = torch.arange(chunk.start, chunk.start + len(chunk_ids))
+            chunk_cos, chunk_sin = self.cos[span].unsqueeze(1), self.sin[span].unsqueeze(1)
         delta = None
         for index, plan in enumerate(self.layers):
             norm = plan.input_norm
-            h = kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
-            attn = kernels.decode_attention(
-                plan.qkv(h),
-                cos,
-                sin,
-                self.k_cache[index, 0],
-                self.v_cache[index, 0],
-                position,
-                self.n_heads,
-                self.scaling,
-            )
+            qkv = plan.qkv(kernels.add_rms_norm(x, delta, norm.weight, norm.eps))
+            parts = []
+            if batch:
+                parts.append(
+                    kernels.decode_attention(
+                        qkv[:batch],
+                        self.cos,
+                        self.sin,
+                        self.k_cache[index],
+                        self.v_cache[index],
+                        positions,
+                        self.n_heads,
+                        self.scaling,
+                    )
+                )
+            if chunk is not None:
+                q, k, v = self._rotate_qkv(plan, qkv[batch:], chunk_cos, chunk_sin)
+                parts.append(self._attend_chunk(index, chunk, q, k, v))
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             norm = plan.post_norm
             h = kernels.add_rms_norm(x, plan.o(attn), norm.weight, norm.eps)
             delta = plan.down(kernels.silu_mul(plan.gate_up(h)))
         final = self.final_norm
-        return self.lm_head(kernels.add_rms_norm(x, delta, final.weight, final.eps)).float()
+        normed = kernels.add_rms_norm(x, delta, final.weight, final.eps)
+        decode_logits = self.lm_head(normed[:batch]).float() if batch else None
+        chunk_logits = None
+        if chunk is not None and chunk.logits == "all":
+            chunk_logits = self.lm_head(normed[batch:]).float()
+        elif chunk is not None and chunk.logits == "last":
+            chunk_logits = self.lm_head(normed[-1]).float()
+        return decode_logits, chunk_logits
 
     def _attend_decode(
         self, layer: int, view: _DecodeView, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

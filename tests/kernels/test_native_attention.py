@@ -1,7 +1,7 @@
-"""slimserve's own CPU ops for one decoding sequence (kernels/cpu_decode_attention.cpp): rotary
-and cache writes bit-identical to the eager bf16 ops, attention against an fp64 reference at
-several head layouts, head sizes and cache lengths, the limits checked before a call, and the
-residual add + RMSNorm and SiLU(gate) * up rounded as the eager ops round."""
+"""slimserve's own CPU ops for a decode step (kernels/cpu_decode_attention.cpp): rotary and cache
+writes bit-identical to the eager bf16 ops, each sequence's attention against an fp64 reference
+at several head layouts, head sizes and ragged cache lengths, the limits checked before a call,
+and the residual add + RMSNorm and SiLU(gate) * up per row, rounded as the eager ops round."""
 
 from __future__ import annotations
 
@@ -20,14 +20,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def _case(heads: int, kv_heads: int, dim: int, max_len: int, position: int, seed: int):
+def _case(heads: int, kv_heads: int, dim: int, max_len: int, batch: int, seed: int):
+    """Rows of q | k | v for `batch` sequences, cos / sin tables, caches with one spare slot."""
     gen = torch.Generator().manual_seed(seed)
-    qkv = (torch.randn((heads + 2 * kv_heads) * dim, generator=gen) * 2).bfloat16()
-    angles = torch.rand(dim // 2, generator=gen) * 6.28
-    cos = torch.cat([angles.cos(), angles.cos()]).bfloat16()
-    sin = torch.cat([angles.sin(), angles.sin()]).bfloat16()
-    k_cache = torch.randn(kv_heads, max_len, dim, generator=gen).bfloat16()
-    v_cache = torch.randn(kv_heads, max_len, dim, generator=gen).bfloat16()
+    qkv = (torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=gen) * 2).bfloat16()
+    angles = torch.rand(max_len, dim // 2, generator=gen) * 6.28
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).bfloat16()
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).bfloat16()
+    k_cache = torch.randn(batch + 1, kv_heads, max_len, dim, generator=gen).bfloat16()
+    v_cache = torch.randn(batch + 1, kv_heads, max_len, dim, generator=gen).bfloat16()
     return qkv, cos, sin, k_cache, v_cache
 
 
@@ -39,67 +40,92 @@ LAYOUTS.append((2, 2, 16, 5))
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "position"), LAYOUTS)
 def test_matches_the_eager_ops_and_fp64_attention(heads, kv_heads, dim, position) -> None:
+    """Three sequences at ragged positions (`position`, about half of it, 0): each one's cache
+    writes bit for bit as the eager ops, its attention per head against fp64 over its own keys."""
     kernels = native.kernels()
     assert kernels is not None
     max_len = position + 40
-    qkv, cos, sin, k_cache, v_cache = _case(heads, kv_heads, dim, max_len, position, seed=position)
-    before_k, before_v = k_cache.clone(), v_cache.clone()
+    positions = torch.tensor([position, position // 2 + 1, 0])
+    qkv, cos, sin, k_cache, v_cache = _case(heads, kv_heads, dim, max_len, 3, seed=position)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
     scaling = dim**-0.5
-    assert native.decode_attention_supported(qkv, k_cache, v_cache, heads)
-    out = kernels.decode_attention(qkv, cos, sin, k_cache, v_cache, position, heads, scaling)
+    assert native.decode_attention_supported(qkv, cos, k_cache, v_cache, heads)
+    out = kernels.decode_attention(qkv, cos, sin, k_cache, v_cache, positions, heads, scaling)
+    assert out.shape == (3, heads * dim) and out.dtype == torch.bfloat16
 
     # What the runner's eager path computes: bf16 rotary, then the cache writes.
-    qk = qkv[: (heads + kv_heads) * dim].view(heads + kv_heads, dim)
-    qk = qk * cos + _rotate_half(qk) * sin
-    q, k = qk[:heads], qk[heads:]
-    v = qkv[(heads + kv_heads) * dim :].view(kv_heads, dim)
-    expected_k, expected_v = before_k.clone(), before_v.clone()
-    expected_k[:, position], expected_v[:, position] = k, v
+    qk = qkv[:, : (heads + kv_heads) * dim].view(3, heads + kv_heads, dim)
+    qk = qk * cos[positions].unsqueeze(1) + _rotate_half(qk) * sin[positions].unsqueeze(1)
+    v = qkv[:, (heads + kv_heads) * dim :].view(3, kv_heads, dim)
+    for slot, at in enumerate(positions.tolist()):
+        expected_k[slot, :, at], expected_v[slot, :, at] = qk[slot, heads:], v[slot]
     assert torch.equal(k_cache, expected_k)  # bit for bit, and nothing else written
     assert torch.equal(v_cache, expected_v)
 
-    keys = expected_k[:, : position + 1].double().repeat_interleave(heads // kv_heads, dim=0)
-    values = expected_v[:, : position + 1].double().repeat_interleave(heads // kv_heads, dim=0)
-    weights = (q.double().unsqueeze(1) @ keys.transpose(1, 2) * scaling).softmax(dim=-1)
-    ref = (weights @ values).reshape(1, heads * dim)
-    assert out.shape == (1, heads * dim) and out.dtype == torch.bfloat16
-    for head in range(heads):  # per head: one head's error must not hide under another's scale
-        cols = slice(head * dim, (head + 1) * dim)
-        assert rel_error(out[:, cols], ref[:, cols]) < 1e-2, head
+    for slot, at in enumerate(positions.tolist()):
+        group = heads // kv_heads
+        keys = expected_k[slot, :, : at + 1].double().repeat_interleave(group, dim=0)
+        values = expected_v[slot, :, : at + 1].double().repeat_interleave(group, dim=0)
+        q = qk[slot, :heads].double().unsqueeze(1)
+        weights = (q @ keys.transpose(1, 2) * scaling).softmax(dim=-1)
+        ref = (weights @ values).reshape(heads * dim)
+        for head in range(heads):  # per head: one head's error must not hide under another's
+            cols = slice(head * dim, (head + 1) * dim)
+            assert rel_error(out[slot, cols], ref[cols]) < 1e-2, (slot, head)
+
+
+def test_a_sequence_reads_the_same_alone_or_in_a_batch() -> None:
+    """Each sequence attends its own slot only: alone (batch 1) its output is bit-identical."""
+    kernels = native.kernels()
+    qkv, cos, sin, k_cache, v_cache = _case(9, 3, 64, 90, 4, seed=3)
+    positions = torch.tensor([80, 3, 41, 62])
+    batched = kernels.decode_attention(
+        qkv, cos, sin, k_cache.clone(), v_cache.clone(), positions, 9, 0.125
+    )
+    alone = kernels.decode_attention(qkv[:1], cos, sin, k_cache, v_cache, positions[:1], 9, 0.125)
+    assert torch.equal(batched[:1], alone)
 
 
 def test_large_scores_do_not_overflow_the_softmax() -> None:
     kernels = native.kernels()
-    qkv, cos, sin, k_cache, v_cache = _case(4, 2, 64, 80, 50, seed=7)
+    qkv, cos, sin, k_cache, v_cache = _case(4, 2, 64, 80, 2, seed=7)
     qkv *= 40  # scores in the thousands
     k_cache *= 40
-    out = kernels.decode_attention(qkv, cos, sin, k_cache, v_cache, 50, 4, 0.125)
+    positions = torch.tensor([50, 79])
+    out = kernels.decode_attention(qkv, cos, sin, k_cache, v_cache, positions, 4, 0.125)
     assert torch.isfinite(out.float()).all()
 
 
 def test_limits_are_checked_before_the_call() -> None:
-    qkv, _, _, k_cache, v_cache = _case(9, 3, 64, 20, 3, seed=1)
-    assert native.decode_attention_supported(qkv, k_cache, v_cache, 9)
-    assert not native.decode_attention_supported(qkv.float(), k_cache, v_cache, 9)
-    assert not native.decode_attention_supported(qkv, k_cache.float(), v_cache, 9)
-    assert not native.decode_attention_supported(qkv, k_cache.transpose(1, 2), v_cache, 9)
-    assert not native.decode_attention_supported(qkv[:-64], k_cache, v_cache, 9)
-    odd = torch.zeros((9 + 6) * 40, dtype=torch.bfloat16)
+    qkv, cos, sin, k_cache, v_cache = _case(9, 3, 64, 20, 2, seed=1)
+    supported = native.decode_attention_supported
+    assert supported(qkv, cos, k_cache, v_cache, 9)
+    assert not supported(qkv.float(), cos, k_cache, v_cache, 9)
+    assert not supported(qkv, cos, k_cache.float(), v_cache, 9)
+    assert not supported(qkv, cos, k_cache.transpose(2, 3), v_cache, 9)
+    assert not supported(qkv[:, :-64], cos, k_cache, v_cache, 9)
+    assert not supported(qkv.t().contiguous().t(), cos, k_cache, v_cache, 9)  # column stride
+    assert not supported(qkv, cos[:10], k_cache, v_cache, 9)  # a table shorter than the cache
+    assert not supported(qkv.repeat(2, 1), cos, k_cache, v_cache, 9)  # more rows than slots
+    odd = torch.zeros(1, (9 + 6) * 40, dtype=torch.bfloat16)
     short_k, short_v = k_cache[..., :40].contiguous(), v_cache[..., :40].contiguous()
-    assert not native.decode_attention_supported(odd, short_k, short_v, 9)  # D % 16
-    wide = torch.zeros(2, 4, 272, dtype=torch.bfloat16)  # D = 272 > the kernel's 256
+    assert not supported(odd, cos[:, :40].contiguous(), short_k, short_v, 9)  # D % 16
+    wide = torch.zeros(1, 2, 4, 272, dtype=torch.bfloat16)  # D = 272 > the kernel's 256
     assert native.kernels().decode_attention_max_head_dim == 256
-    assert not native.decode_attention_supported(torch.zeros(6 * 272).bfloat16(), wide, wide, 2)
-    with pytest.raises(ValueError, match="refused"):
-        cos = sin = torch.zeros(64, dtype=torch.bfloat16)
-        native.kernels().decode_attention(qkv, cos, sin, k_cache, v_cache, 20, 9, 0.125)
+    wide_cos = torch.zeros(4, 272, dtype=torch.bfloat16)
+    assert not supported(torch.zeros(1, 6 * 272).bfloat16(), wide_cos, wide, wide, 2)
+    with pytest.raises(ValueError, match="refused"):  # a position past the cache
+        native.kernels().decode_attention(
+            qkv, cos, sin, k_cache, v_cache, torch.tensor([3, 20]), 9, 0.125
+        )
 
 
-@pytest.mark.parametrize("n", [576, 64, 1001])
-def test_add_rms_norm_rounds_like_the_eager_ops(n: int) -> None:
+@pytest.mark.parametrize(("rows", "n"), [(1, 576), (3, 64), (5, 1001)])
+def test_add_rms_norm_rounds_like_the_eager_ops(rows: int, n: int) -> None:
     gen = torch.Generator().manual_seed(n)
-    x = (torch.randn(1, n, generator=gen) * 3).bfloat16()
-    delta = torch.randn(1, n, generator=gen).bfloat16()
+    x = (torch.randn(rows, n, generator=gen) * 3).bfloat16()
+    x[-1] *= 40  # rows of different scales are normalized each on its own
+    delta = torch.randn(rows, n, generator=gen).bfloat16()
     weight = (torch.rand(n, generator=gen) + 0.5).bfloat16()
     summed = x + delta
     expected = weight * torch.nn.functional.rms_norm(summed.float(), (n,), None, 1e-5).bfloat16()
@@ -112,13 +138,14 @@ def test_add_rms_norm_rounds_like_the_eager_ops(n: int) -> None:
     assert torch.equal(x, summed) and torch.equal(again, out)
 
 
-@pytest.mark.parametrize("n", [1536, 7])
-def test_silu_mul_rounds_like_the_eager_ops(n: int) -> None:
+@pytest.mark.parametrize(("rows", "n"), [(1, 1536), (4, 7), (3, 100)])
+def test_silu_mul_rounds_like_the_eager_ops(rows: int, n: int) -> None:
     gen = torch.Generator().manual_seed(n)
-    gate_up = (torch.randn(1, 2 * n, generator=gen) * 4).bfloat16()
+    gate_up = (torch.randn(rows, 2 * n, generator=gen) * 4).bfloat16()
+    gate_up[0, :5] = torch.tensor([-100.0, -88.0, 100.0, 0.0, -0.0])  # exp near overflow, zeros
     gate, up = gate_up.chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up
     out = native.kernels().silu_mul(gate_up)
-    assert out.shape == (1, n)
+    assert out.shape == (rows, n)
     assert (out == expected).float().mean() > 0.99
     torch.testing.assert_close(out, expected, rtol=8e-3, atol=1e-6)

@@ -164,30 +164,47 @@ def test_a_chunk_may_not_land_on_a_decoding_slot():
     else True,
     reason="the native kernels need AVX-512 VNNI",
 )
-def test_a_lone_decode_runs_natively_with_the_same_cache_and_logits():
-    """bf16, one sequence, no prompt chunk: the native rotary + cache write + attention against
-    the eager path of the same runner code (switched off on a copy)."""
+def test_native_steps_match_the_eager_path_with_the_same_cache():
+    """bf16: the native norms, SiLU * up and per-sequence attention against the eager path of
+    the same runner code (switched off on a copy), over steps that decode one sequence alone,
+    three at different lengths, and three while a fourth prompt's chunks join."""
     model = tiny_llama(vocab_size=300, dtype=torch.bfloat16)
     eager_model = copy.deepcopy(model)
-    fast = LlamaRunner(model, max_slots=2, max_len=64, pack_dense=True)
-    eager = LlamaRunner(eager_model, max_slots=2, max_len=64, pack_dense=True)
-    assert fast.native_single_decode
-    eager.native_single_decode = False
+    fast = LlamaRunner(model, max_slots=4, max_len=96, pack_dense=True)
+    eager = LlamaRunner(eager_model, max_slots=4, max_len=96, pack_dense=True)
+    assert fast.native_decode
+    eager.native_decode = False
     gen = torch.Generator().manual_seed(4)
-    tokens = torch.randint(3, 300, (9,), generator=gen).tolist()
+    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (9, 23, 4, 30)]
     worst = 0.0
+
+    def compare(ours, theirs):
+        nonlocal worst
+        worst = max(worst, float((ours - theirs).abs().max() / theirs.abs().max()))
+
     with torch.inference_mode():
         for runner in (fast, eager):
-            runner.prefill(0, tokens, 0, want_logits=False)
-        for _ in range(24):
-            token = int(torch.randint(3, 300, (1,), generator=gen))
-            ours = fast.decode([token], [len(tokens)])
-            theirs = eager.decode([token], [len(tokens)])
-            tokens.append(token)
-            worst = max(worst, float((ours - theirs).abs().max() / theirs.abs().max()))
+            for slot in range(3):
+                runner.prefill(slot, prompts[slot], 0, want_logits=False)
+        lengths = [len(p) for p in prompts[:3]]
+        for step in range(20):
+            batch = 1 if step < 6 else 3  # one sequence alone first
+            tokens = torch.randint(3, 300, (batch,), generator=gen).tolist()
+            positions = lengths[:batch]
+            chunk = None
+            if step in (10, 11, 12):  # the fourth prompt joins in chunks of 10
+                start = 10 * (step - 10)
+                ids = prompts[3][start : start + 10]
+                chunk = PrefillChunk(3, ids, start, "last" if step == 12 else "all")
+            ours = fast.step(tokens, positions, chunk)
+            theirs = eager.step(tokens, positions, chunk)
+            compare(ours[0], theirs[0])
+            if chunk is not None:
+                compare(ours[1], theirs[1])
+            lengths[:batch] = [n + 1 for n in positions]
     assert worst < 2e-2
-    length = len(tokens) - 1  # keys written so far
     # The first layer's new keys and values come from identical inputs: bit for bit.
-    assert torch.equal(fast.k_cache[0, 0, :, :length], eager.k_cache[0, 0, :, :length])
-    assert torch.equal(fast.v_cache[0, 0, :, :length], eager.v_cache[0, 0, :, :length])
+    for slot, length in enumerate([*lengths, len(prompts[3])]):
+        assert torch.equal(fast.k_cache[0, slot, :, :length], eager.k_cache[0, slot, :, :length])
+        assert torch.equal(fast.v_cache[0, slot, :, :length], eager.v_cache[0, slot, :, :length])
     torch.testing.assert_close(fast.k_cache, eager.k_cache, rtol=2e-2, atol=2e-2)
