@@ -76,6 +76,15 @@ static const int64_t MAX_HEAD_DIM = 256;
 
 extern "C" int64_t slim_decode_attention_max_head_dim(void) { return MAX_HEAD_DIM; }
 
+// Rows ahead of the one in use that the score loop fetches (16 rows of 64 bf16: 2 KiB).
+static const int64_t KEY_LEAD = 16;
+
+// Every cache line of one bf16 row of `dim` values, into L1.
+static inline void prefetch_row(const uint16_t *row, int64_t dim) {
+  for (int64_t offset = 0; offset < dim * 2; offset += 64)
+    _mm_prefetch((const char *)row + offset, _MM_HINT_T0);
+}
+
 // One K/V head's group of query heads over keys 0..length-1: q_group [group, CHUNKS * 16]
 // fp32 (scaled), scores [group, stride] scratch, out [group, CHUNKS * 16] bf16. CHUNKS is a
 // compile-time count so a key's and a head's accumulators stay in registers (a runtime count
@@ -85,8 +94,14 @@ SLIM_AVX512 static void attend_group(const float *q_group, const uint16_t *keys,
                                      const uint16_t *values, int64_t length, int64_t group,
                                      float *scores, int64_t stride, uint16_t *out) {
   const int64_t dim = CHUNKS * 16;
-  // Scores of the group's query heads against every key, each key converted once.
+  // Scores of the group's query heads against every key, each key converted once. At batch
+  // 8-32 a step's caches come from memory, and the hardware prefetchers alone read them at
+  // ~9 GB/s (~16 with these): the keys are fetched KEY_LEAD rows ahead, and this group's values
+  // as the keys go by, ready for the weighted sum.
+  for (int64_t j = 0; j < KEY_LEAD && j < length; j++) prefetch_row(keys + j * dim, dim);
   for (int64_t j = 0; j < length; j++) {
+    if (j + KEY_LEAD < length) prefetch_row(keys + (j + KEY_LEAD) * dim, dim);
+    prefetch_row(values + j * dim, dim);
     __m512 key[CHUNKS];
     for (int c = 0; c < CHUNKS; c++) key[c] = load16(keys + j * dim + 16 * c);
     for (int64_t h = 0; h < group; h++) {

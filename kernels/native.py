@@ -1,7 +1,8 @@
 """slimserve's own CPU kernels in C++ (`cpu_gemv.cpp`: W8A16 GEMV; `cpu_decode_attention.cpp`: a
 decode step's rotary + cache writes + attention per sequence, residual add + RMSNorm, SiLU * up;
-`cpu_quantize.cpp`: W8A8's per-token activation quantization and rescale), built once per
-machine into one library and called through ctypes (which releases the interpreter lock).
+`cpu_w8a8.cpp`: W8A8 per-token activation quantization, rescale, and a GEMM for few rows),
+built once per machine into one library and called through ctypes (which releases the
+interpreter lock).
 
 The library is compiled on first use with the system C++ compiler (`CXX`, else `c++` / `g++`)
 into `$SLIMSERVE_CACHE/native/`, named by a hash of the sources, the compiler's version and the
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("cpu_gemv.cpp", "cpu_decode_attention.cpp", "cpu_quantize.cpp")
+    for name in ("cpu_gemv.cpp", "cpu_decode_attention.cpp", "cpu_w8a8.cpp")
 )
 HEADERS = (Path(__file__).with_name("cpu_bf16.h"),)
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
@@ -203,6 +204,39 @@ class NativeKernels:
             raise ValueError(f"slim_rescale_rows refused {dtype}")
         return out
 
+    @functools.cached_property
+    def w8a8_gemm_max_rows(self) -> int:
+        return int(self.library.slim_w8a8_gemm_max_rows())
+
+    @functools.cached_property
+    def w8a8_gemm_max_k(self) -> int:
+        return int(self.library.slim_w8a8_gemm_max_k())
+
+    def w8a8_pack(self, qweight: torch.Tensor) -> torch.Tensor:
+        """int8 [N, K] (contiguous) -> the GEMM's own layout (uint8, VNNI order, see
+        cpu_w8a8.cpp)."""
+        n, k = qweight.shape
+        packed = torch.empty(int(self.library.slim_w8a8_packed_bytes(n, k)), dtype=torch.uint8)
+        self.library.slim_w8a8_pack(qweight.contiguous().data_ptr(), n, k, packed.data_ptr())
+        return packed
+
+    def w8a8_gemm(
+        self, x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor
+    ) -> torch.Tensor:
+        """x [M, K] (fp32 / bf16 / fp16, unit column stride), quantized per token as
+        `quantize_rows_u8` does, @ (int8 weight [N, K] * weight_scale [N] fp32).T -> [M, N] in
+        x's dtype, the weight `w8a8_pack`ed. Callers check `w8a8_gemm_supported` first."""
+        m, k = x.shape
+        n = weight_scale.shape[0]
+        out = torch.empty(m, n, dtype=x.dtype)
+        status = self.library.slim_w8a8_gemm(
+            x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), packed.data_ptr(),
+            weight_scale.data_ptr(), n, out.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"slim_w8a8_gemm refused M={m} K={k} N={n} {x.dtype}")
+        return out
+
     def add_rms_norm(
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> torch.Tensor:
@@ -235,7 +269,14 @@ def _load(path: Path) -> NativeKernels:
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     library.slim_cpu_supported.restype = cint
     library.slim_cpu_supported.argtypes = []
-    for name in ("slim_w8a16_code_limit", "slim_w8a16_max_k", "slim_decode_attention_max_head_dim"):
+    limits = (
+        "slim_w8a16_code_limit",
+        "slim_w8a16_max_k",
+        "slim_decode_attention_max_head_dim",
+        "slim_w8a8_gemm_max_rows",
+        "slim_w8a8_gemm_max_k",
+    )
+    for name in limits:
         getattr(library, name).restype = i64
         getattr(library, name).argtypes = []
     library.slim_w8a16_gemv.restype = cint
@@ -246,6 +287,12 @@ def _load(path: Path) -> NativeKernels:
     library.slim_silu_mul_bf16.argtypes = [ptr, i64, i64, ptr]
     library.slim_quantize_rows_u8.restype = cint
     library.slim_quantize_rows_u8.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr]
+    library.slim_w8a8_gemm.restype = cint
+    library.slim_w8a8_gemm.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr, i64, ptr]
+    library.slim_w8a8_pack.restype = None
+    library.slim_w8a8_pack.argtypes = [ptr, i64, i64, ptr]
+    library.slim_w8a8_packed_bytes.restype = i64
+    library.slim_w8a8_packed_bytes.argtypes = [i64, i64]
     library.slim_rescale_rows.restype = cint
     library.slim_rescale_rows.argtypes = [ptr, ptr, i64, i64, cint, ptr]
     library.slim_decode_attention_bf16.restype = cint
@@ -325,3 +372,11 @@ def quantize_rows_supported(x: torch.Tensor) -> bool:
     if x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPE_CODES:
         return False
     return x.stride(1) == 1 and kernels() is not None
+
+
+def w8a8_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
+    """Few rows: up to the kernel's 24 (at 32 oneDNN's blocked GEMM was faster)."""
+    if not quantize_rows_supported(x) or x.shape[1] != in_features:
+        return False
+    native = kernels()
+    return 1 <= x.shape[0] <= native.w8a8_gemm_max_rows and in_features <= native.w8a8_gemm_max_k

@@ -12,7 +12,8 @@ blocked int8 layout (`cpu_paths.onednn_int8_matmul`: 1.7-4.9x `_int_mm` at 8-32 
 weights; on small ones the per-token quantization's fixed cost dominates, kernels/README.md) and
 the plain copy is dropped, as the dense weights are. Where the native kernels load
 (`native.py`), the per-token quantization before that GEMM and the rescale after it are one call
-each (`cpu_quantize.cpp`, identical codes), not ~12 torch ops per projection.
+each (`cpu_w8a8.cpp`, identical codes), not ~12 torch ops per projection; and at 1-24 rows our
+own int8 GEMM in the same file (identical outputs) reads its own copy of the weight instead.
 """
 
 from __future__ import annotations
@@ -101,11 +102,15 @@ class W8A8Linear(CompressedLinear):
         return module
 
     cpu_pack: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Our own few-row GEMM's copy of the weight (its own layout), where the native kernels load.
+    cpu_native_pack: torch.Tensor | None = None
 
     def pack_for_cpu(self) -> int:
-        """On CPU, serve from oneDNN's int8 layout from now on; the module can no longer be
-        saved or moved. Returns the packed weight bytes: 0 off CPU (nothing to pack) and where
-        this torch has no oneDNN int8 kernels (the module keeps `torch._int_mm`, and says so)."""
+        """On CPU, serve from oneDNN's int8 layout from now on (and, where the native kernels
+        load, from our own GEMM's copy at 1-24 rows); the module can no longer be saved or
+        moved. Returns the bytes of the weight copies held for CPU serving: 0 off CPU (nothing
+        to pack) and where this torch has no oneDNN int8 kernels (the module keeps
+        `torch._int_mm`, and says so)."""
         if self.qweight.device.type != "cpu":
             return 0
         if not cpu_paths.onednn_int8_supported():
@@ -114,12 +119,22 @@ class W8A8Linear(CompressedLinear):
             return 0
         if self.cpu_pack is None:
             self.cpu_pack = cpu_paths.onednn_int8_prepack(self.qweight)
+            kernels = native.kernels()
+            if kernels is not None:
+                # A second int8 copy: decode steps at 1-24 rows ran 1.1-1.5x faster on it than
+                # on oneDNN's (kernels/README.md), which stays for larger batches and prompts.
+                self.cpu_native_pack = kernels.w8a8_pack(self.qweight)
             self.qweight = torch.empty(0, dtype=torch.int8)
-        return self.out_features * self.in_features
+        own = 0 if self.cpu_native_pack is None else self.cpu_native_pack.numel()
+        return self.out_features * self.in_features + own
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_pack is None:
             return w8a8_matmul(x, self.qweight, self.weight_scale)
+        own = self.cpu_native_pack
+        if own is not None and native.w8a8_gemm_supported(x, self.in_features):
+            record_backend("w8a8", "cpu-native-gemm")
+            return native.kernels().w8a8_gemm(x, own, self.weight_scale)
         packed, zero_points = self.cpu_pack
         if native.quantize_rows_supported(x):
             # The same codes and scales as torch's ops below, in one call each side of the GEMM.

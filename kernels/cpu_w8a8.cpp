@@ -1,0 +1,219 @@
+// W8A8 on CPU, x86-64 with AVX-512 VNNI (built and loaded with the other sources by
+// kernels/native.py): per-token activation quantization, the per-token rescale after oneDNN's int8
+// GEMM, and our own int8 GEMM for few rows.
+//
+// Why the quantizer and rescale: in torch the quantization is ~10 elementwise ops per projection
+// (float, abs, amax, div, clamp, div, round, clamp, add, to uint8) and the rescale two more; with
+// 121 projections a step, their fixed costs were several milliseconds at any batch size. Here each
+// is one call, with the same arithmetic as `reference.per_token_codes` (fp32 division, round half
+// to even), so the codes are identical.
+//
+// Why the GEMM: on this model's small layers oneDNN's blocked int8 GEMM costs ~35-60 us a call at
+// 1-16 rows, fixed costs mostly; ours was 1.2-1.5x faster per decode step at 1-12 rows and even
+// at 24 (kernels/README.md), so it serves decode batches up to 24 rows.
+
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "cpu_bf16.h"
+
+#define SLIM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+enum { SLIM_F32 = 0, SLIM_BF16 = 1, SLIM_F16 = 2 };  // the dtype codes of native.py
+
+// Up to 16 values of a row in its dtype -> fp32 (zeros outside the mask).
+SLIM_AVX512 static inline __m512 load_row16(const void *row, int dtype, int64_t i, __mmask16 m) {
+  if (dtype == SLIM_F32) return _mm512_maskz_loadu_ps(m, (const float *)row + i);
+  if (dtype == SLIM_BF16) return load16_masked((const uint16_t *)row + i, m);
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + i));
+}
+
+// x [rows, k] (row stride `stride` elements) -> codes uint8 [rows, k] = round(x / s) + 128 with
+// s = max |x| / 127 per row (at least 1e-12), the codes clamped to [1, 255]; scales fp32 [rows].
+// Returns -1 for an unknown dtype.
+SLIM_AVX512 static void quantize_rows_u8(const void *x, int dtype, int64_t rows, int64_t k,
+                                         int64_t stride, uint8_t *codes, float *scales) {
+  const int64_t item = dtype == SLIM_F32 ? 4 : 2;
+  const __m512 low = _mm512_set1_ps(-127.0f), high = _mm512_set1_ps(127.0f);
+  const __m512 shift = _mm512_set1_ps(128.0f);
+  for (int64_t r = 0; r < rows; r++) {
+    const void *row = (const char *)x + r * stride * item;
+    __m512 peak = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16)
+      peak = _mm512_max_ps(peak, _mm512_abs_ps(load_row16(row, dtype, i, tail_mask(k - i))));
+    float scale = _mm512_reduce_max_ps(peak) / 127.0f;
+    scale = scale < 1e-12f ? 1e-12f : scale;
+    scales[r] = scale;
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int64_t i = 0; i < k; i += 16) {
+      const __mmask16 m = tail_mask(k - i);
+      __m512 q = _mm512_div_ps(load_row16(row, dtype, i, m), s);
+      q = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q = _mm512_add_ps(_mm512_min_ps(_mm512_max_ps(q, low), high), shift);
+      _mm512_mask_cvtusepi32_storeu_epi8(codes + r * k + i, m, _mm512_cvtps_epu32(q));
+    }
+  }
+}
+
+extern "C" SLIM_AVX512 int slim_quantize_rows_u8(const void *x, int dtype, int64_t rows, int64_t k,
+                                                 int64_t stride, uint8_t *codes, float *scales) {
+  if (dtype != SLIM_F32 && dtype != SLIM_BF16 && dtype != SLIM_F16) return -1;
+  quantize_rows_u8(x, dtype, rows, k, stride, codes, scales);
+  return 0;
+}
+
+// out [rows, n] in `dtype` = acc [rows, n] fp32 * scales[row], rounded to nearest even.
+// Returns -1 for an unknown dtype.
+extern "C" SLIM_AVX512 int slim_rescale_rows(const float *acc, const float *scales, int64_t rows,
+                                             int64_t n, int dtype, void *out) {
+  if (dtype != SLIM_F32 && dtype != SLIM_BF16 && dtype != SLIM_F16) return -1;
+  for (int64_t r = 0; r < rows; r++) {
+    const __m512 s = _mm512_set1_ps(scales[r]);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = tail_mask(n - i);
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + r * n + i), s);
+      if (dtype == SLIM_F32) {
+        _mm512_mask_storeu_ps((float *)out + r * n + i, m, v);
+      } else if (dtype == SLIM_F16) {
+        const __m256i half = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_mask_storeu_epi16((uint16_t *)out + r * n + i, m, half);
+      } else {
+        _mm256_mask_storeu_epi16((uint16_t *)out + r * n + i, m, to_bf16x16(v));
+      }
+    }
+  }
+  return 0;
+}
+
+// ---- the GEMM for few rows ------------------------------------------------------------------
+//
+// The weights are repacked once (`slim_w8a8_pack`) into VNNI order: for each block of 16 output
+// channels and each group of 4 inputs, 64 bytes w[c][4 kq .. 4 kq + 3] + 128 for c in the block.
+// One VPDPBUSD then multiplies a whole block by 4 inputs of one activation row (broadcast), and
+// its 16 lanes are 16 outputs: no horizontal sums. The +128 (VPDPBUSD's unsigned operand) comes
+// back out through each activation row's code sum.
+
+static const int64_t GEMM_MAX_ROWS = 24;  // at 32 rows oneDNN's GEMM was faster in a step
+// Each sum of (w + 128) * code is at most 255 * 127 * K: it fits an int32 up to this K.
+static const int64_t GEMM_MAX_K = INT32_MAX / (255 * 127);
+static const int64_t ROW_BLOCK = 8;  // activation rows per pass: 2 x 8 accumulators
+// Distance (bytes of packed weights) the loads run ahead of the products.
+static const int64_t GEMM_PREFETCH_BYTES = 4096;
+
+extern "C" int64_t slim_w8a8_gemm_max_rows(void) { return GEMM_MAX_ROWS; }
+extern "C" int64_t slim_w8a8_gemm_max_k(void) { return GEMM_MAX_K; }
+
+static inline int64_t packed_quads(int64_t k) { return (k + 3) / 4; }
+static inline int64_t packed_blocks(int64_t n) { return (n + 15) / 16; }
+
+extern "C" int64_t slim_w8a8_packed_bytes(int64_t n, int64_t k) {
+  return packed_blocks(n) * packed_quads(k) * 64;
+}
+
+// w int8 [N, K] -> packed uint8 [ceil(N / 16)][ceil(K / 4)][16][4] (see above); padding holds
+// +128 (weight 0), which meets code 0 of the padded inputs or is never stored.
+extern "C" void slim_w8a8_pack(const int8_t *w, int64_t n, int64_t k, uint8_t *packed) {
+  const int64_t quads = packed_quads(k);
+  for (int64_t block = 0; block < packed_blocks(n); block++)
+    for (int64_t q = 0; q < quads; q++)
+      for (int64_t c = 0; c < 16; c++)
+        for (int64_t j = 0; j < 4; j++) {
+          const int64_t row = block * 16 + c, col = 4 * q + j;
+          const int weight = row < n && col < k ? w[row * k + col] : 0;
+          packed[((block * quads + q) * 16 + c) * 4 + j] = (uint8_t)(weight + 128);
+        }
+}
+
+// ROWS (1-8) activation rows x two 16-channel blocks (the second may be absent: `pair` false).
+template <int ROWS>
+SLIM_AVX512 static void w8a8_tile(const int8_t *codes, int64_t kp, const float *xscale,
+                                  const int32_t *xsum, const uint8_t *w0, const uint8_t *w1,
+                                  bool pair, int64_t quads, const float *wscale, int64_t channel,
+                                  int64_t n, void *out, int dtype) {
+  __m512i acc0[ROWS], acc1[ROWS];
+  for (int m = 0; m < ROWS; m++) acc0[m] = acc1[m] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < quads; q++) {
+    _mm_prefetch((const char *)(w0 + q * 64 + GEMM_PREFETCH_BYTES), _MM_HINT_T0);
+    _mm_prefetch((const char *)(w1 + q * 64 + GEMM_PREFETCH_BYTES), _MM_HINT_T0);
+    const __m512i a0 = _mm512_loadu_si512(w0 + q * 64);
+    const __m512i a1 = _mm512_loadu_si512(w1 + q * 64);
+    for (int m = 0; m < ROWS; m++) {
+      int32_t four;
+      memcpy(&four, codes + m * kp + 4 * q, sizeof four);
+      const __m512i b = _mm512_set1_epi32(four);
+      acc0[m] = _mm512_dpbusd_epi32(acc0[m], a0, b);
+      acc1[m] = _mm512_dpbusd_epi32(acc1[m], a1, b);
+    }
+  }
+  const int64_t item = dtype == SLIM_F32 ? 4 : 2;
+  for (int half = 0; half < (pair ? 2 : 1); half++) {
+    const int64_t first = channel + 16 * half;
+    const __mmask16 m16 = tail_mask(n - first);
+    const __m512 ws = _mm512_maskz_loadu_ps(m16, wscale + first);
+    for (int m = 0; m < ROWS; m++) {
+      // (sum - 128 * code sum) * wscale * xscale, in fp32 as oneDNN's path computes it.
+      const __m512i exact =
+          _mm512_sub_epi32(half ? acc1[m] : acc0[m], _mm512_set1_epi32(128 * xsum[m]));
+      const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), ws),
+                                     _mm512_set1_ps(xscale[m]));
+      char *dst = (char *)out + (m * n + first) * item;
+      if (dtype == SLIM_F32)
+        _mm512_mask_storeu_ps((float *)dst, m16, v);
+      else if (dtype == SLIM_BF16)
+        _mm256_mask_storeu_epi16(dst, m16, to_bf16x16(v));
+      else
+        _mm256_mask_storeu_epi16(
+            dst, m16, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+}
+
+typedef void (*W8A8Tile)(const int8_t *, int64_t, const float *, const int32_t *, const uint8_t *,
+                         const uint8_t *, bool, int64_t, const float *, int64_t, int64_t, void *,
+                         int);
+
+// out [M, N] in x's dtype = per-token int8 x (w * wscale [N]).T with w packed by
+// `slim_w8a8_pack`; x [M, K] rows `stride` elements apart; M <= 24. Returns -1 for arguments
+// outside the kernel's limits (checked first in Python).
+extern "C" SLIM_AVX512 int slim_w8a8_gemm(const void *x, int dtype, int64_t m, int64_t k,
+                                          int64_t stride, const uint8_t *packed,
+                                          const float *wscale, int64_t n, void *out) {
+  if (dtype != SLIM_F32 && dtype != SLIM_BF16 && dtype != SLIM_F16) return -1;
+  if (m < 1 || m > GEMM_MAX_ROWS || k < 1 || k > GEMM_MAX_K || n < 1) return -1;
+  const int64_t quads = packed_quads(k), kp = 4 * quads, blocks = packed_blocks(n);
+  int8_t *codes = (int8_t *)calloc((size_t)(m * kp), 1);  // padding: code 0
+  uint8_t *unsigned_codes = (uint8_t *)malloc((size_t)(m * k));
+  if (codes == NULL || unsigned_codes == NULL) {
+    free(codes);
+    free(unsigned_codes);
+    return -1;
+  }
+  float xscale[GEMM_MAX_ROWS];
+  int32_t xsum[GEMM_MAX_ROWS];
+  quantize_rows_u8(x, dtype, m, k, stride, unsigned_codes, xscale);
+  for (int64_t r = 0; r < m; r++) {
+    int32_t total = 0;
+    for (int64_t i = 0; i < k; i++) {
+      codes[r * kp + i] = (int8_t)((int)unsigned_codes[r * k + i] - 128);
+      total += codes[r * kp + i];
+    }
+    xsum[r] = total;
+  }
+  static const W8A8Tile tiles[ROW_BLOCK] = {w8a8_tile<1>, w8a8_tile<2>, w8a8_tile<3>,
+                                            w8a8_tile<4>, w8a8_tile<5>, w8a8_tile<6>,
+                                            w8a8_tile<7>, w8a8_tile<8>};
+  const int64_t item = dtype == SLIM_F32 ? 4 : 2;
+  for (int64_t block = 0; block < blocks; block += 2) {
+    const bool pair = block + 1 < blocks;
+    const uint8_t *w0 = packed + block * quads * 64;
+    const uint8_t *w1 = pair ? w0 + quads * 64 : w0;  // a lone last block reads itself twice
+    for (int64_t r0 = 0; r0 < m; r0 += ROW_BLOCK) {
+      const int64_t rows = m - r0 < ROW_BLOCK ? m - r0 : ROW_BLOCK;
+      tiles[rows - 1](codes + r0 * kp, kp, xscale + r0, xsum + r0, w0, w1, pair, quads, wscale,
+                      16 * block, n, (char *)out + r0 * n * item, dtype);
+    }
+  }
+  free(codes);
+  free(unsigned_codes);
+  return 0;
+}
