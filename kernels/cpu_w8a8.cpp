@@ -9,8 +9,8 @@
 // to even), so the codes are identical.
 //
 // Why the GEMM: on this model's small layers oneDNN's blocked int8 GEMM costs ~35-60 us a call at
-// 1-16 rows, fixed costs mostly; ours was 1.2-1.5x faster per decode step at 1-12 rows and even
-// at 24 (kernels/README.md), so it serves decode batches up to 24 rows.
+// 1-16 rows, fixed costs mostly; a whole decode step on ours was 1.3-1.5x faster at 1-8 rows,
+// 1.1-1.2x at 16-24 and 1.05x at 32 (kernels/README.md), so it serves decode batches up to 32.
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -93,12 +93,13 @@ extern "C" SLIM_AVX512 int slim_rescale_rows(const float *acc, const float *scal
 // its 16 lanes are 16 outputs: no horizontal sums. The +128 (VPDPBUSD's unsigned operand) comes
 // back out through each activation row's code sum.
 
-static const int64_t GEMM_MAX_ROWS = 24;  // at 32 rows oneDNN's GEMM was faster in a step
+static const int64_t GEMM_MAX_ROWS = 32;  // the engine's default decode batch; 1.05x there
 // Each sum of (w + 128) * code is at most 255 * 127 * K: it fits an int32 up to this K.
 static const int64_t GEMM_MAX_K = INT32_MAX / (255 * 127);
 static const int64_t ROW_BLOCK = 8;  // activation rows per pass: 2 x 8 accumulators
-// Distance (bytes of packed weights) the loads run ahead of the products.
-static const int64_t GEMM_PREFETCH_BYTES = 4096;
+// Distance (bytes of packed weights) the loads run ahead of the products: at 8 rows a step was
+// ~1.3x faster with 32 KiB than with 4 KiB (weights streamed at ~16 GB/s with 4).
+static const int64_t GEMM_PREFETCH_BYTES = 32768;
 
 extern "C" int64_t slim_w8a8_gemm_max_rows(void) { return GEMM_MAX_ROWS; }
 extern "C" int64_t slim_w8a8_gemm_max_k(void) { return GEMM_MAX_K; }
@@ -173,7 +174,7 @@ typedef void (*W8A8Tile)(const int8_t *, int64_t, const float *, const int32_t *
                          int);
 
 // out [M, N] in x's dtype = per-token int8 x (w * wscale [N]).T with w packed by
-// `slim_w8a8_pack`; x [M, K] rows `stride` elements apart; M <= 24. Returns -1 for arguments
+// `slim_w8a8_pack`; x [M, K] rows `stride` elements apart; M <= 32. Returns -1 for arguments
 // outside the kernel's limits (checked first in Python).
 extern "C" SLIM_AVX512 int slim_w8a8_gemm(const void *x, int dtype, int64_t m, int64_t k,
                                           int64_t stride, const uint8_t *packed,

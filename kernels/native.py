@@ -375,7 +375,7 @@ def quantize_rows_supported(x: torch.Tensor) -> bool:
 
 
 def w8a8_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
-    """Few rows: up to the kernel's 24 (at 32 oneDNN's blocked GEMM was faster)."""
+    """Few rows: up to the kernel's 32 (the engine's default decode batch)."""
     if not quantize_rows_supported(x) or x.shape[1] != in_features:
         return False
     native = kernels()

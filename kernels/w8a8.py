@@ -12,7 +12,7 @@ blocked int8 layout (`cpu_paths.onednn_int8_matmul`: 1.7-4.9x `_int_mm` at 8-32 
 weights; on small ones the per-token quantization's fixed cost dominates, kernels/README.md) and
 the plain copy is dropped, as the dense weights are. Where the native kernels load
 (`native.py`), the per-token quantization before that GEMM and the rescale after it are one call
-each (`cpu_w8a8.cpp`, identical codes), not ~12 torch ops per projection; and at 1-24 rows our
+each (`cpu_w8a8.cpp`, identical codes), not ~12 torch ops per projection; and at 1-32 rows our
 own int8 GEMM in the same file (identical outputs) reads its own copy of the weight instead.
 """
 
@@ -107,7 +107,7 @@ class W8A8Linear(CompressedLinear):
 
     def pack_for_cpu(self) -> int:
         """On CPU, serve from oneDNN's int8 layout from now on (and, where the native kernels
-        load, from our own GEMM's copy at 1-24 rows); the module can no longer be saved or
+        load, from our own GEMM's copy at 1-32 rows); the module can no longer be saved or
         moved. Returns the bytes of the weight copies held for CPU serving: 0 off CPU (nothing
         to pack) and where this torch has no oneDNN int8 kernels (the module keeps
         `torch._int_mm`, and says so)."""
@@ -121,7 +121,7 @@ class W8A8Linear(CompressedLinear):
             self.cpu_pack = cpu_paths.onednn_int8_prepack(self.qweight)
             kernels = native.kernels()
             if kernels is not None:
-                # A second int8 copy: decode steps at 1-24 rows ran 1.1-1.5x faster on it than
+                # A second int8 copy: decode steps at 1-32 rows ran 1.1-1.5x faster on it than
                 # on oneDNN's (kernels/README.md), which stays for larger batches and prompts.
                 self.cpu_native_pack = kernels.w8a8_pack(self.qweight)
             self.qweight = torch.empty(0, dtype=torch.int8)

@@ -105,7 +105,7 @@ def test_w8a8_packed_for_cpu_gives_the_same_output(dtype: torch.dtype, n: int, k
         torch.testing.assert_close(x, kept, rtol=0, atol=0)  # the input is not quantized in place
         # Same int32 sums and scales; only the fp32 rounding of the two rescales may differ.
         assert rel_error(out, expected.double()) < {torch.float32: 1e-6}.get(dtype, 8e-3)
-    # Our GEMM (1-24 rows) and quantizer around oneDNN's (40) where the native kernels run.
+    # Our GEMM (1-32 rows) and quantizer around oneDNN's (40) where the native kernels run.
     expected = ["cpu-native-gemm", "cpu-onednn-packed-native-quantize"]
     for backend in expected if native_cpu else ["cpu-onednn-packed"]:
         assert backend in chosen_backends()["w8a8"]

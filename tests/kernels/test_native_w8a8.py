@@ -1,7 +1,7 @@
 """slimserve's own W8A8 pieces (kernels/cpu_w8a8.cpp): the activation quantizer and rescale give
 the codes, scales and roundings of torch's per-token ops bit for bit (ragged widths, three dtypes,
 strided rows, zero and large rows); the few-row GEMM gives oneDNN's path's outputs bit for bit
-(1-24 rows, ragged N and K) and against fp64 is off only by the activation codes' rounding; a
+(1-32 rows, ragged N and K) and against fp64 is off only by the activation codes' rounding; a
 packed module dispatches by rows."""
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ def _module(n: int, k: int, seed: int) -> tuple[W8A8Linear, torch.Tensor, torch.
     return module, qweight, scale
 
 
-# (rows, N, K): one decode row on the default model's q|k|v, 24 rows (the limit), blocks of 16
+# (rows, N, K): one decode row on the default model's q|k|v, 32 rows (the limit), blocks of 16
 # output channels with a lone last block, K not a multiple of 4, and tiny ones.
-GEMM_SHAPES = [(1, 960, 576), (24, 3072, 576), (13, 576, 1536), (9, 33, 3), (5, 4, 65)]
+GEMM_SHAPES = [(1, 960, 576), (32, 3072, 576), (13, 576, 1536), (9, 33, 3), (5, 4, 65)]
 GEMM_SHAPES += [(2, 1, 7), (8, 50, 130)]
 
 
@@ -107,20 +107,20 @@ def test_the_gemm_matches_onednn_bit_for_bit_and_fp64(rows, n, k, dtype) -> None
 
 def test_the_gemm_limits_are_checked_before_the_call() -> None:
     kernels = native.kernels()
-    assert kernels.w8a8_gemm_max_rows == 24
-    x = _rows(24, 64, torch.bfloat16, seed=0)
+    assert kernels.w8a8_gemm_max_rows == 32
+    x = _rows(32, 64, torch.bfloat16, seed=0)
     assert native.w8a8_gemm_supported(x, 64)
-    assert not native.w8a8_gemm_supported(_rows(25, 64, torch.bfloat16, seed=0), 64)
+    assert not native.w8a8_gemm_supported(_rows(33, 64, torch.bfloat16, seed=0), 64)
     assert not native.w8a8_gemm_supported(x, 65)  # not the module's in-features
-    assert not native.w8a8_gemm_supported(x.t(), 24)  # column stride
+    assert not native.w8a8_gemm_supported(x.t(), 32)  # column stride
     module, _, _ = _module(16, 64, seed=1)
     with pytest.raises(ValueError, match="refused"):
         kernels.w8a8_gemm(
-            _rows(25, 64, torch.bfloat16, seed=0), module.cpu_native_pack, module.weight_scale
+            _rows(33, 64, torch.bfloat16, seed=0), module.cpu_native_pack, module.weight_scale
         )
 
 
-@pytest.mark.parametrize(("rows", "backend"), [(1, "cpu-native-gemm"), (24, "cpu-native-gemm")])
+@pytest.mark.parametrize(("rows", "backend"), [(1, "cpu-native-gemm"), (32, "cpu-native-gemm")])
 def test_a_packed_module_takes_our_gemm_for_few_rows(rows: int, backend: str) -> None:
     module, _, _ = _module(96, 64, seed=rows)
     x = _rows(rows, 64, torch.bfloat16, seed=rows + 1)
