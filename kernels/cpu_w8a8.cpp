@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "cpu_bf16.h"
+#include "cpu_pack.h"
 
 #define SLIM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
@@ -104,8 +105,8 @@ static const int64_t GEMM_PREFETCH_BYTES = 32768;
 extern "C" int64_t slim_w8a8_gemm_max_rows(void) { return GEMM_MAX_ROWS; }
 extern "C" int64_t slim_w8a8_gemm_max_k(void) { return GEMM_MAX_K; }
 
-static inline int64_t packed_quads(int64_t k) { return (k + 3) / 4; }
-static inline int64_t packed_blocks(int64_t n) { return (n + 15) / 16; }
+static inline int64_t packed_quads(int64_t k) { return slim_input_groups(k, 4); }
+static inline int64_t packed_blocks(int64_t n) { return slim_channel_blocks(n); }
 
 extern "C" int64_t slim_w8a8_packed_bytes(int64_t n, int64_t k) {
   return packed_blocks(n) * packed_quads(k) * 64;
@@ -114,15 +115,7 @@ extern "C" int64_t slim_w8a8_packed_bytes(int64_t n, int64_t k) {
 // w int8 [N, K] -> packed uint8 [ceil(N / 16)][ceil(K / 4)][16][4] (see above); padding holds
 // +128 (weight 0), which meets code 0 of the padded inputs or is never stored.
 extern "C" void slim_w8a8_pack(const int8_t *w, int64_t n, int64_t k, uint8_t *packed) {
-  const int64_t quads = packed_quads(k);
-  for (int64_t block = 0; block < packed_blocks(n); block++)
-    for (int64_t q = 0; q < quads; q++)
-      for (int64_t c = 0; c < 16; c++)
-        for (int64_t j = 0; j < 4; j++) {
-          const int64_t row = block * 16 + c, col = 4 * q + j;
-          const int weight = row < n && col < k ? w[row * k + col] : 0;
-          packed[((block * quads + q) * 16 + c) * 4 + j] = (uint8_t)(weight + 128);
-        }
+  slim_pack_channel_blocks<4>(w, n, k, packed, [](int8_t v) { return (uint8_t)(v + 128); });
 }
 
 // ROWS (1-8) activation rows x two 16-channel blocks (the second may be absent: `pair` false).
@@ -181,7 +174,7 @@ extern "C" SLIM_AVX512 int slim_w8a8_gemm(const void *x, int dtype, int64_t m, i
                                           const float *wscale, int64_t n, void *out) {
   if (dtype != SLIM_F32 && dtype != SLIM_BF16 && dtype != SLIM_F16) return -1;
   if (m < 1 || m > GEMM_MAX_ROWS || k < 1 || k > GEMM_MAX_K || n < 1) return -1;
-  const int64_t quads = packed_quads(k), kp = 4 * quads, blocks = packed_blocks(n);
+  const int64_t quads = packed_quads(k), kp = 4 * quads;
   int8_t *codes = (int8_t *)calloc((size_t)(m * kp), 1);  // padding: code 0
   uint8_t *unsigned_codes = (uint8_t *)malloc((size_t)(m * k));
   if (codes == NULL || unsigned_codes == NULL) {
@@ -204,16 +197,13 @@ extern "C" SLIM_AVX512 int slim_w8a8_gemm(const void *x, int dtype, int64_t m, i
                                             w8a8_tile<4>, w8a8_tile<5>, w8a8_tile<6>,
                                             w8a8_tile<7>, w8a8_tile<8>};
   const int64_t item = dtype == SLIM_F32 ? 4 : 2;
-  for (int64_t block = 0; block < blocks; block += 2) {
-    const bool pair = block + 1 < blocks;
-    const uint8_t *w0 = packed + block * quads * 64;
-    const uint8_t *w1 = pair ? w0 + quads * 64 : w0;  // a lone last block reads itself twice
-    for (int64_t r0 = 0; r0 < m; r0 += ROW_BLOCK) {
-      const int64_t rows = m - r0 < ROW_BLOCK ? m - r0 : ROW_BLOCK;
-      tiles[rows - 1](codes + r0 * kp, kp, xscale + r0, xsum + r0, w0, w1, pair, quads, wscale,
-                      16 * block, n, (char *)out + r0 * n * item, dtype);
-    }
-  }
+  slim_for_each_tile(n, m, quads * 64, ROW_BLOCK,
+                     [&](int64_t w0, int64_t w1, bool pair, int64_t channel, int64_t r0,
+                         int64_t rows) {
+                       tiles[rows - 1](codes + r0 * kp, kp, xscale + r0, xsum + r0, packed + w0,
+                                       packed + w1, pair, quads, wscale, channel, n,
+                                       (char *)out + r0 * n * item, dtype);
+                     });
   free(codes);
   free(unsigned_codes);
   return 0;

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimserve.kernels import native
 from slimserve.kernels.dispatch import record_backend
 
 # The blocked layout oneDNN picks depends on this batch-size hint; 8 was as fast as the best
@@ -36,12 +37,31 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
         self.bias = None if bias is None else bias.detach().clone()
         self.packed_bytes = weight.numel() * weight.element_size()
+        # Our own bf16 GEMM's copy (`with_native_gemm`), for decode batches.
+        self.native_packed: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
         return cls(linear.weight, linear.bias)
 
+    def with_native_gemm(self, weight: torch.Tensor) -> int:
+        """Also serve 1-32 bf16 rows from our own GEMM's copy of `weight` (the one this module
+        was packed from), where this CPU has AVX-512 BF16 and the native kernels load; returns
+        the copy's bytes (0 where it does not apply). The engine does it for the lm_head: read
+        whole by every decode step, it streamed at ~20 GB/s through oneDNN's copy in a step
+        (kernels/README.md)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight {tuple(weight.shape)} is not this module's")
+        kernels = native.kernels()
+        if weight.dtype != torch.bfloat16 or kernels is None or kernels.bf16_gemm_max_rows == 0:
+            return 0
+        self.native_packed = kernels.bf16_pack(weight)
+        return self.native_packed.numel() * self.native_packed.element_size()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_packed is not None and native.bf16_gemm_supported(x, self.in_features):
+            record_backend("dense", "cpu-native-bf16-gemm")
+            return native.kernels().bf16_gemm(x, self.native_packed, self.out_features, self.bias)
         record_backend("dense", "cpu-onednn-packed")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 

@@ -1,8 +1,8 @@
 """slimserve's own CPU kernels in C++ (`cpu_gemv.cpp`: W8A16 GEMV; `cpu_decode_attention.cpp`: a
 decode step's rotary + cache writes + attention per sequence, residual add + RMSNorm, SiLU * up;
-`cpu_w8a8.cpp`: W8A8 per-token activation quantization, rescale, and a GEMM for few rows),
-built once per machine into one library and called through ctypes (which releases the
-interpreter lock).
+`cpu_w8a8.cpp`: W8A8 per-token activation quantization, rescale, and a GEMM for few rows;
+`cpu_bf16_gemm.cpp`: a bf16 GEMM for few rows, for the lm_head), built once per machine into one
+library and called through ctypes (which releases the interpreter lock).
 
 The library is compiled on first use with the system C++ compiler (`CXX`, else `c++` / `g++`)
 into `$SLIMSERVE_CACHE/native/`, named by a hash of the sources, the compiler's version and the
@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("cpu_gemv.cpp", "cpu_decode_attention.cpp", "cpu_w8a8.cpp")
+    for name in ("cpu_gemv.cpp", "cpu_decode_attention.cpp", "cpu_w8a8.cpp", "cpu_bf16_gemm.cpp")
 )
-HEADERS = (Path(__file__).with_name("cpu_bf16.h"),)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_bf16.h", "cpu_pack.h"))
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # Rows (tokens) one call handles: a whole int8 decode step at batch 1 / 2 was 1.46x / 1.14x
 # faster than on torch's int8pack, 0.8-0.9x at 3-8 (kernels/README.md).
@@ -237,6 +237,37 @@ class NativeKernels:
             raise ValueError(f"slim_w8a8_gemm refused M={m} K={k} N={n} {x.dtype}")
         return out
 
+    @functools.cached_property
+    def bf16_gemm_max_rows(self) -> int:
+        """0 where this CPU lacks AVX-512 BF16 (the GEMM is then never called)."""
+        if not self.library.slim_bf16_gemm_cpu_supported():
+            return 0
+        return int(self.library.slim_bf16_gemm_max_rows())
+
+    def bf16_pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """bf16 [N, K] -> the bf16 GEMM's own layout (see cpu_bf16_gemm.cpp)."""
+        n, k = weight.shape
+        packed = torch.empty(
+            int(self.library.slim_bf16_packed_elements(n, k)), dtype=torch.bfloat16
+        )
+        self.library.slim_bf16_pack(weight.contiguous().data_ptr(), n, k, packed.data_ptr())
+        return packed
+
+    def bf16_gemm(
+        self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """bf16 x [M, K] (unit column stride) @ weight.T + bias -> bf16 [M, N], the weight
+        `bf16_pack`ed; fp32 sums. Callers check `bf16_gemm_supported` first."""
+        m, k = x.shape
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+        status = self.library.slim_bf16_gemm(
+            x.data_ptr(), m, k, x.stride(0), packed.data_ptr(),
+            None if bias is None else bias.data_ptr(), n, out.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"slim_bf16_gemm refused M={m} K={k} N={n}")
+        return out
+
     def add_rms_norm(
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> torch.Tensor:
@@ -275,6 +306,7 @@ def _load(path: Path) -> NativeKernels:
         "slim_decode_attention_max_head_dim",
         "slim_w8a8_gemm_max_rows",
         "slim_w8a8_gemm_max_k",
+        "slim_bf16_gemm_max_rows",
     )
     for name in limits:
         getattr(library, name).restype = i64
@@ -287,6 +319,14 @@ def _load(path: Path) -> NativeKernels:
     library.slim_silu_mul_bf16.argtypes = [ptr, i64, i64, ptr]
     library.slim_quantize_rows_u8.restype = cint
     library.slim_quantize_rows_u8.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr]
+    library.slim_bf16_gemm_cpu_supported.restype = cint
+    library.slim_bf16_gemm_cpu_supported.argtypes = []
+    library.slim_bf16_gemm.restype = cint
+    library.slim_bf16_gemm.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
+    library.slim_bf16_pack.restype = None
+    library.slim_bf16_pack.argtypes = [ptr, i64, i64, ptr]
+    library.slim_bf16_packed_elements.restype = i64
+    library.slim_bf16_packed_elements.argtypes = [i64, i64]
     library.slim_w8a8_gemm.restype = cint
     library.slim_w8a8_gemm.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr, i64, ptr]
     library.slim_w8a8_pack.restype = None
@@ -380,3 +420,13 @@ def w8a8_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
         return False
     native = kernels()
     return 1 <= x.shape[0] <= native.w8a8_gemm_max_rows and in_features <= native.w8a8_gemm_max_k
+
+
+def bf16_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
+    """bf16 CPU rows [M <= 32, K] with unit column stride, on a CPU with AVX-512 BF16."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 2:
+        return False
+    if x.stride(1) != 1 or x.shape[1] != in_features:
+        return False
+    native = kernels()
+    return native is not None and 1 <= x.shape[0] <= native.bf16_gemm_max_rows

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimserve.kernels import native
+from slimserve.kernels.dense_cpu import PackedLinear
 from slimserve.kernels.fuse import fuse_linears
 
 # Up to this many decoding sequences, attention is torch's fused SDPA over the query heads of
@@ -204,6 +205,8 @@ class LlamaRunner:
         self.layers = [_LayerPlan(layer, packed) for layer in inner.layers]
         # The lm_head is packed separately from a tied input embedding, which stays for lookups.
         head = _fuse([model.lm_head], packed) if type(model.lm_head) is nn.Linear else None
+        if isinstance(head, PackedLinear) and packed is not None:
+            packed.append(head.with_native_gemm(model.lm_head.weight.detach()))
         self.lm_head = head if head is not None else model.lm_head
         self.packed_weight_bytes = sum(packed or [])
         # Between the matmuls, native calls: per layer, rotary + cache writes + attention of

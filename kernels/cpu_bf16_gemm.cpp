@@ -1,0 +1,104 @@
+// bf16 GEMM for few rows on x86-64 CPUs with AVX-512 BF16 (built and loaded with the other sources
+// by kernels/native.py); the engine gives it the lm_head, the largest matrix a decode step reads.
+//
+// Why: at 1-32 rows a decode step streams the weights, and oneDNN's prepacked bf16 matmul read the
+// 49152x576 lm_head at ~20 GB/s in a step. The weight is repacked once in the order VDPBF16PS
+// wants (for each block of 16 output channels and each pair of inputs, 64 bytes: w[c][2 p],
+// w[c][2 p + 1] for c in the block), so one instruction multiplies a whole block by two inputs of
+// one activation row (broadcast) and its 16 fp32 lanes are 16 outputs: no horizontal sums. Products
+// of bf16 values are exact in fp32 and accumulate in fp32, as oneDNN's do (in another order).
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_bf16.h"
+#include "cpu_pack.h"
+
+#define SLIM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+static const int64_t BF16_GEMM_MAX_ROWS = 32;  // the engine's default decode batch
+static const int64_t BF16_ROW_BLOCK = 8;       // activation rows per pass: 2 x 8 accumulators
+// Distance (bytes of packed weights) the loads run ahead of the products.
+static const int64_t BF16_PREFETCH_BYTES = 32768;
+
+extern "C" int64_t slim_bf16_gemm_max_rows(void) { return BF16_GEMM_MAX_ROWS; }
+
+extern "C" int slim_bf16_gemm_cpu_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+static inline int64_t bf16_pairs(int64_t k) { return slim_input_groups(k, 2); }
+static inline int64_t bf16_blocks(int64_t n) { return slim_channel_blocks(n); }
+
+extern "C" int64_t slim_bf16_packed_elements(int64_t n, int64_t k) {
+  return bf16_blocks(n) * bf16_pairs(k) * 32;
+}
+
+// w bf16 [N, K] -> packed bf16 [ceil(N / 16)][ceil(K / 2)][16][2] (see above), zeros as padding.
+extern "C" void slim_bf16_pack(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed) {
+  slim_pack_channel_blocks<2>(w, n, k, packed, [](uint16_t v) { return v; });
+}
+
+// ROWS (1-8) activation rows (x: bf16, rows kp apart, zero-padded to an even K) x two 16-channel
+// blocks (the second absent when `pair` is false).
+template <int ROWS>
+SLIM_AVX512_BF16 static void bf16_tile(const uint16_t *x, int64_t kp, const uint16_t *w0,
+                                       const uint16_t *w1, bool pair, int64_t pairs,
+                                       const uint16_t *bias, int64_t channel, int64_t n,
+                                       uint16_t *out) {
+  __m512 acc0[ROWS], acc1[ROWS];
+  for (int m = 0; m < ROWS; m++) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; p++) {
+    _mm_prefetch((const char *)(w0 + p * 32) + BF16_PREFETCH_BYTES, _MM_HINT_T0);
+    _mm_prefetch((const char *)(w1 + p * 32) + BF16_PREFETCH_BYTES, _MM_HINT_T0);
+    const __m512bh a0 = (__m512bh)_mm512_loadu_si512(w0 + p * 32);
+    const __m512bh a1 = (__m512bh)_mm512_loadu_si512(w1 + p * 32);
+    for (int m = 0; m < ROWS; m++) {
+      int32_t two;
+      memcpy(&two, x + m * kp + 2 * p, sizeof two);
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(two);
+      acc0[m] = _mm512_dpbf16_ps(acc0[m], a0, b);
+      acc1[m] = _mm512_dpbf16_ps(acc1[m], a1, b);
+    }
+  }
+  for (int half = 0; half < (pair ? 2 : 1); half++) {
+    const int64_t first = channel + 16 * half;
+    const __mmask16 m16 = tail_mask(n - first);
+    const __m512 b = bias == NULL ? _mm512_setzero_ps() : load16_masked(bias + first, m16);
+    for (int m = 0; m < ROWS; m++) {
+      const __m512 v = _mm512_add_ps(half ? acc1[m] : acc0[m], b);
+      _mm256_mask_storeu_epi16(out + m * n + first, m16, to_bf16x16(v));
+    }
+  }
+}
+
+typedef void (*Bf16Tile)(const uint16_t *, int64_t, const uint16_t *, const uint16_t *, bool,
+                         int64_t, const uint16_t *, int64_t, int64_t, uint16_t *);
+
+// out bf16 [M, N] = x bf16 [M, K] (rows `stride` elements apart) @ w.T + bias (bf16 [N] or NULL),
+// w packed by `slim_bf16_pack`; M <= 32. Returns -1 for arguments outside the kernel's limits
+// (checked first in Python).
+extern "C" SLIM_AVX512_BF16 int slim_bf16_gemm(const uint16_t *x, int64_t m, int64_t k,
+                                               int64_t stride, const uint16_t *packed,
+                                               const uint16_t *bias, int64_t n, uint16_t *out) {
+  if (m < 1 || m > BF16_GEMM_MAX_ROWS || k < 1 || n < 1) return -1;
+  const int64_t pairs = bf16_pairs(k), kp = 2 * pairs;
+  uint16_t *rows = (uint16_t *)calloc((size_t)(m * kp), sizeof(uint16_t));  // an odd K's pad: 0
+  if (rows == NULL) return -1;
+  for (int64_t r = 0; r < m; r++) memcpy(rows + r * kp, x + r * stride, (size_t)k * 2);
+  static const Bf16Tile tiles[BF16_ROW_BLOCK] = {bf16_tile<1>, bf16_tile<2>, bf16_tile<3>,
+                                                 bf16_tile<4>, bf16_tile<5>, bf16_tile<6>,
+                                                 bf16_tile<7>, bf16_tile<8>};
+  slim_for_each_tile(n, m, pairs * 32, BF16_ROW_BLOCK,
+                     [&](int64_t w0, int64_t w1, bool pair, int64_t channel, int64_t r0,
+                         int64_t count) {
+                       tiles[count - 1](rows + r0 * kp, kp, packed + w0, packed + w1, pair, pairs,
+                                        bias, channel, n, out + r0 * n);
+                     });
+  free(rows);
+  return 0;
+}

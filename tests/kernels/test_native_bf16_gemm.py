@@ -1,0 +1,66 @@
+"""slimserve's own bf16 GEMM for few rows (kernels/cpu_bf16_gemm.cpp): against fp64 at 1-32 rows,
+ragged N (lone last 16-channel blocks) and odd K, with and without bias, within the bf16 rounding
+of the output that oneDNN's path also has; the packed module's dispatch by rows and CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimserve.kernels import native
+from slimserve.kernels.dense_cpu import PackedLinear
+from slimserve.kernels.dispatch import chosen_backends
+
+from .helpers import AVX512_VNNI, cpu_has, rel_error
+
+BF16_CPU = cpu_has(*AVX512_VNNI, "avx512_bf16")
+pytestmark = pytest.mark.skipif(not BF16_CPU, reason="this CPU has no AVX-512 BF16")
+
+# (rows, N, K): the default model's lm_head at 1 and 32 rows, lone last blocks, odd K, tiny.
+SHAPES = [(1, 49152, 576), (32, 1000, 576), (9, 33, 3), (3, 7, 101), (17, 16, 64), (8, 50, 130)]
+
+
+def _case(rows: int, n: int, k: int, bias: bool, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=gen).bfloat16()
+    b = (torch.randn(n, generator=gen) * 3).bfloat16() if bias else None
+    x = (torch.randn(rows, k, generator=gen) * torch.logspace(-1, 1, rows).unsqueeze(1)).bfloat16()
+    return weight, b, x
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("rows", "n", "k"), SHAPES)
+def test_matches_fp64_as_closely_as_onednn(rows: int, n: int, k: int, bias: bool) -> None:
+    weight, b, x = _case(rows, n, k, bias, seed=rows * n + k)
+    module = PackedLinear(weight, b)
+    theirs = module(x)  # oneDNN's path, before our copy exists
+    padded = -(-n // 16) * 16 * -(-k // 2) * 2  # 16-channel blocks, pairs of inputs
+    assert module.with_native_gemm(weight) == padded * 2
+    assert native.bf16_gemm_supported(x, k)
+    ours = module(x)
+    assert "cpu-native-bf16-gemm" in chosen_backends()["dense"]
+    assert ours.shape == (rows, n) and ours.dtype == torch.bfloat16
+    ref = x.double() @ weight.double().t() + (b.double() if bias else 0)
+    for row in range(rows):  # each row at its own scale
+        # fp32 sums in another order than oneDNN's, then one bf16 rounding: both paths' error
+        # is that rounding (2^-9 relative), never more than twice oneDNN's.
+        ours_error = rel_error(ours[row], ref[row])
+        assert ours_error < 4e-3, row
+        assert ours_error <= 2 * rel_error(theirs[row], ref[row]) + 1e-6, row
+
+
+def test_rows_past_the_limit_and_other_dtypes_take_onednn() -> None:
+    weight, _, x = _case(33, 64, 64, False, seed=1)
+    module = PackedLinear(weight, None)
+    module.with_native_gemm(weight)
+    assert native.kernels().bf16_gemm_max_rows == 32
+    assert not native.bf16_gemm_supported(x, 64)  # 33 rows: a prompt chunk, say
+    assert native.bf16_gemm_supported(x[:32], 64)
+    assert not native.bf16_gemm_supported(x[:4].float(), 64)
+    assert not native.bf16_gemm_supported(x[:4].t(), 4)  # column stride
+    out = module(x)
+    torch.testing.assert_close(out, PackedLinear(weight, None)(x), rtol=0, atol=0)
+    fp32 = PackedLinear(weight.float(), None)
+    assert fp32.with_native_gemm(weight.float()) == 0  # bf16 only
+    with pytest.raises(ValueError, match="not this module"):
+        module.with_native_gemm(weight[:10])
