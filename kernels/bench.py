@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from slimserve.kernels import cpu_paths, dense_cpu
+from slimserve.kernels import cpu_paths, dense_cpu, native
 from slimserve.kernels.dispatch import chosen_backends
 from slimserve.kernels.int8 import Int8Linear, quantize_int8_absmax, select_w8a16_backend
 from slimserve.kernels.lowbit import LowBitLinear, select_lowbit_backend
@@ -33,8 +33,10 @@ log = logging.getLogger("slimserve.kernels.bench")
 # (N, K) of the default model (SmolLM2-135M: hidden 576, intermediate 1536, vocab 49152) + 4096^2.
 MODEL_SHAPES = [(1536, 576), (576, 1536), (576, 576), (49152, 576), (4096, 4096)]
 BATCH_SIZES = [1, 4, 8, 16, 32]
-OPS = ("w8a16", "w8a16-int8pack", "w4a16", "w3a16", "w8a8", "w8a8-packed", "sparse24")
-CPU_ONLY_OPS = ("w8a16-int8pack",)
+OPS = ("w8a16", "w8a16-int8pack", "w4a16", "w3a16", "w8a8", "w8a8-packed", "w8a8-onednn")
+OPS += ("sparse24",)
+# Forced paths for side-by-side rows: torch's int8pack, oneDNN's packed int8 GEMM.
+CPU_ONLY_OPS = ("w8a16-int8pack", "w8a8-onednn")
 GROUP_SIZE = 64  # K=576 allows 32 or 64 with the CPU int4 kernel, not 128
 
 
@@ -137,8 +139,10 @@ def _modules(
             codes, scales, zeros, GROUP_SIZE, bits, None, dtype
         )
     mods["w8a8"] = W8A8Linear.from_quantized(qweight, scale, None, dtype)
-    # As the engine serves it on CPU: the weight in oneDNN's int8 layout (a no-op elsewhere).
+    # As the engine serves it on CPU: the weight in oneDNN's int8 layout and, where the native
+    # kernels load, our few-row GEMM's (a no-op elsewhere); "-onednn" keeps oneDNN's only.
     mods["w8a8-packed"] = W8A8Linear.from_quantized(qweight, scale, None, dtype)
+    mods["w8a8-onednn"] = W8A8Linear.from_quantized(qweight, scale, None, dtype)
     mask = torch.rand(n, k // 4, 4, generator=gen).argsort(-1) < 2
     mods["sparse24"] = SparseLinear.from_dense(
         (weight.reshape(n, k // 4, 4) * mask).reshape(n, k), None, dtype
@@ -146,6 +150,8 @@ def _modules(
     mods = {name: mod.to(device) for name, mod in mods.items()}
     if device.type == "cpu":
         mods["w8a8-packed"].pack_for_cpu()
+        mods["w8a8-onednn"].pack_for_cpu()
+        mods["w8a8-onednn"].cpu_native_pack = None
     return mods
 
 
@@ -156,7 +162,7 @@ def _weight_bytes(module: torch.nn.Module) -> int:
         skip = {"qweight", "qweight_hi", "scales", "zeros"}
     packed = 0
     if isinstance(module, W8A8Linear) and module.cpu_pack is not None:
-        packed = module.in_features * module.out_features  # int8, in oneDNN's layout
+        packed = module.in_features * module.out_features  # int8, in one of the packed layouts
     return packed + sum(
         b.numel() * b.element_size()
         for name, b in module.named_buffers()
@@ -172,8 +178,12 @@ def _backend(op: str, module: torch.nn.Module, x: torch.Tensor) -> str:
     if op in ("w4a16", "w3a16"):
         pack = None if module.cpu_qweight is None else (module.cpu_qweight, module.cpu_scales_zeros)
         return select_lowbit_backend(x, pack)
-    if op == "w8a8-packed" and module.cpu_pack is not None:
-        return "cpu-onednn-packed"
+    if op in ("w8a8-packed", "w8a8-onednn") and module.cpu_pack is not None:
+        own = module.cpu_native_pack is not None
+        if own and native.w8a8_gemm_supported(x, module.in_features):
+            return "cpu-native-gemm"
+        ours = native.quantize_rows_supported(x)
+        return "cpu-onednn-packed-native-quantize" if ours else "cpu-onednn-packed"
     if op.startswith("w8a8"):
         return select_w8a8_backend(x)
     return select_sparse24_backend(x, module.semi_structured)
