@@ -370,6 +370,13 @@ def kernels() -> NativeKernels | None:
     return loaded
 
 
+def serving_kernels() -> NativeKernels | None:
+    """The library where a call may use it now: our kernels run on the calling thread, so they
+    serve only while torch computes on one thread (an engine's default on 2 cores, as vLLM's CPU
+    engine). With more threads torch's and oneDNN's kernels, which use them, run instead."""
+    return kernels() if torch.get_num_threads() == 1 else None
+
+
 def w8a16_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> bool:
     """A CPU call the kernel takes: few rows, contiguous weights, dtypes it reads."""
     if x.device.type != "cpu" or x.dim() != 2 or not 1 <= x.shape[0] <= W8A16_GEMV_MAX_M:
@@ -380,7 +387,7 @@ def w8a16_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
         return False
     if not (qweight.is_contiguous() and scale.is_contiguous()):
         return False
-    native = kernels()
+    native = serving_kernels()
     return native is not None and x.shape[1] <= native.w8a16_max_k
 
 
@@ -415,7 +422,7 @@ def quantize_rows_supported(x: torch.Tensor) -> bool:
     column stride."""
     if x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPE_CODES:
         return False
-    return x.stride(1) == 1 and kernels() is not None
+    return x.stride(1) == 1 and serving_kernels() is not None
 
 
 def w8a8_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
@@ -423,7 +430,7 @@ def w8a8_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
     W8A8_GEMM_WIDE_K inputs wide, up to 8 on wider ones (kernels/README.md)."""
     if not quantize_rows_supported(x) or x.shape[1] != in_features:
         return False
-    native = kernels()
+    native = serving_kernels()
     rows = native.w8a8_gemm_max_rows if in_features <= W8A8_GEMM_WIDE_K else W8A8_GEMM_WIDE_MAX_ROWS
     return 1 <= x.shape[0] <= rows and in_features <= native.w8a8_gemm_max_k
 
@@ -434,5 +441,5 @@ def bf16_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
         return False
     if x.stride(1) != 1 or x.shape[1] != in_features:
         return False
-    native = kernels()
+    native = serving_kernels()
     return native is not None and 1 <= x.shape[0] <= native.bf16_gemm_max_rows

@@ -280,7 +280,7 @@ class LlamaRunner:
         chunk_ids = chunk.token_ids if chunk is not None else []
         if chunk is not None and not batch <= chunk.slot < self.max_slots:
             raise ValueError(f"prefill slot {chunk.slot} overlaps the {batch} decoding slots")
-        if self.native_decode:
+        if self.native_decode and native.serving_kernels() is not None:
             return self._step_native(decode_ids, decode_positions, chunk)
         positions = torch.tensor(decode_positions, dtype=torch.long)
         if chunk is not None:
@@ -315,7 +315,7 @@ class LlamaRunner:
         residual add + RMSNorm, SiLU(gate) * up, and for the decoding sequences rotary + cache
         writes + attention, each over its own cached keys in place (cached keys bit-identical to
         the eager ops'). A prompt chunk's rotary and causal attention stay eager."""
-        kernels = native.kernels()
+        kernels = native.serving_kernels()
         batch = len(decode_ids)
         chunk_ids = chunk.token_ids if chunk is not None else []
         x = self.embed(torch.tensor(list(decode_ids) + list(chunk_ids), dtype=torch.long))

@@ -140,6 +140,7 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 PROBE = """
     import logging, torch
+    torch.set_num_threads(1)  # our kernels serve one-thread engines
     logging.basicConfig(level=logging.INFO)
     from slimserve.kernels import native
     from slimserve.kernels.int8 import select_w8a16_backend

@@ -142,3 +142,21 @@ def test_a_packed_module_takes_onednn_with_our_quantizer_for_many_rows() -> None
     packed, zero_points = module.cpu_pack
     theirs = cpu_paths.onednn_int8_matmul(x, packed, module.weight_scale, zero_points)
     assert torch.equal(ours, theirs)
+
+
+def test_with_more_threads_the_threaded_kernels_serve() -> None:
+    """Ours run on the calling thread: an engine computing on several threads keeps oneDNN's."""
+    module, _, _ = _module(96, 64, seed=5)
+    x = _rows(4, 64, torch.bfloat16, seed=6)
+    ours = module(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert native.serving_kernels() is None
+        assert not native.w8a8_gemm_supported(x, 64)
+        assert not native.quantize_rows_supported(x)
+        theirs = module(x)  # oneDNN with torch's quantizer
+    finally:
+        torch.set_num_threads(threads)
+    assert "cpu-onednn-packed" in chosen_backends()["w8a8"]
+    assert torch.equal(ours, theirs)
