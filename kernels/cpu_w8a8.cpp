@@ -29,14 +29,16 @@ SLIM_AVX512 static inline __m512 load_row16(const void *row, int dtype, int64_t 
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + i));
 }
 
-// x [rows, k] (row stride `stride` elements) -> codes uint8 [rows, k] = round(x / s) + 128 with
-// s = max |x| / 127 per row (at least 1e-12), the codes clamped to [1, 255]; scales fp32 [rows].
-// Returns -1 for an unknown dtype.
-SLIM_AVX512 static void quantize_rows_u8(const void *x, int dtype, int64_t rows, int64_t k,
-                                         int64_t stride, uint8_t *codes, float *scales) {
+// x [rows, k] (row stride `stride` elements) -> per row, codes round(x / s) in [-127, 127] with
+// s = max |x| / 127 (at least 1e-12), stored as bytes code + offset (128: uint8 for oneDNN; 0:
+// int8 for our GEMM) `code_stride` bytes apart; scales fp32 [rows]; and, unless NULL, each row's
+// sum of codes.
+SLIM_AVX512 static void quantize_rows(const void *x, int dtype, int64_t rows, int64_t k,
+                                      int64_t stride, int offset, uint8_t *codes,
+                                      int64_t code_stride, float *scales, int32_t *sums) {
   const int64_t item = dtype == SLIM_F32 ? 4 : 2;
   const __m512 low = _mm512_set1_ps(-127.0f), high = _mm512_set1_ps(127.0f);
-  const __m512 shift = _mm512_set1_ps(128.0f);
+  const __m512i shift = _mm512_set1_epi32(offset);
   for (int64_t r = 0; r < rows; r++) {
     const void *row = (const char *)x + r * stride * item;
     __m512 peak = _mm512_setzero_ps();
@@ -46,20 +48,25 @@ SLIM_AVX512 static void quantize_rows_u8(const void *x, int dtype, int64_t rows,
     scale = scale < 1e-12f ? 1e-12f : scale;
     scales[r] = scale;
     const __m512 s = _mm512_set1_ps(scale);
+    __m512i total = _mm512_setzero_si512();
     for (int64_t i = 0; i < k; i += 16) {
       const __mmask16 m = tail_mask(k - i);
       __m512 q = _mm512_div_ps(load_row16(row, dtype, i, m), s);
       q = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      q = _mm512_add_ps(_mm512_min_ps(_mm512_max_ps(q, low), high), shift);
-      _mm512_mask_cvtusepi32_storeu_epi8(codes + r * k + i, m, _mm512_cvtps_epu32(q));
+      const __m512i code = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, low), high));
+      total = _mm512_add_epi32(total, code);  // lanes past k load 0: code 0
+      _mm512_mask_cvtepi32_storeu_epi8(codes + r * code_stride + i, m,
+                                       _mm512_add_epi32(code, shift));
     }
+    if (sums != NULL) sums[r] = _mm512_reduce_add_epi32(total);
   }
 }
 
+// Returns -1 for an unknown dtype.
 extern "C" SLIM_AVX512 int slim_quantize_rows_u8(const void *x, int dtype, int64_t rows, int64_t k,
                                                  int64_t stride, uint8_t *codes, float *scales) {
   if (dtype != SLIM_F32 && dtype != SLIM_BF16 && dtype != SLIM_F16) return -1;
-  quantize_rows_u8(x, dtype, rows, k, stride, codes, scales);
+  quantize_rows(x, dtype, rows, k, stride, 128, codes, k, scales, NULL);
   return 0;
 }
 
@@ -176,23 +183,10 @@ extern "C" SLIM_AVX512 int slim_w8a8_gemm(const void *x, int dtype, int64_t m, i
   if (m < 1 || m > GEMM_MAX_ROWS || k < 1 || k > GEMM_MAX_K || n < 1) return -1;
   const int64_t quads = packed_quads(k), kp = 4 * quads;
   int8_t *codes = (int8_t *)calloc((size_t)(m * kp), 1);  // padding: code 0
-  uint8_t *unsigned_codes = (uint8_t *)malloc((size_t)(m * k));
-  if (codes == NULL || unsigned_codes == NULL) {
-    free(codes);
-    free(unsigned_codes);
-    return -1;
-  }
+  if (codes == NULL) return -1;
   float xscale[GEMM_MAX_ROWS];
   int32_t xsum[GEMM_MAX_ROWS];
-  quantize_rows_u8(x, dtype, m, k, stride, unsigned_codes, xscale);
-  for (int64_t r = 0; r < m; r++) {
-    int32_t total = 0;
-    for (int64_t i = 0; i < k; i++) {
-      codes[r * kp + i] = (int8_t)((int)unsigned_codes[r * k + i] - 128);
-      total += codes[r * kp + i];
-    }
-    xsum[r] = total;
-  }
+  quantize_rows(x, dtype, m, k, stride, 0, (uint8_t *)codes, kp, xscale, xsum);
   static const W8A8Tile tiles[ROW_BLOCK] = {w8a8_tile<1>, w8a8_tile<2>, w8a8_tile<3>,
                                             w8a8_tile<4>, w8a8_tile<5>, w8a8_tile<6>,
                                             w8a8_tile<7>, w8a8_tile<8>};
@@ -205,6 +199,5 @@ extern "C" SLIM_AVX512 int slim_w8a8_gemm(const void *x, int dtype, int64_t m, i
                                        (char *)out + r0 * n * item, dtype);
                      });
   free(codes);
-  free(unsigned_codes);
   return 0;
 }
