@@ -430,7 +430,7 @@ def w8a8_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
     W8A8_GEMM_WIDE_K inputs wide, up to 8 on wider ones (kernels/README.md)."""
     if not quantize_rows_supported(x) or x.shape[1] != in_features:
         return False
-    native = serving_kernels()
+    native = kernels()  # it serves now: quantize_rows_supported checked
     rows = native.w8a8_gemm_max_rows if in_features <= W8A8_GEMM_WIDE_K else W8A8_GEMM_WIDE_MAX_ROWS
     return 1 <= x.shape[0] <= rows and in_features <= native.w8a8_gemm_max_k
 

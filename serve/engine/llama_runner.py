@@ -12,6 +12,7 @@ sit in slots 0..B-1 so a step reads a plain view of the cache, never a gathered 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -265,6 +266,23 @@ class LlamaRunner:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(hidden)).float()
 
+    @staticmethod
+    def _split_logits(
+        rows: torch.Tensor,
+        batch: int,
+        chunk: PrefillChunk | None,
+        logits: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`step`'s return: `logits` of the decode rows (the first `batch`) and of the chunk's
+        rows as it asked (all of them, or its last as [vocab]); None for what is absent."""
+        decode_logits = logits(rows[:batch]) if batch else None
+        chunk_logits = None
+        if chunk is not None and chunk.logits == "all":
+            chunk_logits = logits(rows[batch:])
+        elif chunk is not None and chunk.logits == "last":
+            chunk_logits = logits(rows[-1])
+        return decode_logits, chunk_logits
+
     def step(
         self, decode_ids: list[int], decode_positions: list[int], chunk: PrefillChunk | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -300,13 +318,7 @@ class LlamaRunner:
             attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = x + plan.o(attn)
             x = x + self._mlp(plan, plan.post_norm(x))
-        decode_logits = self._logits(x[:batch]) if batch else None
-        chunk_logits = None
-        if chunk is not None and chunk.logits == "all":
-            chunk_logits = self._logits(x[batch:])
-        elif chunk is not None and chunk.logits == "last":
-            chunk_logits = self._logits(x[-1])
-        return decode_logits, chunk_logits
+        return self._split_logits(x, batch, chunk, self._logits)
 
     def _step_native(
         self, decode_ids: list[int], decode_positions: list[int], chunk: PrefillChunk | None
@@ -351,13 +363,7 @@ class LlamaRunner:
             delta = plan.down(kernels.silu_mul(plan.gate_up(h)))
         final = self.final_norm
         normed = kernels.add_rms_norm(x, delta, final.weight, final.eps)
-        decode_logits = self.lm_head(normed[:batch]).float() if batch else None
-        chunk_logits = None
-        if chunk is not None and chunk.logits == "all":
-            chunk_logits = self.lm_head(normed[batch:]).float()
-        elif chunk is not None and chunk.logits == "last":
-            chunk_logits = self.lm_head(normed[-1]).float()
-        return decode_logits, chunk_logits
+        return self._split_logits(normed, batch, chunk, lambda rows: self.lm_head(rows).float())
 
     def _attend_decode(
         self, layer: int, view: _DecodeView, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
