@@ -12,7 +12,7 @@ sit in slots 0..B-1 so a step reads a plain view of the cache, never a gathered 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -270,72 +270,123 @@ class LlamaRunner:
     def _split_logits(
         rows: torch.Tensor,
         batch: int,
-        chunk: PrefillChunk | None,
+        chunks: Sequence[PrefillChunk],
         logits: Callable[[torch.Tensor], torch.Tensor],
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`step`'s return: `logits` of the decode rows (the first `batch`) and of the chunk's
-        rows as it asked (all of them, or its last as [vocab]); None for what is absent."""
-        decode_logits = logits(rows[:batch]) if batch else None
-        chunk_logits = None
-        if chunk is not None and chunk.logits == "all":
-            chunk_logits = logits(rows[batch:])
-        elif chunk is not None and chunk.logits == "last":
-            chunk_logits = logits(rows[-1])
-        return decode_logits, chunk_logits
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """`step`'s return: `logits` of the decode rows (the first `batch`) and of each chunk's
+        rows as it asked (all of them, or its last as [vocab]); None for what is absent. The
+        wanted rows go through the head in one call."""
+        wanted = list(range(batch))
+        starts: list[int | None] = []  # where each chunk's logits begin among the wanted rows
+        row = batch
+        for chunk in chunks:
+            n = len(chunk.token_ids)
+            starts.append(None if chunk.logits == "none" else len(wanted))
+            if chunk.logits == "all":
+                wanted.extend(range(row, row + n))
+            elif chunk.logits == "last":
+                wanted.append(row + n - 1)
+            row += n
+        if not wanted:
+            return None, [None] * len(chunks)
+        out = logits(rows if len(wanted) == rows.shape[0] else rows[wanted])
+        chunk_logits: list[torch.Tensor | None] = []
+        for chunk, start in zip(chunks, starts, strict=True):
+            if start is None:
+                chunk_logits.append(None)
+            elif chunk.logits == "last":
+                chunk_logits.append(out[start])
+            else:
+                chunk_logits.append(out[start : start + len(chunk.token_ids)])
+        return (out[:batch] if batch else None), chunk_logits
+
+    def _check_chunks(self, batch: int, chunks: Sequence[PrefillChunk]) -> None:
+        slots = [chunk.slot for chunk in chunks]
+        for slot in slots:
+            if not batch <= slot < self.max_slots:
+                raise ValueError(f"prefill slot {slot} overlaps the {batch} decoding slots")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"two prompt chunks of one step share a slot: {slots}")
+
+    def _chunk_rotary(self, chunks: Sequence[PrefillChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [n, 1, D] at the positions of every chunk's tokens, in row order."""
+        span = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks])
+        return self.cos[span].unsqueeze(1), self.sin[span].unsqueeze(1)
+
+    def _attend_chunks(
+        self,
+        layer: int,
+        chunks: Sequence[PrefillChunk],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """Every chunk's rows of q, k, v attend over their own slot, one after another."""
+        sizes = [len(chunk.token_ids) for chunk in chunks]
+        return [
+            self._attend_chunk(layer, chunk, *parts)
+            for chunk, *parts in zip(
+                chunks, q.split(sizes), k.split(sizes), v.split(sizes), strict=True
+            )
+        ]
 
     def step(
-        self, decode_ids: list[int], decode_positions: list[int], chunk: PrefillChunk | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        self,
+        decode_ids: list[int],
+        decode_positions: list[int],
+        chunks: Sequence[PrefillChunk] = (),
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """One forward pass over every token of the step: a next token for each decoding
-        sequence (slots 0..B-1, at `decode_positions`) and a chunk of one sequence's prompt.
+        sequence (slots 0..B-1, at `decode_positions`) and chunks of prompts, each in its own
+        slot past the decoding ones.
 
         All tokens share each layer's matmuls (one pass over the weights); only attention is
-        split, since decode queries read their own slots and the chunk is causal over its slot.
-        Returns (float32 decode logits [B, vocab] or None, the chunk's logits or None: [vocab]
+        split, since decode queries read their own slots and each chunk is causal over its slot.
+        Returns (float32 decode logits [B, vocab] or None, per chunk its logits or None: [vocab]
         for its last token, or [n, vocab] with `chunk.logits == "all"`).
         """
         batch = len(decode_ids)
-        chunk_ids = chunk.token_ids if chunk is not None else []
-        if chunk is not None and not batch <= chunk.slot < self.max_slots:
-            raise ValueError(f"prefill slot {chunk.slot} overlaps the {batch} decoding slots")
+        self._check_chunks(batch, chunks)
         if self.native_decode and native.serving_kernels() is not None:
-            return self._step_native(decode_ids, decode_positions, chunk)
+            return self._step_native(decode_ids, decode_positions, chunks)
+        chunk_ids = [token for chunk in chunks for token in chunk.token_ids]
+        x = self.embed(torch.tensor(list(decode_ids) + chunk_ids, dtype=torch.long))
         positions = torch.tensor(decode_positions, dtype=torch.long)
-        if chunk is not None:
-            span = torch.arange(chunk.start, chunk.start + len(chunk_ids))
-            positions = torch.cat([positions, span])
-        x = self.embed(torch.tensor(list(decode_ids) + list(chunk_ids), dtype=torch.long))
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        if chunks:
+            chunk_cos, chunk_sin = self._chunk_rotary(chunks)
+            cos, sin = torch.cat([cos, chunk_cos]), torch.cat([sin, chunk_sin])
         decode = _DecodeView.build(decode_positions) if batch else None
         for index, plan in enumerate(self.layers):
             q, k, v = self._project_qkv(plan, plan.input_norm(x), cos, sin)
             parts = []
             if decode is not None:
                 parts.append(self._attend_decode(index, decode, q[:batch], k[:batch], v[:batch]))
-            if chunk is not None:
-                parts.append(self._attend_chunk(index, chunk, q[batch:], k[batch:], v[batch:]))
+            if chunks:
+                parts += self._attend_chunks(index, chunks, q[batch:], k[batch:], v[batch:])
             attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = x + plan.o(attn)
             x = x + self._mlp(plan, plan.post_norm(x))
-        return self._split_logits(x, batch, chunk, self._logits)
+        return self._split_logits(x, batch, chunks, self._logits)
 
     def _step_native(
-        self, decode_ids: list[int], decode_positions: list[int], chunk: PrefillChunk | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        self,
+        decode_ids: list[int],
+        decode_positions: list[int],
+        chunks: Sequence[PrefillChunk],
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """`step` with the same modules and roundings; between the matmuls, native calls:
         residual add + RMSNorm, SiLU(gate) * up, and for the decoding sequences rotary + cache
         writes + attention, each over its own cached keys in place (cached keys bit-identical to
-        the eager ops'). A prompt chunk's rotary and causal attention stay eager."""
+        the eager ops'). Prompt chunks' rotary and causal attention stay eager."""
         kernels = native.serving_kernels()
         batch = len(decode_ids)
-        chunk_ids = chunk.token_ids if chunk is not None else []
-        x = self.embed(torch.tensor(list(decode_ids) + list(chunk_ids), dtype=torch.long))
+        chunk_ids = [token for chunk in chunks for token in chunk.token_ids]
+        x = self.embed(torch.tensor(list(decode_ids) + chunk_ids, dtype=torch.long))
         x = x.contiguous()  # the residual, updated in place by the norms
         positions = torch.tensor(decode_positions, dtype=torch.long)
-        if chunk is not None:
-            span = torch.arange(chunk.start, chunk.start + len(chunk_ids))
-            chunk_cos, chunk_sin = self.cos[span].unsqueeze(1), self.sin[span].unsqueeze(1)
+        if chunks:
+            chunk_cos, chunk_sin = self._chunk_rotary(chunks)
         delta = None
         for index, plan in enumerate(self.layers):
             norm = plan.input_norm
@@ -354,16 +405,16 @@ class LlamaRunner:
                         self.scaling,
                     )
                 )
-            if chunk is not None:
+            if chunks:
                 q, k, v = self._rotate_qkv(plan, qkv[batch:], chunk_cos, chunk_sin)
-                parts.append(self._attend_chunk(index, chunk, q, k, v))
+                parts += self._attend_chunks(index, chunks, q, k, v)
             attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             norm = plan.post_norm
             h = kernels.add_rms_norm(x, plan.o(attn), norm.weight, norm.eps)
             delta = plan.down(kernels.silu_mul(plan.gate_up(h)))
         final = self.final_norm
         normed = kernels.add_rms_norm(x, delta, final.weight, final.eps)
-        return self._split_logits(normed, batch, chunk, lambda rows: self.lm_head(rows).float())
+        return self._split_logits(normed, batch, chunks, lambda rows: self.lm_head(rows).float())
 
     def _attend_decode(
         self, layer: int, view: _DecodeView, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -432,11 +483,11 @@ class LlamaRunner:
         [n, vocab], one row per token), else None.
         """
         logits = "all" if every else "last" if want_logits else "none"
-        return self.step([], [], PrefillChunk(slot, list(token_ids), start, logits))[1]
+        return self.step([], [], [PrefillChunk(slot, list(token_ids), start, logits)])[1][0]
 
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each sequence in slots 0..B-1; returns float32 logits [B, vocab]."""
-        return self.step(token_ids, positions, None)[0]
+        return self.step(token_ids, positions)[0]
 
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Copy a sequence's cached K/V to another slot (when the batch is compacted)."""

@@ -182,7 +182,9 @@ class TorchEngine:
         self.eos_ids = self._eos_ids(model, tokenizer)
         self._waiting: deque[_Sequence] = deque()
         self._decoding: list[_Sequence] = []  # index == KV slot
-        self._prefilling: _Sequence | None = None  # always in slot len(self._decoding)
+        # Prompts being prefilled, in the slots right after the decoding ones. Between steps
+        # at most one (a prompt longer than a step's budget).
+        self._prefilling: list[_Sequence] = []
         self._wakeup = threading.Event()
         self._outbox = _Outbox()
         # One sink per caller loop, so a step wakes each loop once however many it serves.
@@ -231,7 +233,7 @@ class TorchEngine:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "running": len(self._decoding) + (self._prefilling is not None),
+            "running": len(self._decoding) + len(self._prefilling),
             # list() copies in one step under the GIL; the engine thread pops meanwhile
             "waiting": sum(not s.aborted for s in list(self._waiting)),
             "kv_cache_bytes": self.runner.kv_cache_bytes,
@@ -362,24 +364,45 @@ class TorchEngine:
         for index in range(len(self._decoding) - 1, -1, -1):
             if self._decoding[index].aborted:
                 self._release(index)
-        if self._prefilling is not None and self._prefilling.aborted:
-            self._prefilling = None
+        if any(seq.aborted for seq in self._prefilling):  # at most one between steps
+            self._prefilling = [seq for seq in self._prefilling if not seq.aborted]
 
-    def _next_prefill(self) -> _Sequence | None:
-        """The sequence whose prompt this step feeds (it sits in slot len(self._decoding))."""
-        if self._prefilling is None and len(self._decoding) < self.limits.max_num_seqs:
-            while self._waiting and self._prefilling is None:
-                candidate = self._waiting.popleft()
-                if not candidate.aborted:
-                    candidate.queue_seconds = time.perf_counter() - candidate.arrived
-                    self._reuse_prefix(candidate)
-                    self._prefilling = candidate
-        return self._prefilling
+    def _plan_prefill(self) -> list[tuple[_Sequence, PrefillChunk]]:
+        """This step's prompt chunks, in slots right after the decoding ones: the prompt left
+        unfinished by the last step first, then waiting requests in arrival order, while the
+        step's budget of prompt tokens and the free slots last. Only the last chunk can stop
+        short of its prompt's end, so at most one prompt is ever left half-done."""
+        budget = self.limits.prefill_chunk_tokens
+        planned: list[tuple[_Sequence, PrefillChunk]] = []
+        slot = len(self._decoding)
+        while budget > 0 and slot < self.limits.max_num_seqs:
+            if len(self._prefilling) == len(planned):
+                admitted = self._admit(slot)
+                if admitted is None:
+                    break
+                self._prefilling.append(admitted)
+            seq = self._prefilling[len(planned)]
+            ids = seq.prompt_ids[seq.cached : seq.cached + budget]
+            done = seq.cached + len(ids) == len(seq.prompt_ids)
+            planned.append((seq, PrefillChunk(slot, ids, seq.cached, "last" if done else "none")))
+            budget -= len(ids)
+            slot += 1
+        return planned
 
-    def _reuse_prefix(self, seq: _Sequence) -> None:
+    def _admit(self, slot: int) -> _Sequence | None:
+        """The next live waiting request, its reusable prompt prefix copied into `slot`."""
+        while self._waiting:
+            candidate = self._waiting.popleft()
+            if not candidate.aborted:
+                candidate.queue_seconds = time.perf_counter() - candidate.arrived
+                self._reuse_prefix(candidate, slot)
+                return candidate
+        return None
+
+    def _reuse_prefix(self, seq: _Sequence, slot: int) -> None:
         hit = self.prefix_cache.lookup(seq.prompt_ids)
         if hit is not None:
-            self.runner.move_slot(hit.slot, len(self._decoding), hit.tokens)
+            self.runner.move_slot(hit.slot, slot, hit.tokens)
             seq.cached = hit.tokens
             self.counters["prefix_cached_tokens"] += hit.tokens
 
@@ -389,46 +412,55 @@ class TorchEngine:
             self.runner.move_slot(slot, target, len(seq.prompt_ids))
 
     def _forward_once(self) -> None:
-        """One pass over the weights: a token for every decoding sequence plus the next chunk
-        of one prompt, so a joining request never stalls the running ones for a pass."""
+        """One pass over the weights: a token for every decoding sequence plus chunks of
+        waiting prompts, so joining requests never stall the running ones for a pass."""
         batch = list(self._decoding)
-        seq = self._next_prefill()
-        if not batch and seq is None:
+        planned = self._plan_prefill()
+        if not batch and not planned:
             return
-        chunk = None
-        if seq is not None:
-            start = seq.cached
-            ids = seq.prompt_ids[start : start + self.limits.prefill_chunk_tokens]
-            done = start + len(ids) == len(seq.prompt_ids)
-            chunk = PrefillChunk(len(batch), ids, start, "last" if done else "none")
         self.counters["peak_batch"] = max(self.counters["peak_batch"], len(batch))
         decode_logits, chunk_logits = self.runner.step(
-            [s.generated[-1] for s in batch], [s.cached for s in batch], chunk
+            [s.generated[-1] for s in batch],
+            [s.cached for s in batch],
+            [chunk for _, chunk in planned],
         )
-        if chunk is not None:  # before any release moves its slot (it moves what is cached)
+        for seq, chunk in planned:
             seq.cached += len(chunk.token_ids)
             self.counters["prompt_tokens"] += len(chunk.token_ids)
-        if batch:
-            self._accept_decoded(batch, decode_logits)
-        if chunk_logits is not None:
-            self._prefilling = None
-            self._remember_prefix(seq, len(self._decoding))
-            token = sample_tokens(chunk_logits.unsqueeze(0), [seq.params], [seq.generator])[0]
-            self._decoding.append(seq)  # it already sits in slot len(self._decoding)
-            if self._accept_token(seq, token):
-                self._release(len(self._decoding) - 1)
+        finished = self._accept_decoded(batch, decode_logits) if batch else []
+        # Finished prompts join the batch in slot order (their chunks sat right after it) and
+        # before any release moves a slot; an unfinished one can only be the last.
+        self._prefilling = []
+        joined = []
+        for (seq, chunk), logits in zip(planned, chunk_logits, strict=True):
+            if logits is None:
+                self._prefilling.append(seq)
+            else:
+                self._remember_prefix(seq, chunk.slot)
+                self._decoding.append(seq)
+                joined.append((len(self._decoding) - 1, seq, logits))
+        if joined:
+            tokens = sample_tokens(
+                torch.stack([logits for _, _, logits in joined]),
+                [seq.params for _, seq, _ in joined],
+                [seq.generator for _, seq, _ in joined],
+            )
+            for (index, seq, _), token in zip(joined, tokens, strict=True):
+                if self._accept_token(seq, token):
+                    finished.append(index)
+        for index in sorted(finished, reverse=True):
+            self._release(index)
 
-    def _accept_decoded(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
+    def _accept_decoded(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Sample and record a token for each decoding sequence; the indices that finished."""
         for seq in batch:
             seq.cached += 1
         tokens = sample_tokens(logits, [s.params for s in batch], [s.generator for s in batch])
-        finished = [
+        return [
             i
             for i, (s, t) in enumerate(zip(batch, tokens, strict=True))
             if self._accept_token(s, t)
         ]
-        for index in reversed(finished):
-            self._release(index)
 
     def _accept_token(self, seq: _Sequence, token: int) -> bool:
         """Record a sampled token and stream its text; True when the sequence has finished."""
@@ -471,14 +503,14 @@ class TorchEngine:
             self.runner.move_slot(last, index, moved.cached)
             self._decoding[index] = moved
         self._decoding.pop()
-        if self._prefilling is not None:  # it must stay right after the decoding block
-            self.runner.move_slot(last + 1, last, self._prefilling.cached)
+        for offset, seq in enumerate(self._prefilling):  # they stay right after the batch
+            self.runner.move_slot(last + 1 + offset, last + offset, seq.cached)
 
     def _fail_running(self, error: Exception) -> None:
         info = server_error(f"generation failed: {error}")
-        victims = [*self._decoding, *([self._prefilling] if self._prefilling else [])]
+        victims = [*self._decoding, *self._prefilling]
         self._decoding.clear()
-        self._prefilling = None
+        self._prefilling = []
         for seq in victims:
             seq.finished = True
             self._outbox.add(seq, EngineEvent(kind="error", error=info))

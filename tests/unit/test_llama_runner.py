@@ -135,10 +135,10 @@ def test_one_step_decodes_and_prefills_a_chunk_like_separate_passes():
             runner.prefill(slot, prompt, 0, want_logits=False)
         runner.prefill(3, joining[:10], 0, want_logits=False)
         next_ids = [11, 250, 42]
-        decoded, chunk_rows = runner.step(
+        decoded, [chunk_rows] = runner.step(
             next_ids,
             [len(p) for p in prompts],
-            PrefillChunk(slot=3, token_ids=joining[10:], start=10, logits="all"),
+            [PrefillChunk(slot=3, token_ids=joining[10:], start=10, logits="all")],
         )
         for row, (prompt, token) in enumerate(zip(prompts, next_ids, strict=True)):
             expected = _hf_last_logits(reference_model, [*prompt, token])
@@ -152,10 +152,57 @@ def test_one_step_decodes_and_prefills_a_chunk_like_separate_passes():
     torch.testing.assert_close(last[3], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_one_step_prefills_several_prompts_next_to_the_decodes():
+    """Two decodes and three prompts in one pass: one prompt whole (its last row's logits), one
+    continuing from its cache (every row's), one only begun (none). Each matches the model's
+    own forward over its sequence, and the begun one finishes correctly afterwards."""
+    model = tiny_llama(vocab_size=300)
+    reference_model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(5)
+    running = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (6, 17)]
+    whole, resumed, begun = (
+        torch.randint(3, 300, (n,), generator=gen).tolist() for n in (9, 21, 30)
+    )
+    runner = LlamaRunner(model, max_slots=6, max_len=64, pack_dense=True)
+    with torch.inference_mode():
+        for slot, prompt in enumerate(running):
+            runner.prefill(slot, prompt, 0, want_logits=False)
+        runner.prefill(3, resumed[:8], 0, want_logits=False)
+        decoded, (whole_last, resumed_rows, begun_none) = runner.step(
+            [40, 41],
+            [len(p) for p in running],
+            [
+                PrefillChunk(2, whole, 0, "last"),
+                PrefillChunk(3, resumed[8:], 8, "all"),
+                PrefillChunk(4, begun[:12], 0, "none"),
+            ],
+        )
+        finished = runner.prefill(4, begun[12:], 12, want_logits=True)
+        every = reference_model(torch.tensor([resumed])).logits[0, 8:].float()
+    for row, (prompt, token) in enumerate(zip(running, [40, 41], strict=True)):
+        expected = _hf_last_logits(reference_model, [*prompt, token])
+        torch.testing.assert_close(decoded[row], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        whole_last, _hf_last_logits(reference_model, whole), rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(resumed_rows, every, rtol=1e-4, atol=1e-4)
+    assert begun_none is None
+    torch.testing.assert_close(
+        finished, _hf_last_logits(reference_model, begun), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_two_chunks_may_not_share_a_slot():
+    runner = LlamaRunner(tiny_llama(vocab_size=300), max_slots=4, max_len=32, pack_dense=True)
+    chunks = [PrefillChunk(slot=2, token_ids=[1, 2], start=0), PrefillChunk(2, [3], 0)]
+    with torch.inference_mode(), pytest.raises(ValueError, match="share a slot"):
+        runner.step([5], [0], chunks)
+
+
 def test_a_chunk_may_not_land_on_a_decoding_slot():
     runner = LlamaRunner(tiny_llama(vocab_size=300), max_slots=3, max_len=32, pack_dense=True)
     with torch.inference_mode(), pytest.raises(ValueError, match="overlaps"):
-        runner.step([5, 6], [0, 0], PrefillChunk(slot=1, token_ids=[1, 2], start=0))
+        runner.step([5, 6], [0, 0], [PrefillChunk(slot=1, token_ids=[1, 2], start=0)])
 
 
 @pytest.mark.skipif(
@@ -167,15 +214,16 @@ def test_a_chunk_may_not_land_on_a_decoding_slot():
 def test_native_steps_match_the_eager_path_with_the_same_cache():
     """bf16: the native norms, SiLU * up and per-sequence attention against the eager path of
     the same runner code (switched off on a copy), over steps that decode one sequence alone,
-    three at different lengths, and three while a fourth prompt's chunks join."""
+    three at different lengths, and three while a fourth prompt's chunks join (a fifth prompt
+    whole beside one of them)."""
     model = tiny_llama(vocab_size=300, dtype=torch.bfloat16)
     eager_model = copy.deepcopy(model)
-    fast = LlamaRunner(model, max_slots=4, max_len=96, pack_dense=True)
-    eager = LlamaRunner(eager_model, max_slots=4, max_len=96, pack_dense=True)
+    fast = LlamaRunner(model, max_slots=5, max_len=96, pack_dense=True)
+    eager = LlamaRunner(eager_model, max_slots=5, max_len=96, pack_dense=True)
     assert fast.native_decode
     eager.native_decode = False
     gen = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (9, 23, 4, 30)]
+    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (9, 23, 4, 30, 7)]
     worst = 0.0
 
     def compare(ours, theirs):
@@ -191,20 +239,22 @@ def test_native_steps_match_the_eager_path_with_the_same_cache():
             batch = 1 if step < 6 else 3  # one sequence alone first
             tokens = torch.randint(3, 300, (batch,), generator=gen).tolist()
             positions = lengths[:batch]
-            chunk = None
+            chunks = []
             if step in (10, 11, 12):  # the fourth prompt joins in chunks of 10
                 start = 10 * (step - 10)
                 ids = prompts[3][start : start + 10]
-                chunk = PrefillChunk(3, ids, start, "last" if step == 12 else "all")
-            ours = fast.step(tokens, positions, chunk)
-            theirs = eager.step(tokens, positions, chunk)
+                chunks = [PrefillChunk(3, ids, start, "last" if step == 12 else "all")]
+            if step == 11:  # a fifth, whole, beside it
+                chunks.append(PrefillChunk(4, prompts[4], 0, "last"))
+            ours = fast.step(tokens, positions, chunks)
+            theirs = eager.step(tokens, positions, chunks)
             compare(ours[0], theirs[0])
-            if chunk is not None:
-                compare(ours[1], theirs[1])
+            for our_rows, their_rows in zip(ours[1], theirs[1], strict=True):
+                compare(our_rows, their_rows)
             lengths[:batch] = [n + 1 for n in positions]
     assert worst < 2e-2
     # The first layer's new keys and values come from identical inputs: bit for bit.
-    for slot, length in enumerate([*lengths, len(prompts[3])]):
+    for slot, length in enumerate([*lengths, len(prompts[3]), len(prompts[4])]):
         assert torch.equal(fast.k_cache[0, slot, :, :length], eager.k_cache[0, slot, :, :length])
         assert torch.equal(fast.v_cache[0, slot, :, :length], eager.v_cache[0, slot, :, :length])
     torch.testing.assert_close(fast.k_cache, eager.k_cache, rtol=2e-2, atol=2e-2)

@@ -60,6 +60,51 @@ def test_concurrent_requests_share_batches_and_match_hf_generate(engine, tokeniz
     assert engine.stats()["peak_batch"] > 1  # they really decoded together
 
 
+def test_waiting_requests_join_together_within_the_prefill_budget(tokenizer):
+    """Four requests queued before the engine starts: prompts of 5 + 7 + 9 + 3 tokens against a
+    budget of 16 per step. The first step prefills two whole and the third in part, the second
+    finishes it and the fourth, then all four decode together; answers match HF generate."""
+    engine = TorchEngine(
+        tiny_llama(seed=0),
+        tokenizer,
+        EngineLimits(
+            max_num_seqs=4, max_model_len=96, max_queued_requests=8, prefill_chunk_tokens=16
+        ),
+    )
+    text = " one two three four five six seven eight nine ten"
+    prompts = [_prompt(tokenizer, text)[:n] for n in (5, 7, 9, 3)]
+    assert [len(p) for p in prompts] == [5, 7, 9, 3]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    async def run_all():
+        async def start_later():
+            await asyncio.sleep(0.1)  # every request is queued by then
+            engine.start()
+
+        *results, _ = await asyncio.gather(
+            *(_collect(engine, f"r{i}", p, params) for i, p in enumerate(prompts)), start_later()
+        )
+        return results
+
+    try:
+        results = asyncio.run(run_all())
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    # 2 prefill steps (the first two requests decode in the second), then 5 decode steps
+    assert stats["steps"] == 7
+    assert stats["prompt_tokens"] == 24 and stats["peak_batch"] == 4
+    model = tiny_llama(seed=0)
+    for prompt, events in zip(prompts, results, strict=True):
+        assert events[-1].completion_tokens == 6
+        with torch.inference_mode():
+            expected = model.generate(
+                torch.tensor([prompt]), max_new_tokens=6, do_sample=False, min_new_tokens=6
+            )[0, len(prompt) :]
+        text = "".join(e.text for e in events if e.kind == "delta")
+        assert text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
 def test_long_prompt_is_prefilled_in_chunks(engine, tokenizer):
     prompt = _prompt(tokenizer, "word " * 60)
     assert len(prompt) > 16 * 2
