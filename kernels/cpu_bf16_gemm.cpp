@@ -50,21 +50,15 @@ SLIM_AVX512_BF16 static void bf16_tile(const uint16_t *x, int64_t kp, const uint
                                        const uint16_t *w1, bool pair, int64_t pairs,
                                        const uint16_t *bias, int64_t channel, int64_t n,
                                        uint16_t *out) {
-  __m512 acc0[ROWS], acc1[ROWS];
-  for (int m = 0; m < ROWS; m++) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  SLIM_TILE_ACCUMULATORS(__m512, _mm512_setzero_ps());
   for (int64_t p = 0; p < pairs; p++) {
     _mm_prefetch((const char *)(w0 + p * 32) + BF16_PREFETCH_BYTES, _MM_HINT_T0);
     _mm_prefetch((const char *)(w1 + p * 32) + BF16_PREFETCH_BYTES, _MM_HINT_T0);
-    const __m512bh a0 = (__m512bh)_mm512_loadu_si512(w0 + p * 32);
-    const __m512bh a1 = (__m512bh)_mm512_loadu_si512(w1 + p * 32);
-    for (int m = 0; m < ROWS; m++) {
-      int32_t two;
-      memcpy(&two, x + m * kp + 2 * p, sizeof two);
-      const __m512bh b = (__m512bh)_mm512_set1_epi32(two);
-      acc0[m] = _mm512_dpbf16_ps(acc0[m], a0, b);
-      acc1[m] = _mm512_dpbf16_ps(acc1[m], a1, b);
-    }
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(w0 + p * 32);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(w1 + p * 32);
+    SLIM_TILE_ROWS(x + 2 * p, kp, (__m512bh), _mm512_dpbf16_ps)
   }
+  SLIM_TILE_RESULTS(__m512);
   for (int half = 0; half < (pair ? 2 : 1); half++) {
     const int64_t first = channel + 16 * half;
     const __mmask16 m16 = tail_mask(n - first);

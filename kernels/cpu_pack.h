@@ -4,6 +4,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <string.h>
 
 static inline int64_t slim_channel_blocks(int64_t n) { return (n + 15) / 16; }
 static inline int64_t slim_input_groups(int64_t k, int64_t group) { return (k + group - 1) / group; }
@@ -39,3 +40,31 @@ static void slim_for_each_tile(int64_t n, int64_t m, int64_t block_elements, int
       visit(w0, w1, pair, 16 * block, r0, m - r0 < row_block ? m - r0 : row_block);
   }
 }
+
+// The inner step of both GEMMs' tiles (ROWS <= 8 activation rows x two 16-channel weight blocks
+// b0 and b1): per row M, broadcast its next 4 bytes at source + M * stride (four int8 codes or
+// two bf16 inputs, as CAST makes them) and add their products with each block to the named
+// accumulators a0M and a1M. Named variables, not arrays: GCC 12 kept arrays of accumulators in
+// other registers and copied each in and out around every dot-product instruction (two moves per
+// product), and the int8 GEMM ran at half this core's VNNI rate.
+#define SLIM_TILE_ACCUMULATORS(Vec, zero)                                                     \
+  Vec a00 = zero, a01 = zero, a02 = zero, a03 = zero, a04 = zero, a05 = zero, a06 = zero,      \
+      a07 = zero, a10 = zero, a11 = zero, a12 = zero, a13 = zero, a14 = zero, a15 = zero,      \
+      a16 = zero, a17 = zero
+// After the loop, the accumulators as arrays acc0 / acc1 [row] for the stores.
+#define SLIM_TILE_RESULTS(Vec)                                        \
+  const Vec acc0[8] = {a00, a01, a02, a03, a04, a05, a06, a07};       \
+  const Vec acc1[8] = {a10, a11, a12, a13, a14, a15, a16, a17}
+#define SLIM_TILE_ROW(M, source, stride, CAST, DOT)     \
+  if constexpr (ROWS > M) {                              \
+    int32_t four;                                        \
+    memcpy(&four, (source) + M * (stride), sizeof four); \
+    const auto x = CAST(_mm512_set1_epi32(four));        \
+    a0##M = DOT(a0##M, b0, x);                           \
+    a1##M = DOT(a1##M, b1, x);                           \
+  }
+#define SLIM_TILE_ROWS(source, stride, CAST, DOT)                                             \
+  SLIM_TILE_ROW(0, source, stride, CAST, DOT) SLIM_TILE_ROW(1, source, stride, CAST, DOT)     \
+  SLIM_TILE_ROW(2, source, stride, CAST, DOT) SLIM_TILE_ROW(3, source, stride, CAST, DOT)     \
+  SLIM_TILE_ROW(4, source, stride, CAST, DOT) SLIM_TILE_ROW(5, source, stride, CAST, DOT)     \
+  SLIM_TILE_ROW(6, source, stride, CAST, DOT) SLIM_TILE_ROW(7, source, stride, CAST, DOT)

@@ -131,21 +131,15 @@ SLIM_AVX512 static void w8a8_tile(const int8_t *codes, int64_t kp, const float *
                                   const int32_t *xsum, const uint8_t *w0, const uint8_t *w1,
                                   bool pair, int64_t quads, const float *wscale, int64_t channel,
                                   int64_t n, void *out, int dtype) {
-  __m512i acc0[ROWS], acc1[ROWS];
-  for (int m = 0; m < ROWS; m++) acc0[m] = acc1[m] = _mm512_setzero_si512();
+  SLIM_TILE_ACCUMULATORS(__m512i, _mm512_setzero_si512());
   for (int64_t q = 0; q < quads; q++) {
     _mm_prefetch((const char *)(w0 + q * 64 + GEMM_PREFETCH_BYTES), _MM_HINT_T0);
     _mm_prefetch((const char *)(w1 + q * 64 + GEMM_PREFETCH_BYTES), _MM_HINT_T0);
-    const __m512i a0 = _mm512_loadu_si512(w0 + q * 64);
-    const __m512i a1 = _mm512_loadu_si512(w1 + q * 64);
-    for (int m = 0; m < ROWS; m++) {
-      int32_t four;
-      memcpy(&four, codes + m * kp + 4 * q, sizeof four);
-      const __m512i b = _mm512_set1_epi32(four);
-      acc0[m] = _mm512_dpbusd_epi32(acc0[m], a0, b);
-      acc1[m] = _mm512_dpbusd_epi32(acc1[m], a1, b);
-    }
+    const __m512i b0 = _mm512_loadu_si512(w0 + q * 64);
+    const __m512i b1 = _mm512_loadu_si512(w1 + q * 64);
+    SLIM_TILE_ROWS(codes + 4 * q, kp, , _mm512_dpbusd_epi32)
   }
+  SLIM_TILE_RESULTS(__m512i);
   const int64_t item = dtype == SLIM_F32 ? 4 : 2;
   for (int half = 0; half < (pair ? 2 : 1); half++) {
     const int64_t first = channel + 16 * half;
