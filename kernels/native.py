@@ -39,10 +39,6 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # faster than on torch's int8pack, 0.8-0.9x at 3-8 (kernels/README.md).
 W8A16_GEMV_MAX_M = 2
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# Our W8A8 GEMM against oneDNN's per call: faster at 1-32 rows on this model's layers (K 576 and
-# 1536), but on a 4096x4096 layer only to 8 rows (0.8x at 16, where oneDNN's blocking pays off).
-W8A8_GEMM_WIDE_K = 2048
-W8A8_GEMM_WIDE_MAX_ROWS = 8
 
 
 class NativeBuildError(RuntimeError):
@@ -426,13 +422,12 @@ def quantize_rows_supported(x: torch.Tensor) -> bool:
 
 
 def w8a8_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
-    """Few rows: up to the kernel's 32 (the engine's default decode batch) on layers up to
-    W8A8_GEMM_WIDE_K inputs wide, up to 8 on wider ones (kernels/README.md)."""
+    """Few rows: up to the kernel's 32 (the engine's default decode batch), where it beat
+    oneDNN's GEMM per call on this model's layers and on 4096x4096 (kernels/README.md)."""
     if not quantize_rows_supported(x) or x.shape[1] != in_features:
         return False
     native = kernels()  # it serves now: quantize_rows_supported checked
-    rows = native.w8a8_gemm_max_rows if in_features <= W8A8_GEMM_WIDE_K else W8A8_GEMM_WIDE_MAX_ROWS
-    return 1 <= x.shape[0] <= rows and in_features <= native.w8a8_gemm_max_k
+    return 1 <= x.shape[0] <= native.w8a8_gemm_max_rows and in_features <= native.w8a8_gemm_max_k
 
 
 def bf16_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
