@@ -45,7 +45,11 @@ class EngineOptions(_Strict):
     max_model_len: int = Field(2048, ge=16, description="prompt + completion tokens per request")
     max_queued_requests: int = Field(256, ge=0, description="waiting requests before 503")
     prefill_chunk_tokens: int = Field(
-        512, ge=16, description="prompt tokens prefilled per step, so decodes keep flowing"
+        512,
+        ge=16,
+        description="prompt tokens prefilled per step, over every prompt joining in it: waiting "
+        "requests join together up to this budget, and a longer prompt is spread over steps so "
+        "running decodes keep flowing",
     )
     prefix_cache_slots: int = Field(
         2,

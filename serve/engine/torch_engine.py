@@ -1,10 +1,11 @@
 """Engine "torch": iteration-level (continuous) batching.
 
 Every step the scheduler (1) drops aborted sequences, then (2) runs one forward pass that
-decodes a token for every running sequence and, in the same pass, prefills at most
-`prefill_chunk_tokens` prompt tokens of the next waiting sequence. New requests therefore join
-the running batch without a pass of their own, finished ones leave at once, and a long prompt is
-spread over several steps.
+decodes a token for every running sequence and, in the same pass, prefills up to
+`prefill_chunk_tokens` prompt tokens of waiting sequences, as many as fit (each in its own KV
+slot). New requests therefore join the running batch without a pass of their own, a burst of
+them joins in a step or two, finished ones leave at once, and a long prompt is spread over
+several steps.
 """
 
 from __future__ import annotations
