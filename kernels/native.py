@@ -1,8 +1,9 @@
 """slimserve's own CPU kernels in C++ (`cpu_gemv.cpp`: W8A16 GEMV; `cpu_decode_attention.cpp`: a
 decode step's rotary + cache writes + attention per sequence, residual add + RMSNorm, SiLU * up;
 `cpu_w8a8.cpp`: W8A8 per-token activation quantization, rescale, and a GEMM for few rows;
-`cpu_bf16_gemm.cpp`: a bf16 GEMM for few rows, for the lm_head), built once per machine into one
-library and called through ctypes (which releases the interpreter lock).
+`cpu_bf16_gemm.cpp`: a bf16 GEMM for few rows, for the lm_head; `cpu_sampling.cpp`: greedy
+choice per row), built once per machine into one library and called through ctypes (which
+releases the interpreter lock).
 
 The library is compiled on first use with the system C++ compiler (`CXX`, else `c++` / `g++`)
 into `$SLIMSERVE_CACHE/native/`, named by a hash of the sources, the compiler's version and the
@@ -31,7 +32,13 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("cpu_gemv.cpp", "cpu_decode_attention.cpp", "cpu_w8a8.cpp", "cpu_bf16_gemm.cpp")
+    for name in (
+        "cpu_gemv.cpp",
+        "cpu_decode_attention.cpp",
+        "cpu_w8a8.cpp",
+        "cpu_bf16_gemm.cpp",
+        "cpu_sampling.cpp",
+    )
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_bf16.h", "cpu_pack.h"))
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
@@ -286,6 +293,16 @@ class NativeKernels:
         )
         return out
 
+    def argmax_rows(self, logits: torch.Tensor) -> list[int]:
+        """fp32 [R, V] (unit column stride, V >= 1) -> torch.argmax(logits, -1).tolist(): the
+        first largest, or the first NaN. Callers check `argmax_rows_supported` first."""
+        rows = logits.shape[0]
+        out = torch.empty(rows, dtype=torch.int64)
+        self.library.slim_argmax_rows_f32(
+            logits.data_ptr(), rows, logits.shape[1], logits.stride(0), out.data_ptr()
+        )
+        return out.tolist()
+
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """bf16 [R, 2n] = gate | up -> [R, n] silu(gate) * up, rounded as the eager ops round."""
         gate_up = gate_up.contiguous()
@@ -317,6 +334,8 @@ def _load(path: Path) -> NativeKernels:
     library.slim_add_rms_norm_bf16.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
     library.slim_silu_mul_bf16.restype = None
     library.slim_silu_mul_bf16.argtypes = [ptr, i64, i64, ptr]
+    library.slim_argmax_rows_f32.restype = None
+    library.slim_argmax_rows_f32.argtypes = [ptr, i64, i64, i64, ptr]
     library.slim_quantize_rows_u8.restype = cint
     library.slim_quantize_rows_u8.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr]
     library.slim_bf16_gemm_cpu_supported.restype = cint
@@ -428,6 +447,18 @@ def w8a8_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
         return False
     native = kernels()  # it serves now: quantize_rows_supported checked
     return 1 <= x.shape[0] <= native.w8a8_gemm_max_rows and in_features <= native.w8a8_gemm_max_k
+
+
+def argmax_rows_supported(logits: torch.Tensor) -> bool:
+    """fp32 CPU rows [R, V >= 1] with unit column stride, while our kernels serve."""
+    return (
+        logits.device.type == "cpu"
+        and logits.dtype == torch.float32
+        and logits.dim() == 2
+        and logits.shape[1] >= 1
+        and logits.stride(1) == 1
+        and serving_kernels() is not None
+    )
 
 
 def bf16_gemm_supported(x: torch.Tensor, in_features: int) -> bool:

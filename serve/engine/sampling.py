@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from slimserve.kernels import native
 from slimserve.serve.engine.types import SamplingParams
 
 
@@ -33,7 +34,10 @@ def sample_tokens(
     generators: list[torch.Generator | None],
 ) -> list[int]:
     """logits [B, V] (float32) -> one token id per row."""
-    chosen = logits.argmax(dim=-1).tolist()
+    if native.argmax_rows_supported(logits):
+        chosen = native.serving_kernels().argmax_rows(logits)
+    else:
+        chosen = logits.argmax(dim=-1).tolist()
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if p.temperature == 0:
             continue
