@@ -7,9 +7,11 @@ its own engine-core process (spawned; inside a Ray actor it does this by itself)
 from __future__ import annotations
 
 import logging
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
+from slimserve.serve.engine import orphan_guard
 from slimserve.serve.engine.limits import EngineLimits, context_error, queue_full_error
 from slimserve.serve.engine.types import EngineEvent, SamplingParams
 
@@ -33,6 +35,7 @@ class VllmEngine:
         self.enforce_eager = enforce_eager
         self.kv_cache_bytes = int(kv_cache_gb * 2**30)
         self._llm: Any = None
+        self._guard: subprocess.Popen | None = None
         self._in_flight = 0
         self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "finished": 0, "peak_batch": 0}
 
@@ -50,7 +53,10 @@ class VllmEngine:
             # Prefill budget per step: vLLM's chunked prefill does what our prefill chunks do.
             max_num_batched_tokens=max(self.limits.prefill_chunk_tokens, self.limits.max_num_seqs),
         )
+        before = orphan_guard.descendants()
         self._llm = AsyncLLM.from_engine_args(args)
+        # Its engine-core process does not notice this process dying: a guard ends it then.
+        self._guard = orphan_guard.guard_new_children(before)
         log.info("vLLM engine started on %s", self.model_path)
 
     def is_alive(self) -> bool:
@@ -60,6 +66,10 @@ class VllmEngine:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+        if self._guard is not None:  # nothing left to guard
+            self._guard.terminate()
+            self._guard.wait(timeout=10)
+            self._guard = None
 
     def stats(self) -> dict[str, Any]:
         return {
