@@ -2,11 +2,11 @@
 // time with AVX-512 (callers compile them into functions targeting AVX-512 F / BW / VL).
 #pragma once
 
-#include <immintrin.h>
+#include "cpu_simd.h"
 #include <stdint.h>
 #include <string.h>
 
-#define SLIM_AVX512_BASE __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define SLIM_AVX512_BASE SLIM_TARGET_AVX512
 
 static inline float slim_bf16_to_float(uint16_t v) {
   uint32_t bits = (uint32_t)v << 16;

@@ -8,7 +8,6 @@
 // one activation row (broadcast) and its 16 fp32 lanes are 16 outputs: no horizontal sums. Products
 // of bf16 values are exact in fp32 and accumulate in fp32, as oneDNN's do (in another order).
 
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,7 +15,7 @@
 #include "cpu_bf16.h"
 #include "cpu_pack.h"
 
-#define SLIM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define SLIM_AVX512_BF16 SLIM_TARGET_BF16
 
 static const int64_t BF16_GEMM_MAX_ROWS = 32;  // the engine's default decode batch
 static const int64_t BF16_ROW_BLOCK = 8;       // activation rows per pass: 2 x 8 accumulators
@@ -25,7 +24,12 @@ static const int64_t BF16_PREFETCH_BYTES = 32768;
 
 extern "C" int64_t slim_bf16_gemm_max_rows(void) { return BF16_GEMM_MAX_ROWS; }
 
+// The AVX2 build never serves it: without BF16 instructions the emulated dot products lose to
+// torch's own matmul, and engine.dtype "auto" computes in fp32 on such CPUs anyway.
 extern "C" int slim_bf16_gemm_cpu_supported(void) {
+#if defined(SLIM_ISA_AVX2)
+  return 0;
+#endif
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");

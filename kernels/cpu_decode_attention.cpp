@@ -10,7 +10,6 @@
 // cached keys are bit-identical; scores, softmax and the weighted sum run in fp32 (as torch's
 // fused SDPA does), the output is rounded to bf16 once.
 
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -18,7 +17,7 @@
 
 #include "cpu_bf16.h"
 
-#define SLIM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define SLIM_AVX512 SLIM_TARGET_AVX512
 
 
 // exp(x) for x <= 0 (softmax after subtracting the max): 2^n * 2^f, f in [-0.5, 0.5], degree-6

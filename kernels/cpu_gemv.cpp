@@ -9,7 +9,6 @@
 // products per instruction, exact int32 sums, weights used as stored). Eight weight rows per pass
 // at one activation row keep enough loads in flight to read ~30 GB/s (one core reads ~37).
 
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -17,7 +16,7 @@
 
 #include "cpu_bf16.h"
 
-#define SLIM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
+#define SLIM_AVX512 SLIM_TARGET_VNNI_F16C
 
 enum SlimDtype { SLIM_F32 = 0, SLIM_BF16 = 1, SLIM_F16 = 2 };
 
@@ -43,11 +42,7 @@ SLIM_AVX512 static inline void store_scalar(void *base, int dtype, int64_t i, fl
 extern "C" int64_t slim_w8a16_code_limit(void) { return CODE_LIMIT; }
 extern "C" int64_t slim_w8a16_max_k(void) { return MAX_K; }
 
-extern "C" int slim_cpu_supported(void) {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
+extern "C" int slim_cpu_supported(void) { return slim_build_runs_here(); }
 
 // Row m of x -> int16 code c = 256 * (hi - 128) + lo as two unsigned bytes lo[m, :kp] and
 // hi[m, :kp] (padding: code 0, i.e. lo 0, hi 128), and scale[m]. A non-finite row gets a NaN

@@ -12,13 +12,12 @@
 // 1-16 rows, fixed costs mostly; a whole decode step on ours was 1.3-1.5x faster at 1-8 rows,
 // 1.1-1.2x at 16-24 and 1.05x at 32 (kernels/README.md), so it serves decode batches up to 32.
 
-#include <immintrin.h>
 #include <stdint.h>
 
 #include "cpu_bf16.h"
 #include "cpu_pack.h"
 
-#define SLIM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define SLIM_AVX512 SLIM_TARGET_VNNI
 
 enum { SLIM_F32 = 0, SLIM_BF16 = 1, SLIM_F16 = 2 };  // the dtype codes of native.py
 
@@ -101,7 +100,9 @@ extern "C" SLIM_AVX512 int slim_rescale_rows(const float *acc, const float *scal
 // its 16 lanes are 16 outputs: no horizontal sums. The +128 (VPDPBUSD's unsigned operand) comes
 // back out through each activation row's code sum.
 
-static const int64_t GEMM_MAX_ROWS = 32;  // the engine's default decode batch; 1.05x there
+// Rows per pass (the engine's default decode batch); where oneDNN is exact, ours serves up to
+// this many rows (1.05x oneDNN at 32) and oneDNN's blocked GEMM the rest.
+static const int64_t GEMM_MAX_ROWS = 32;
 // Each sum of (w + 128) * code is at most 255 * 127 * K: it fits an int32 up to this K.
 static const int64_t GEMM_MAX_K = INT32_MAX / (255 * 127);
 static const int64_t ROW_BLOCK = 8;  // activation rows per pass: 2 x 8 accumulators
@@ -167,14 +168,10 @@ typedef void (*W8A8Tile)(const int8_t *, int64_t, const float *, const int32_t *
                          const uint8_t *, bool, int64_t, const float *, int64_t, int64_t, void *,
                          int);
 
-// out [M, N] in x's dtype = per-token int8 x (w * wscale [N]).T with w packed by
-// `slim_w8a8_pack`; x [M, K] rows `stride` elements apart; M <= 32. Returns -1 for arguments
-// outside the kernel's limits (checked first in Python).
-extern "C" SLIM_AVX512 int slim_w8a8_gemm(const void *x, int dtype, int64_t m, int64_t k,
-                                          int64_t stride, const uint8_t *packed,
-                                          const float *wscale, int64_t n, void *out) {
-  if (dtype != SLIM_F32 && dtype != SLIM_BF16 && dtype != SLIM_F16) return -1;
-  if (m < 1 || m > GEMM_MAX_ROWS || k < 1 || k > GEMM_MAX_K || n < 1) return -1;
+// Up to GEMM_MAX_ROWS rows of `slim_w8a8_gemm`.
+SLIM_AVX512 static int w8a8_gemm_rows(const void *x, int dtype, int64_t m, int64_t k,
+                                      int64_t stride, const uint8_t *packed, const float *wscale,
+                                      int64_t n, void *out) {
   const int64_t quads = packed_quads(k), kp = 4 * quads;
   int8_t *codes = (int8_t *)calloc((size_t)(m * kp), 1);  // padding: code 0
   if (codes == NULL) return -1;
@@ -193,5 +190,25 @@ extern "C" SLIM_AVX512 int slim_w8a8_gemm(const void *x, int dtype, int64_t m, i
                                        (char *)out + r0 * n * item, dtype);
                      });
   free(codes);
+  return 0;
+}
+
+// out [M, N] in x's dtype = per-token int8 x (w * wscale [N]).T with w packed by
+// `slim_w8a8_pack`; x [M, K] rows `stride` elements apart; any M >= 1, in passes of
+// GEMM_MAX_ROWS rows (each pass reads the packed weight once). Where oneDNN's int8 GEMM is exact
+// (VNNI) it serves only decode batches of up to GEMM_MAX_ROWS; where it is not, this serves every
+// row count. Returns -1 for arguments outside the kernel's limits (checked first in Python).
+extern "C" SLIM_AVX512 int slim_w8a8_gemm(const void *x, int dtype, int64_t m, int64_t k,
+                                          int64_t stride, const uint8_t *packed,
+                                          const float *wscale, int64_t n, void *out) {
+  if (dtype != SLIM_F32 && dtype != SLIM_BF16 && dtype != SLIM_F16) return -1;
+  if (m < 1 || k < 1 || k > GEMM_MAX_K || n < 1) return -1;
+  const int64_t item = dtype == SLIM_F32 ? 4 : 2;
+  for (int64_t r0 = 0; r0 < m; r0 += GEMM_MAX_ROWS) {
+    const int64_t rows = m - r0 < GEMM_MAX_ROWS ? m - r0 : GEMM_MAX_ROWS;
+    const int status = w8a8_gemm_rows((const char *)x + r0 * stride * item, dtype, rows, k, stride,
+                                      packed, wscale, n, (char *)out + r0 * n * item);
+    if (status != 0) return status;
+  }
   return 0;
 }

@@ -2,15 +2,20 @@
 decode step's rotary + cache writes + attention per sequence, residual add + RMSNorm, SiLU * up;
 `cpu_w8a8.cpp`: W8A8 per-token activation quantization, rescale, and a GEMM for few rows;
 `cpu_bf16_gemm.cpp`: a bf16 GEMM for few rows, for the lm_head; `cpu_sampling.cpp`: greedy
-choice per row), built once per machine into one library and called through ctypes (which
-releases the interpreter lock).
+choice per row), built once per machine and ISA into one library and called through ctypes
+(which releases the interpreter lock).
 
-The library is compiled on first use with the system C++ compiler (`CXX`, else `c++` / `g++`)
-into `$SLIMSERVE_CACHE/native/`, named by a hash of the sources, the compiler's version and the
-flags, and moved into place atomically so replicas starting together never load a half-written
-file. Where there is no compiler or the CPU lacks AVX-512 VNNI, `kernels()` returns None, the
-reason is logged once and the dispatch keeps torch's own CPU kernels (the chosen backend shows in
-the variant's stats).
+One source, one build per ISA level (`cpu_isa.py`, `cpu_simd.h`): `avx512` with AVX-512 VNNI /
+BF16 instructions, `avx2` with the same AVX-512 intrinsics implemented on AVX2 + FMA + F16C by
+SIMDe (exact: the same integer sums and the same roundings). `kernels()` loads the build for the
+active level: the CPU's best, or lower where `SLIMSERVE_CPU_ISA` says.
+
+A library is compiled on first use with the system C++ compiler (`CXX`, else `c++` / `g++`)
+into `$SLIMSERVE_CACHE/native/`, named by a hash of the sources, the compiler's version, the ISA
+and the flags, and moved into place atomically so replicas starting together never load a
+half-written file. Where there is no compiler or the CPU has no level with native kernels,
+`kernels()` returns None, the reason is logged once and the dispatch keeps torch's own CPU
+kernels (the chosen backend shows in the variant's stats).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+from slimserve.kernels import cpu_isa
+from slimserve.kernels.cpu_isa import Isa
+
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(
@@ -40,8 +48,16 @@ SOURCES = tuple(
         "cpu_sampling.cpp",
     )
 )
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_bf16.h", "cpu_pack.h"))
+HEADERS = tuple(
+    Path(__file__).with_name(name) for name in ("cpu_bf16.h", "cpu_pack.h", "cpu_simd.h")
+)
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+# The avx512 build targets its instructions per function (cpu_simd.h); the avx2 build compiles
+# the whole unit for AVX2 and takes the AVX-512 intrinsics from SIMDe's headers.
+ISA_FLAGS = {
+    Isa.AVX2: ("-mavx2", "-mfma", "-mf16c", "-DSLIM_ISA_AVX2", "-Wno-psabi"),
+    Isa.AVX512: (),
+}
 # Rows (tokens) one call handles: a whole int8 decode step at batch 1 / 2 was 1.46x / 1.14x
 # faster than on torch's int8pack, 0.8-0.9x at 3-8 (kernels/README.md).
 W8A16_GEMV_MAX_M = 2
@@ -65,28 +81,46 @@ def _compiler() -> str:
     raise NativeBuildError("no C++ compiler found (set CXX, or install g++)")
 
 
-def _library_path(compiler: str) -> Path:
+def _isa_flags(isa: Isa) -> tuple[str, ...]:
+    if isa != Isa.AVX2:
+        return ISA_FLAGS[isa]
+    try:
+        import simde_py
+    except ImportError as error:
+        raise NativeBuildError(
+            "the avx2 build needs SIMDe's headers (pip install simde-py)"
+        ) from error
+    return (*ISA_FLAGS[isa], f"-I{simde_py.get_include()}")
+
+
+def _library_path(compiler: str, isa: Isa, flags: tuple[str, ...]) -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
     digest = hashlib.sha256()
     sources = (*SOURCES, *HEADERS)
-    for part in (*(source.read_bytes() for source in sources), version.encode(), *FLAGS):
+    for part in (*(source.read_bytes() for source in sources), version.encode(), *flags):
         digest.update(part.encode() if isinstance(part, str) else part)
-    return cache_dir() / f"slimserve_cpu-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / f"slimserve_cpu-{isa.label}-{digest.hexdigest()[:16]}.so"
 
 
-def build() -> Path:
-    """Compile the library unless this exact build exists; returns its path."""
+def build(isa: Isa | None = None) -> Path:
+    """Compile the library for `isa` (default: the active level) unless this exact build
+    exists; returns its path."""
+    isa = cpu_isa.active() if isa is None else isa
+    if isa == Isa.NONE:
+        raise NativeBuildError("no native kernels at ISA level none")
     compiler = _compiler()
-    target = _library_path(compiler)
+    flags = (*FLAGS, *_isa_flags(isa))
+    target = _library_path(compiler, isa, flags)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building slimserve's %s CPU kernels (once per machine)", isa.label)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         partial = Path(scratch) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(partial)],
+            [compiler, *flags, *map(str, SOURCES), "-o", str(partial)],
             capture_output=True,
             text=True,
             check=False,
@@ -102,6 +136,7 @@ def build() -> Path:
 @dataclass
 class NativeKernels:
     library: ctypes.CDLL
+    isa: Isa
 
     @functools.cached_property
     def w8a16_code_limit(self) -> int:
@@ -312,7 +347,7 @@ class NativeKernels:
         return out
 
 
-def _load(path: Path) -> NativeKernels:
+def _load(path: Path, isa: Isa) -> NativeKernels:
     library = ctypes.CDLL(str(path))
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     library.slim_cpu_supported.restype = cint
@@ -365,23 +400,34 @@ def _load(path: Path) -> NativeKernels:
         ctypes.c_float,
         ptr,
     ]
-    return NativeKernels(library)
+    return NativeKernels(library, isa)
+
+
+def kernels() -> NativeKernels | None:
+    """The library for the active ISA level, or None (reason logged once) where none runs."""
+    return kernels_for(cpu_isa.active())
 
 
 @functools.cache
-def kernels() -> NativeKernels | None:
-    """The loaded library, or None (reason logged once) where it cannot run here."""
+def kernels_for(isa: Isa) -> NativeKernels | None:
+    """The library built for `isa`, or None (reason logged once) where it cannot run here."""
     if os.environ.get("SLIMSERVE_NATIVE_KERNELS", "1") == "0":
         log.warning("native CPU kernels disabled by SLIMSERVE_NATIVE_KERNELS=0")
         return None
+    if isa == Isa.NONE:
+        log.warning("native CPU kernels need AVX2 + FMA + F16C; at ISA level none (this CPU, or "
+                    "%s) torch's CPU kernels run instead", cpu_isa.ISA_ENV)  # fmt: skip
+        return None
     try:
-        loaded = _load(build())
+        loaded = _load(build(isa), isa)
     except (NativeBuildError, OSError) as error:
         log.warning("native CPU kernels unavailable, torch's CPU kernels run instead: %s", error)
         return None
     if not loaded.library.slim_cpu_supported():
-        log.warning("native CPU kernels need AVX-512 (F, BW, VL, VNNI); this CPU lacks one")
+        needs = ", ".join(cpu_isa.ISA_FLAGS[isa])
+        log.warning("the %s CPU kernels need %s; this CPU lacks one", isa.label, needs)
         return None
+    log.info("slimserve's CPU kernels run at ISA level %s", isa.label)
     return loaded
 
 
@@ -440,13 +486,15 @@ def quantize_rows_supported(x: torch.Tensor) -> bool:
     return x.stride(1) == 1 and serving_kernels() is not None
 
 
-def w8a8_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
+def w8a8_gemm_supported(x: torch.Tensor, in_features: int, any_rows: bool = False) -> bool:
     """Few rows: up to the kernel's 32 (the engine's default decode batch), where it beat
-    oneDNN's GEMM per call on this model's layers and on 4096x4096 (kernels/README.md)."""
+    oneDNN's GEMM per call on this model's layers and on 4096x4096 (kernels/README.md); every
+    row count with `any_rows` (where oneDNN's int8 GEMM is not exact)."""
     if not quantize_rows_supported(x) or x.shape[1] != in_features:
         return False
     native = kernels()  # it serves now: quantize_rows_supported checked
-    return 1 <= x.shape[0] <= native.w8a8_gemm_max_rows and in_features <= native.w8a8_gemm_max_k
+    rows_ok = x.shape[0] >= 1 and (any_rows or x.shape[0] <= native.w8a8_gemm_max_rows)
+    return rows_ok and in_features <= native.w8a8_gemm_max_k
 
 
 def argmax_rows_supported(logits: torch.Tensor) -> bool:

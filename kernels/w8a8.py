@@ -4,8 +4,15 @@ The smoothing factors are folded into the previous layer by the compression code
 only sees the already-smoothed int8 weight and its per-output-channel scale.
 
 Dispatch (`select_w8a8_backend`): Triton on CUDA (int8 tensor cores); on CPU `torch._int_mm`
-(oneDNN, int8 dot products); the reference (exact int32 products via fp32 chunks) elsewhere.
-Activations are quantized per token in torch before the matmul on every path.
+(oneDNN, int8 dot products) where its sums are exact; the reference (exact int32 products via
+fp32 chunks) elsewhere. Activations are quantized per token in torch before the matmul on every
+path.
+
+Every path is exact in its int32 sums. oneDNN's int8 GEMMs are not on CPUs without VNNI (their
+u8 x s8 pair sums saturate at 16 bits: outputs ~7% off on AMD Zen 2), so there
+(`cpu_paths.int8_gemms_exact` probes it once) a packed module serves every row count from our own
+GEMM, whose AVX2 build computes the same exact sums, and keeps the plain weight for the exact
+reference when our kernels do not serve (more than one compute thread, no compiler).
 
 A serving engine on CPU calls `W8A8Linear.pack_for_cpu()` once: the weight moves into oneDNN's
 blocked int8 layout (`cpu_paths.onednn_int8_matmul`: 1.7-4.9x `_int_mm` at 8-32 rows on large
@@ -102,17 +109,20 @@ class W8A8Linear(CompressedLinear):
         return module
 
     cpu_pack: tuple[torch.Tensor, torch.Tensor] | None = None
-    # Our own few-row GEMM's copy of the weight (its own layout), where the native kernels load.
+    # Our own GEMM's copy of the weight (its own layout), where the native kernels load.
     cpu_native_pack: torch.Tensor | None = None
 
     def pack_for_cpu(self) -> int:
         """On CPU, serve from oneDNN's int8 layout from now on (and, where the native kernels
         load, from our own GEMM's copy at 1-32 rows); the module can no longer be saved or
-        moved. Returns the bytes of the weight copies held for CPU serving: 0 off CPU (nothing
-        to pack) and where this torch has no oneDNN int8 kernels (the module keeps
-        `torch._int_mm`, and says so)."""
+        moved. Where oneDNN's int8 sums are not exact, our GEMM's copy serves every row count
+        and the plain weight stays for the exact reference. Returns the bytes of the weight
+        copies held for CPU serving: 0 off CPU (nothing to pack) and where this torch has no
+        oneDNN int8 kernels (the module keeps `torch._int_mm`, and says so)."""
         if self.qweight.device.type != "cpu":
             return 0
+        if not cpu_paths.int8_gemms_exact():
+            return self._pack_native_only()
         if not cpu_paths.onednn_int8_supported():
             log.warning("W8A8 %dx%d: no oneDNN int8 kernels in this torch, staying on _int_mm",
                         self.out_features, self.in_features)  # fmt: skip
@@ -128,13 +138,26 @@ class W8A8Linear(CompressedLinear):
         own = 0 if self.cpu_native_pack is None else self.cpu_native_pack.numel()
         return self.out_features * self.in_features + own
 
+    def _pack_native_only(self) -> int:
+        """Where oneDNN's int8 GEMM saturates: our GEMM's copy, for every row count."""
+        kernels = native.kernels()
+        if kernels is None:
+            log.warning("W8A8 %dx%d: no exact int8 GEMM on this CPU, the fp32-chunk reference "
+                        "runs", self.out_features, self.in_features)  # fmt: skip
+            return 0
+        if self.cpu_native_pack is None:
+            self.cpu_native_pack = kernels.w8a8_pack(self.qweight)
+        return self.cpu_native_pack.numel()
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_pack is None:
-            return w8a8_matmul(x, self.qweight, self.weight_scale)
         own = self.cpu_native_pack
-        if own is not None and native.w8a8_gemm_supported(x, self.in_features):
+        if own is not None and native.w8a8_gemm_supported(
+            x, self.in_features, any_rows=self.cpu_pack is None
+        ):
             record_backend("w8a8", "cpu-native-gemm")
             return native.kernels().w8a8_gemm(x, own, self.weight_scale)
+        if self.cpu_pack is None:
+            return w8a8_matmul(x, self.qweight, self.weight_scale)
         packed, zero_points = self.cpu_pack
         if native.quantize_rows_supported(x):
             # The same codes and scales as torch's ops below, in one call each side of the GEMM.

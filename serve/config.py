@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimserve.compression.specs import CompressionSpec
+from slimserve.kernels import cpu_isa
 
 
 def vllm_can_run(spec: CompressionSpec) -> bool:
@@ -40,7 +41,11 @@ class _Strict(BaseModel):
 
 class EngineOptions(_Strict):
     name: Literal["torch", "vllm"] = "torch"
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="auto: bfloat16 where the CPU computes it natively (AVX512_BF16 or AMX), "
+        "float32 elsewhere (AVX2 emulates bf16 several times slower than fp32)",
+    )
     max_num_seqs: int = Field(32, ge=1, le=512, description="requests decoded together")
     max_model_len: int = Field(2048, ge=16, description="prompt + completion tokens per request")
     max_queued_requests: int = Field(256, ge=0, description="waiting requests before 503")
@@ -71,6 +76,13 @@ class EngineOptions(_Strict):
     # vLLM only
     enforce_eager: bool = Field(True, description="vllm: skip graph compilation (faster start)")
     kv_cache_gb: float = Field(1.0, gt=0, description="vllm: KV-cache memory in GiB")
+
+    def resolved(self) -> EngineOptions:
+        """These options with dtype `auto` made concrete for this machine's CPU (replicas
+        resolve it where they run)."""
+        if self.dtype != "auto":
+            return self
+        return self.model_copy(update={"dtype": cpu_isa.default_dtype()})
 
     def intra_op_threads(self) -> int:
         """An engine in its own process leaves one core to Ray and the token streaming (as
@@ -271,6 +283,14 @@ class SlimserveConfig(_Strict):
         for name, variant in self.variants.items():
             if self.engine_for(name).name != "vllm":
                 continue
+            level = cpu_isa.active()
+            if variant.compression and level < cpu_isa.Isa.AVX512:
+                raise ValueError(
+                    f"variants.{name}: engine 'vllm' runs compressed checkpoints on CPU only with "
+                    f"AVX-512 VNNI; this CPU runs at ISA level {level.label} (vLLM's engine core "
+                    "dies on the 4-bit export there, and int8 GEMMs without VNNI saturate); "
+                    "serve this variant on engine 'torch'"
+                )
             for index, spec in enumerate(variant.compression):
                 if not vllm_can_run(spec):
                     raise ValueError(
@@ -327,7 +347,8 @@ class SlimserveConfig(_Strict):
         return self.served_model_name or self.model
 
     def engine_for(self, variant: str) -> EngineOptions:
-        return self.variants[variant].engine or self.engine
+        """The variant's engine options, dtype resolved for the CPU of the calling machine."""
+        return (self.variants[variant].engine or self.engine).resolved()
 
     def deployment_for(self, variant: str) -> DeploymentOptions:
         return self.variants[variant].deployment or self.deployment

@@ -159,6 +159,11 @@ class GatewayMetrics:
             "1 for the variant's compression methods and engine",
             ["variant", "methods", "engine"],
         )
+        self.runtime_info = g(
+            "slimserve_variant_runtime_info",
+            "1 for the dtype the variant computes in and the ISA level of its CPU kernels",
+            ["variant", "dtype", "isa"],
+        )
         self.perplexity = g(
             "slimserve_variant_self_bench_perplexity",
             "Perplexity on held-out text from the startup self-benchmark",
@@ -264,6 +269,8 @@ class GatewayMetrics:
         self.sparsity.labels(variant).set(stats.get("sparsity", 0.0))
         methods = ",".join(stats.get("compression_methods") or []) or "none"
         self.compression_info.labels(variant, methods, stats.get("engine_name", "")).set(1)
+        cpu = stats.get("cpu") or {}
+        self.runtime_info.labels(variant, stats.get("dtype", ""), cpu.get("isa", "")).set(1)
         bench = stats.get("self_bench")
         if bench:
             if bench.get("perplexity") is not None:

@@ -8,6 +8,7 @@ and over the peak of all the variant's replicas, the MFU.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from slimserve.serve.flops import FlopModel, TokenWork, decode_work, prefill_work
+
+log = logging.getLogger(__name__)
 
 MIN_WINDOW_SECONDS = 1.0
 
@@ -79,7 +82,7 @@ class WorkMeter:
 @dataclass
 class Utilization:
     achieved_flops_per_second: float
-    mfu: float  # achieved over the peak of every replica, in [0, 1]
+    mfu: float  # achieved over the peak of every replica; above 1 only through a bug
     generated_tokens_per_second: float
 
 
@@ -87,8 +90,19 @@ def utilization(
     flops: FlopModel, window: WindowWork, peak_flops_per_second: float, replicas: int
 ) -> Utilization:
     achieved = flops.flops(window.work) / window.seconds
-    ratio = achieved / (peak_flops_per_second * max(replicas, 1))
-    return Utilization(achieved, min(max(ratio, 0.0), 1.0), window.generated_tokens_per_second)
+    peak = peak_flops_per_second * max(replicas, 1)
+    ratio = achieved / peak
+    if ratio > 1.0:
+        # Exported as is, never clamped: a peak measured in another dtype than the model runs
+        # in, or a FLOP model counting work that does not run, shows here.
+        log.warning(
+            "MFU %.3f is above 1 (achieved %.3g FLOP/s over a peak of %.3g): the peak or the "
+            "FLOP model is wrong",
+            ratio,
+            achieved,
+            peak,
+        )
+    return Utilization(achieved, ratio, window.generated_tokens_per_second)
 
 
 class RequestWork:

@@ -1,8 +1,10 @@
 """The device's peak matmul FLOP/s, the denominator of MFU.
 
 On a GPU: dense bf16 tensor-core peaks from the vendors' spec sheets (no sparsity), by device
-name. On CPU: measured at startup with a short matmul benchmark in the model's dtype, the best
-of many short trials (the machine may be shared; the best trial is the least disturbed one).
+name. On CPU: measured at startup with a short matmul benchmark in the model's dtype (the one
+`engine.dtype` resolved to: bf16 only where the CPU has it natively, so an AVX2 CPU is not
+measured on emulated bf16), on the engine's threads, the best of many short trials (the machine
+may be shared; the best trial is the least disturbed one), at least MIN_TRIALS of them.
 Replicas on one machine take turns (a file lock), so they do not measure each other. A config
 value overrides both.
 """
@@ -17,6 +19,7 @@ import torch
 from filelock import FileLock
 from pydantic import BaseModel
 
+from slimserve.kernels import cpu_isa
 from slimserve.serve.model_store import cache_root
 
 log = logging.getLogger(__name__)
@@ -43,11 +46,12 @@ GPU_BF16_PEAK: dict[str, float] = {
 }
 
 _MATMUL_SIZE = 1024
+MIN_TRIALS = 3
 
 
 class DevicePeak(BaseModel):
     flops_per_second: float
-    source: str  # "config", "gpu-spec:<name>", "measured-cpu:<dtype>"
+    source: str  # "config", "gpu-spec:<name>", "measured-cpu:<dtype>:<isa>"
     device: str
 
 
@@ -69,7 +73,9 @@ def _matmul_benchmark(dtype: torch.dtype, seconds: float, device: str, size: int
     sync()
     best = 0.0
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    trials = 0
+    while time.perf_counter() < deadline or trials < MIN_TRIALS:
+        trials += 1
         started = time.perf_counter()
         for _ in range(reps):
             torch.mm(a, b, out=out)
@@ -108,5 +114,7 @@ def device_peak(dtype: torch.dtype, override: float | None, seconds: float) -> D
         log.warning("GPU %r is not in the peak table; measuring its matmul peak", name)
     kind = "cuda" if name else "cpu"
     peak = measure_peak(dtype, seconds, kind, torch.get_num_threads())
-    dtype_name = str(dtype).removeprefix("torch.")
-    return DevicePeak(flops_per_second=peak, source=f"measured-{kind}:{dtype_name}", device=device)
+    source = f"measured-{kind}:{str(dtype).removeprefix('torch.')}"
+    if kind == "cpu":
+        source += f":{cpu_isa.active().label}"
+    return DevicePeak(flops_per_second=peak, source=source, device=device)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from slimserve.kernels import cpu_isa
 from slimserve.kernels.dispatch import chosen_backends, merged_backends
 from slimserve.serve.config import SlimserveConfig
 from slimserve.serve.engine.factory import build_engine
@@ -39,6 +40,8 @@ class VariantServer:
         self.cache_status = built.cache_status
         self.engine.start()
         self.engine_name = options.name
+        self.dtype = options.dtype
+        self.cpu = cpu_isa.describe()
         self.max_model_len = options.max_model_len
         self.bench = bench_variant(self.engine, self.tokenizer, cfg, variant)
         self._config = cfg
@@ -51,12 +54,16 @@ class VariantServer:
         }
         self.model_name = model_name
         log.info(
-            "variant %s ready in %.1fs (load %.1fs, compress %.1fs, cache %s): %s",
+            "variant %s ready in %.1fs (load %.1fs, compress %.1fs, cache %s; %s on %s, "
+            "CPU kernels at ISA level %s): %s",
             variant,
             self.timings["startup_seconds"],
             self.timings["load_seconds"],
             self.timings["compress_seconds"],
             self.cache_status,
+            self.dtype,
+            self.engine_name,
+            self.cpu["isa"],
             self.report.summary(),
         )
 
@@ -120,6 +127,8 @@ class VariantServer:
             "compression_methods": [m.method for m in self.report.methods],
             "sparsity": self._sparsity(),
             "engine_name": self.engine_name,
+            "dtype": self.dtype,
+            "cpu": self.cpu,
             "cache_status": self.cache_status,
             "kernels": merged_backends(chosen_backends(), engine.get("kernels", {})),
             "engine": engine,

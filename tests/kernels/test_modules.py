@@ -14,12 +14,13 @@ from slimserve.kernels import (
     LowBitLinear,
     SparseLinear,
     W8A8Linear,
+    cpu_paths,
     quantize_int8_absmax,
 )
 from slimserve.kernels.dispatch import chosen_backends
 from slimserve.kernels.reference import quantize_per_token_int8
 
-from .helpers import AVX512_VNNI, cpu_has, lowbit_weight_fp64, random_24, random_lowbit, rel_error
+from .helpers import cpu_has, lowbit_weight_fp64, random_24, random_lowbit, rel_error
 
 # bf16 rounds the 16-bit output and activations: ~2**-8 relative per element, plus the stored
 # scales/zeros rounded to the compute dtype.
@@ -94,27 +95,37 @@ def test_w8a8_packed_for_cpu_gives_the_same_output(dtype: torch.dtype, n: int, k
     module = W8A8Linear.from_quantized(qweight, wscale, torch.randn(n), dtype)
     inputs = [_x(m, k, dtype, seed=m) for m in (1, 3, 17, 40)]
     before = [module(x) for x in inputs]
-    native_cpu = cpu_has(*AVX512_VNNI)
-    # oneDNN's copy; where the native kernels run, also our few-row GEMM's (16-row blocks).
+    native_cpu = cpu_has("avx2", "fma", "f16c")
+    exact_onednn = cpu_paths.int8_gemms_exact()
+    # oneDNN's copy (where its int8 sums are exact, with VNNI); where the native kernels run,
+    # also our GEMM's (16-row blocks).
     own = -(-n // 16) * 16 * -(-k // 4) * 4 if native_cpu else 0
-    assert module.pack_for_cpu() == n * k + own
-    assert module.qweight.numel() == 0  # the plain weight is dropped
+    assert module.pack_for_cpu() == (n * k if exact_onednn else 0) + own
+    # The plain weight is dropped, unless it is kept for the exact reference.
+    assert module.qweight.numel() == (0 if exact_onednn else n * k)
     for x, expected in zip(inputs, before, strict=True):
         kept = x.clone()
         out = module(x)
         torch.testing.assert_close(x, kept, rtol=0, atol=0)  # the input is not quantized in place
         # Same int32 sums and scales; only the fp32 rounding of the two rescales may differ.
         assert rel_error(out, expected.double()) < {torch.float32: 1e-6}.get(dtype, 8e-3)
-    # Our GEMM (1-32 rows) and quantizer around oneDNN's (40) where the native kernels run.
-    expected = ["cpu-native-gemm", "cpu-onednn-packed-native-quantize"]
-    for backend in expected if native_cpu else ["cpu-onednn-packed"]:
+    # Our GEMM (1-32 rows) and quantizer around oneDNN's (40) where the native kernels run;
+    # without VNNI our GEMM at every row count, or the exact reference.
+    if exact_onednn:
+        expected = ["cpu-native-gemm", "cpu-onednn-packed-native-quantize"]
+        expected = expected if native_cpu else ["cpu-onednn-packed"]
+    else:
+        expected = ["cpu-native-gemm"] if native_cpu else ["reference"]
+    for backend in expected:
         assert backend in chosen_backends()["w8a8"]
 
 
+@pytest.mark.skipif(
+    not cpu_paths.int8_gemms_exact(),
+    reason="no VNNI on this CPU (or ONEDNN_MAX_CPU_ISA below it): oneDNN's int8 GEMMs saturate",
+)
 def test_w8a8_without_onednn_int8_stays_on_int_mm(monkeypatch) -> None:
     # Injected on purpose: a torch build without oneDNN's int8 ops.
-    from slimserve.kernels import cpu_paths
-
     monkeypatch.setattr(cpu_paths, "onednn_int8_supported", lambda: False)
     qweight, wscale = quantize_int8_absmax(torch.randn(24, 64))
     module = W8A8Linear.from_quantized(qweight, wscale, None, torch.bfloat16)

@@ -8,7 +8,7 @@ from slimserve.kernels import native
 from slimserve.serve.engine.sampling import sample_tokens
 from slimserve.serve.engine.types import SamplingParams
 
-pytestmark = pytest.mark.skipif(native.kernels() is None, reason="native kernels unavailable")
+pytestmark = pytest.mark.usefixtures("each_isa")
 
 
 @pytest.mark.parametrize("width", [1, 7, 16, 17, 33, 1000, 49152])

@@ -10,9 +10,9 @@ import torch
 
 from slimserve.kernels import native
 
-from .helpers import AVX512_VNNI, cpu_has, rel_error
+from .helpers import rel_error
 
-pytestmark = pytest.mark.skipif(not cpu_has(*AVX512_VNNI), reason="this CPU has no AVX-512 VNNI")
+pytestmark = pytest.mark.usefixtures("each_isa")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimserve.kernels import native
-from slimserve.kernels.dense_cpu import PackedLinear
+from slimserve.kernels import cpu_isa, native
+from slimserve.kernels.dense_cpu import PackedLinear, can_pack
 from slimserve.kernels.dispatch import chosen_backends
 
 from .helpers import AVX512_VNNI, cpu_has, rel_error
 
-BF16_CPU = cpu_has(*AVX512_VNNI, "avx512_bf16")
-pytestmark = pytest.mark.skipif(not BF16_CPU, reason="this CPU has no AVX-512 BF16")
+BF16_CPU = cpu_has(*AVX512_VNNI, "avx512_bf16") and cpu_isa.active() == cpu_isa.Isa.AVX512
+needs_bf16 = pytest.mark.skipif(not BF16_CPU, reason="no AVX-512 BF16 at this ISA level")
 
 # (rows, N, K): the default model's lm_head at 1 and 32 rows, lone last blocks, odd K, tiny.
 SHAPES = [(1, 49152, 576), (32, 1000, 576), (9, 33, 3), (3, 7, 101), (17, 16, 64), (8, 50, 130)]
@@ -28,6 +28,7 @@ def _case(rows: int, n: int, k: int, bias: bool, seed: int):
     return weight, b, x
 
 
+@needs_bf16
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(("rows", "n", "k"), SHAPES)
 def test_matches_fp64_as_closely_as_onednn(rows: int, n: int, k: int, bias: bool) -> None:
@@ -49,6 +50,7 @@ def test_matches_fp64_as_closely_as_onednn(rows: int, n: int, k: int, bias: bool
         assert ours_error <= 2 * rel_error(theirs[row], ref[row]) + 1e-6, row
 
 
+@needs_bf16
 def test_rows_past_the_limit_and_other_dtypes_take_onednn() -> None:
     weight, _, x = _case(33, 64, 64, False, seed=1)
     module = PackedLinear(weight, None)
@@ -64,3 +66,20 @@ def test_rows_past_the_limit_and_other_dtypes_take_onednn() -> None:
     assert fp32.with_native_gemm(weight.float()) == 0  # bf16 only
     with pytest.raises(ValueError, match="not this module"):
         module.with_native_gemm(weight[:10])
+
+
+@pytest.mark.skipif(not cpu_has("avx2", "fma", "f16c"), reason="this CPU has no AVX2 + FMA + F16C")
+def test_the_avx2_build_never_serves_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without BF16 instructions oneDNN's matmul keeps the lm_head (and engine.dtype auto
+    computes in fp32 there anyway)."""
+    monkeypatch.setenv(cpu_isa.ISA_ENV, "avx2")
+    cpu_isa.active.cache_clear()
+    try:
+        assert native.kernels().bf16_gemm_max_rows == 0
+        weight, _, x = _case(4, 64, 64, False, seed=2)
+        assert not native.bf16_gemm_supported(x, 64)
+        if can_pack(weight):  # oneDNN packs bf16 only where it has bf16 kernels
+            assert PackedLinear(weight, None).with_native_gemm(weight) == 0
+    finally:
+        monkeypatch.undo()
+        cpu_isa.active.cache_clear()

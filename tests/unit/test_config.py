@@ -2,6 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from slimserve.kernels import cpu_isa
+from slimserve.kernels.cpu_isa import Isa
 from slimserve.serve.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +28,13 @@ SHIPPED_CONFIGS = sorted((ROOT / "deploy/configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    config = load_config(path)
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        # Compressed vLLM variants need AVX-512 VNNI: below it they are refused by name.
+        assert cpu_isa.active() < Isa.AVX512, error
+        assert "engine 'vllm' runs compressed checkpoints on CPU only with AVX-512" in str(error)
+        return
     assert config.variants
     assert abs(sum(config.effective_split().values()) - 1.0) < 1e-9
 
@@ -96,3 +104,48 @@ def test_specs_are_checked_against_the_models_architecture(tmp_path, tiny_model_
         "variants:\n  w4: {compression: [{method: rtn, bits: 4, group_size: 32}]}\n"
     )
     assert load_config(config).variants["w4"].compression[0].group_size == 32
+
+
+@pytest.fixture
+def forced_isa(monkeypatch):
+    """Set SLIMSERVE_CPU_ISA for one test (a lower level than the CPU's own)."""
+
+    def force(level: str) -> None:
+        monkeypatch.setenv(cpu_isa.ISA_ENV, level)
+        cpu_isa.active.cache_clear()
+
+    yield force
+    monkeypatch.undo()
+    cpu_isa.active.cache_clear()
+
+
+def _cpu_flags() -> set[str]:
+    info = Path("/proc/cpuinfo")
+    return set(info.read_text().split()) if info.exists() else set()
+
+
+def test_dtype_auto_is_bf16_only_where_the_cpu_has_it(forced_isa):
+    config = parse_config(_base(variants={"full": {}, "f16": {"engine": {"dtype": "float16"}}}))
+    assert config.engine.dtype == "auto"
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()) and "avx512_vnni" in (
+        _cpu_flags()
+    )
+    assert config.engine_for("full").dtype == ("bfloat16" if native_bf16 else "float32")
+    assert config.engine_for("f16").dtype == "float16"  # a set dtype is kept
+    forced_isa("avx2")
+    assert config.engine_for("full").dtype == "float32"  # as on AMD Zen 2
+
+
+def test_compressed_vllm_variants_are_refused_below_avx512(forced_isa):
+    vllm = {"name": "vllm"}
+    data = _base(
+        variants={
+            "full": {"engine": vllm},
+            "w4": {"engine": vllm, "compression": [{"method": "rtn", "bits": 4}]},
+        }
+    )
+    forced_isa("avx2")
+    with pytest.raises(ConfigError, match=r"variants\.w4: .*ISA level avx2"):
+        parse_config(data)
+    del data["variants"]["w4"]
+    assert parse_config(data).engine_for("full").name == "vllm"  # full precision still runs
