@@ -44,6 +44,16 @@ extern "C" int64_t slim_w8a16_max_k(void) { return MAX_K; }
 
 extern "C" int slim_cpu_supported(void) { return slim_build_runs_here(); }
 
+// Whether this build's GEMV beats torch's int8pack and so serves: not the AVX2 build, whose
+// VPDPBUSD comes from SIMDe (exact, but ~15x slower than int8pack); its calls stay correct.
+extern "C" int slim_w8a16_gemv_served(void) {
+#if defined(SLIM_ISA_AVX2)
+  return 0;
+#else
+  return 1;
+#endif
+}
+
 // Row m of x -> int16 code c = 256 * (hi - 128) + lo as two unsigned bytes lo[m, :kp] and
 // hi[m, :kp] (padding: code 0, i.e. lo 0, hi 128), and scale[m]. A non-finite row gets a NaN
 // scale and zero codes.

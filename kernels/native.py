@@ -144,6 +144,11 @@ class NativeKernels:
         return int(self.library.slim_w8a16_code_limit())
 
     @functools.cached_property
+    def w8a16_gemv_served(self) -> bool:
+        """False for the avx2 build (emulated VPDPBUSD: torch's int8pack is faster there)."""
+        return bool(self.library.slim_w8a16_gemv_served())
+
+    @functools.cached_property
     def w8a16_max_k(self) -> int:
         return int(self.library.slim_w8a16_max_k())
 
@@ -359,6 +364,7 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
         "slim_w8a8_gemm_max_rows",
         "slim_w8a8_gemm_max_k",
         "slim_bf16_gemm_max_rows",
+        "slim_w8a16_gemv_served",
     )
     for name in limits:
         getattr(library, name).restype = i64
@@ -449,7 +455,7 @@ def w8a16_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
     if not (qweight.is_contiguous() and scale.is_contiguous()):
         return False
     native = serving_kernels()
-    return native is not None and x.shape[1] <= native.w8a16_max_k
+    return native is not None and native.w8a16_gemv_served and x.shape[1] <= native.w8a16_max_k
 
 
 def decode_attention_supported(

@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from slimserve.kernels import cpu_isa
 from slimserve.serve.config import parse_config
 from slimserve.serve.gateway import GatewayCore, InProcessBackend, create_api
 from slimserve.serve.variant_server import VariantServer
@@ -177,6 +178,15 @@ def test_health_and_metrics_cover_every_variant(client):
         s.labels["variant"]: s.value for s in families["slimserve_variant_weight_bytes"].samples
     }
     assert weights["int8"] < 0.6 * weights["full"]
+    # Each variant says what it computes in and on which ISA level of our CPU kernels.
+    runtime = {
+        (s.labels["variant"], s.labels["dtype"], s.labels["isa"])
+        for s in families["slimserve_variant_runtime_info"].samples
+    }
+    level = cpu_isa.active().label
+    assert {("full", cpu_isa.default_dtype(), level), ("int8", cpu_isa.default_dtype(), level)} <= (
+        runtime
+    )
     statuses = {
         (s.labels["variant"], s.labels["status"])
         for s in families["slimserve_requests"].samples
