@@ -28,14 +28,14 @@ SPECS = TypeAdapter(list[CompressionSpec])
 VOCAB = 256
 
 
-def tiny(dtype=torch.float32) -> LlamaForCausalLM:
+def tiny(dtype=torch.float32, hidden: int = 64, heads: int = 4) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         vocab_size=VOCAB,
         tie_word_embeddings=True,
     )
@@ -150,16 +150,7 @@ def test_mfu_of_a_matmul_bound_prefill_is_a_fraction_of_the_measured_peak():
     """A 256-token prefill through wide layers is matmul bound: its FLOPs (from the FLOP model)
     over its time, against the peak measured in the same dtype on the same thread, lie strictly
     between 0 and 1 on every CPU (a peak measured in emulated bf16 on AVX2 gave ~40x)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=VOCAB,
-    )
-    model = LlamaForCausalLM(config).eval()  # float32: what "auto" runs without native bf16
+    model = tiny(hidden=1024, heads=8)  # float32: what "auto" runs without native bf16
     flops = count_model_flops(model)
     peak = device_peak(torch.float32, None, 0.3).flops_per_second
     ids = torch.randint(0, VOCAB, (1, 256))
