@@ -10,13 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from slimserve.compression.registry import apply_compression
-    from slimserve.compression.report import (
+    from .registry import apply_compression
+    from .report import (
         CompressionReport,
         MethodReport,
         resident_weight_bytes,
     )
-    from slimserve.compression.specs import CompressionSpec, Int8WeightOnlySpec
+    from .specs import CompressionSpec, Int8WeightOnlySpec
 
 _WHERE = {
     "apply_compression": "slimserve.compression.registry",

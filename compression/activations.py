@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimserve.compression.calibration import load_text, token_windows
-from slimserve.compression.prune_specs import CalibrationSpec
-from slimserve.compression.pruning_common import decoder_layers
+from .calibration import load_text, token_windows
+from .prune_specs import CalibrationSpec
+from .pruning_common import decoder_layers
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from typing import Any, Literal
 import torch
 from filelock import FileLock
 
-from slimserve.compression import artifact_store as store
-from slimserve.compression.registry import apply_compression
-from slimserve.compression.report import CompressionReport, resident_weight_bytes
+from . import artifact_store as store
+from .registry import apply_compression
+from .report import CompressionReport, resident_weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _PACKAGE_DIRS = ("compression", "kernels")  # code whose change must invalidate 
 
 
 def default_cache_dir() -> Path:
-    from slimserve.serve.model_store import cache_root
+    from slimserve.models.paths import cache_root
 
     return cache_root() / "artifacts"
 
@@ -146,7 +146,7 @@ def _mismatch(manifest: store.Manifest, key: str, identity: dict[str, Any]) -> s
 def _load_plain(model_path: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    from slimserve.serve.model_store import torch_dtype
+    from slimserve.models.store import torch_dtype
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype))
     return model.eval()
@@ -170,7 +170,7 @@ def _save(
     report: CompressionReport,
     base_config: Any,
 ) -> None:
-    from slimserve.serve.model_store import torch_dtype
+    from slimserve.models.store import torch_dtype
 
     described = store.describe(model, base_config, torch_dtype(identity["dtype"]))
     scratch = cache_dir / f".tmp-{directory.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -210,7 +210,7 @@ def load_or_compress(
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from slimserve.serve.model_store import resolve_model
+    from slimserve.models.store import resolve_model
 
     started = time.perf_counter()
     model_path = resolve_model(model_name)

@@ -22,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from slimserve.compression.int8 import set_submodule
-from slimserve.compression.report import CompressionReport
 from slimserve.kernels.artifact import dtype_from_name, dtype_name
+
+from .int8 import set_submodule
+from .report import CompressionReport
 
 log = logging.getLogger(__name__)
 

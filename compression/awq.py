@@ -19,15 +19,15 @@ import time
 import torch
 from torch import nn
 
-from slimserve.compression.arch import InputGroup, set_submodule
-from slimserve.compression.calib_data import calibration_ids
-from slimserve.compression.grid import fake_quantize_groups, quantize_groups, search_clip
-from slimserve.compression.hooks import InputStats
-from slimserve.compression.layerwise import run_layerwise
-from slimserve.compression.lowbit import lowbit_linear, output_error, relative_output_error
-from slimserve.compression.quant_specs import AWQSpec
-from slimserve.compression.report import MethodReport, resident_weight_bytes
-from slimserve.compression.smoothing import apply_input_scale, tie_repeats, wrap_unfolded
+from .arch import InputGroup, set_submodule
+from .calib_data import calibration_ids
+from .grid import fake_quantize_groups, quantize_groups, search_clip
+from .hooks import InputStats
+from .layerwise import run_layerwise
+from .lowbit import lowbit_linear, output_error, relative_output_error
+from .quant_specs import AWQSpec
+from .report import MethodReport, resident_weight_bytes
+from .smoothing import apply_input_scale, tie_repeats, wrap_unfolded
 
 log = logging.getLogger(__name__)
 

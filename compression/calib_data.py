@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimserve.compression.calibration import load_text, token_windows
-from slimserve.compression.quant_specs import CalibrationSpec
+from .calibration import load_text, token_windows
+from .quant_specs import CalibrationSpec
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimserve.compression.calibration import load_text
+from .calibration import load_text
 
 # Tokens per forward batch: bounds the [batch, seq, vocab] logits (49152 wide here).
 BATCH_TOKENS = 1024

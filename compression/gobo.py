@@ -17,14 +17,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimserve.compression.arch import set_submodule, target_linears
-from slimserve.compression.composite import inner_from_meta, inner_meta
-from slimserve.compression.grid import quantize_groups
-from slimserve.compression.lowbit import lowbit_linear
-from slimserve.compression.quant_specs import GoboSpec
-from slimserve.compression.report import MethodReport, resident_weight_bytes
 from slimserve.kernels import Int8Linear, quantize_int8_absmax
 from slimserve.kernels.artifact import dtype_from_name, dtype_name, require_keys
+
+from .arch import set_submodule, target_linears
+from .composite import inner_from_meta, inner_meta
+from .grid import quantize_groups
+from .lowbit import lowbit_linear
+from .quant_specs import GoboSpec
+from .report import MethodReport, resident_weight_bytes
 
 
 def outlier_mask(weight: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -17,14 +17,14 @@ import time
 import torch
 from torch import nn
 
-from slimserve.compression.arch import InputGroup, set_submodule
-from slimserve.compression.calib_data import calibration_ids
-from slimserve.compression.grid import GroupQuant, group_params, quantize_with, search_clip
-from slimserve.compression.hooks import InputStats
-from slimserve.compression.layerwise import run_layerwise
-from slimserve.compression.lowbit import lowbit_linear, relative_output_error, split_rows
-from slimserve.compression.quant_specs import GPTQSpec
-from slimserve.compression.report import MethodReport, resident_weight_bytes
+from .arch import InputGroup, set_submodule
+from .calib_data import calibration_ids
+from .grid import GroupQuant, group_params, quantize_with, search_clip
+from .hooks import InputStats
+from .layerwise import run_layerwise
+from .lowbit import lowbit_linear, relative_output_error, split_rows
+from .quant_specs import GPTQSpec
+from .report import MethodReport, resident_weight_bytes
 
 log = logging.getLogger(__name__)
 

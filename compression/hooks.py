@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimserve.compression.arch import InputGroup
+from .arch import InputGroup
 
 GRAM_CHUNK = 512  # tokens per 16-bit partial Gram product
 

@@ -14,10 +14,10 @@ import math
 import torch
 from torch import nn
 
-from slimserve.compression.activations import BlockRunner, calibration_ids
-from slimserve.compression.prune_specs import LayerPruneSpec
-from slimserve.compression.pruning_common import ReportTimer, decoder_layers
-from slimserve.compression.report import MethodReport
+from .activations import BlockRunner, calibration_ids
+from .prune_specs import LayerPruneSpec
+from .pruning_common import ReportTimer, decoder_layers
+from .report import MethodReport
 
 log = logging.getLogger(__name__)
 

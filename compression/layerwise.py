@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimserve.compression.arch import InputGroup, decoder_layers, input_groups
-from slimserve.compression.hooks import (
+from .arch import InputGroup, decoder_layers, input_groups
+from .hooks import (
     InputStats,
     capture_layer_inputs,
     record_inputs,

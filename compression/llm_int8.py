@@ -15,15 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimserve.compression.arch import InputGroup, set_submodule
-from slimserve.compression.calib_data import calibration_ids
-from slimserve.compression.composite import inner_from_meta, inner_meta
-from slimserve.compression.hooks import InputStats
-from slimserve.compression.layerwise import run_layerwise
-from slimserve.compression.quant_specs import LLMInt8Spec
-from slimserve.compression.report import MethodReport, resident_weight_bytes
 from slimserve.kernels import Int8Linear, W8A8Linear, quantize_int8_absmax
 from slimserve.kernels.artifact import dtype_from_name, dtype_name, require_keys
+
+from .arch import InputGroup, set_submodule
+from .calib_data import calibration_ids
+from .composite import inner_from_meta, inner_meta
+from .hooks import InputStats
+from .layerwise import run_layerwise
+from .quant_specs import LLMInt8Spec
+from .report import MethodReport, resident_weight_bytes
 
 
 class MixedInt8Linear(nn.Module):

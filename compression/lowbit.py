@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimserve.compression.grid import GroupQuant
+from .grid import GroupQuant
 
 
 def split_rows(quant: GroupQuant, sizes: list[int]) -> list[GroupQuant]:

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimserve.compression.activations import BlockRunner, SecondMoment, calibration_ids
-from slimserve.compression.int8 import set_submodule
-from slimserve.compression.prune_specs import LowRankSpec
-from slimserve.compression.pruning_common import ReportTimer, layer_linears
-from slimserve.compression.report import MethodReport
 from slimserve.kernels.artifact import dtype_from_name, dtype_name, require_keys
+
+from .activations import BlockRunner, SecondMoment, calibration_ids
+from .int8 import set_submodule
+from .prune_specs import LowRankSpec
+from .pruning_common import ReportTimer, layer_linears
+from .report import MethodReport
 
 log = logging.getLogger(__name__)
 

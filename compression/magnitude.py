@@ -6,10 +6,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimserve.compression.nm_sparsity import matrix_mask, nm_mask, pack_2_4
-from slimserve.compression.prune_specs import MagnitudeSpec
-from slimserve.compression.pruning_common import ReportTimer, all_layer_linears, zero_fraction
-from slimserve.compression.report import MethodReport
+from .nm_sparsity import matrix_mask, nm_mask, pack_2_4
+from .prune_specs import MagnitudeSpec
+from .pruning_common import ReportTimer, all_layer_linears, zero_fraction
+from .report import MethodReport
 
 
 def _global_threshold_masks(linears: dict[str, nn.Linear], sparsity: float) -> None:

@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import nn
 
-from slimserve.compression.int8 import set_submodule
+from .int8 import set_submodule
 
 log = logging.getLogger(__name__)
 

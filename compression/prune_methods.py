@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from slimserve.compression.layer_pruning import apply_layer_pruning
-from slimserve.compression.lowrank import apply_low_rank
-from slimserve.compression.magnitude import apply_magnitude
-from slimserve.compression.sparsegpt import apply_sparsegpt
-from slimserve.compression.structured import apply_ffn_pruning, apply_head_pruning
-from slimserve.compression.wanda import apply_wanda
+from .layer_pruning import apply_layer_pruning
+from .lowrank import apply_low_rank
+from .magnitude import apply_magnitude
+from .sparsegpt import apply_sparsegpt
+from .structured import apply_ffn_pruning, apply_head_pruning
+from .wanda import apply_wanda
 
 PRUNE_METHODS: dict = {
     "magnitude": apply_magnitude,

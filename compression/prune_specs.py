@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from slimserve.compression.spec_base import CalibrationSpec, SpecBase
+from .spec_base import CalibrationSpec, SpecBase
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimserve.compression.report import MethodReport, resident_weight_bytes
-from slimserve.compression.spec_base import SpecBase
+from .report import MethodReport, resident_weight_bytes
+from .spec_base import SpecBase
 
 
 class UnsupportedArchitectureError(ValueError):

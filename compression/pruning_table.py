@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from pydantic import TypeAdapter
 
-from slimserve.compression.evaluation import evaluation_ids, perplexity
-from slimserve.compression.registry import apply_compression
-from slimserve.compression.report import resident_weight_bytes
-from slimserve.compression.specs import CompressionSpec
+from .evaluation import evaluation_ids, perplexity
+from .registry import apply_compression
+from .report import resident_weight_bytes
+from .specs import CompressionSpec
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def decode_tokens_per_second(
     thread all the work runs on this thread, and its CPU time is what the decode cost, mostly
     unaffected by other processes competing for the cores.
     """
-    from slimserve.serve.engine.llama_runner import LlamaRunner
+    from slimserve.models.llama_runner import LlamaRunner
 
     runner = LlamaRunner(model, max_slots=batch, max_len=len(prompt) + steps + 8)
     for slot in range(batch):
@@ -233,7 +233,7 @@ def _bars(rows: list[Row], cache: dict[str, float] | None) -> list[str]:
 
 
 def _cache_timings(model_name: str, dtype: str) -> dict[str, float]:
-    from slimserve.compression.artifact_cache import load_or_compress
+    from .artifact_cache import load_or_compress
 
     specs = [TypeAdapter(CompressionSpec).validate_python({"method": "int8-weight-only"})]
     timings = {}
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
 
-    from slimserve.serve.model_store import load_model_and_tokenizer
+    from slimserve.models.store import load_model_and_tokenizer
 
     started = time.perf_counter()
     reference, tokenizer = load_model_and_tokenizer(args.model, args.dtype)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from pydantic import TypeAdapter
 
-from slimserve.compression.evaluation import compare_to_reference, evaluation_ids, perplexity
-from slimserve.compression.registry import apply_compression
-from slimserve.compression.report import resident_weight_bytes
-from slimserve.compression.specs import CompressionSpec
+from .evaluation import compare_to_reference, evaluation_ids, perplexity
+from .registry import apply_compression
+from .report import resident_weight_bytes
+from .specs import CompressionSpec
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from slimserve.serve.model_store import load_model_and_tokenizer
+    from slimserve.models.store import load_model_and_tokenizer
 
     reference, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     eval_ids = evaluation_ids(tokenizer, max_tokens=args.eval_tokens + 1)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from slimserve.compression.awq import apply_awq
-from slimserve.compression.gobo import apply_gobo
-from slimserve.compression.gptq import apply_gptq
-from slimserve.compression.int8 import apply_int8_weight_only
-from slimserve.compression.llm_int8 import apply_llm_int8
-from slimserve.compression.rtn import apply_rtn
-from slimserve.compression.smoothquant import apply_smoothquant
+from .awq import apply_awq
+from .gobo import apply_gobo
+from .gptq import apply_gptq
+from .int8 import apply_int8_weight_only
+from .llm_int8 import apply_llm_int8
+from .rtn import apply_rtn
+from .smoothquant import apply_smoothquant
 
 QUANT_METHODS = {
     "int8-weight-only": apply_int8_weight_only,

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from slimserve.compression.spec_base import CalibrationSpec, SpecBase
+from .spec_base import CalibrationSpec, SpecBase
 
 
 def _power_of_two(value: int, field: str) -> int:
@@ -18,7 +18,7 @@ def _power_of_two(value: int, field: str) -> int:
 def _check_group_divides(spec: SpecBase, group_size: int, model_config: Any) -> None:
     """Every targeted Linear's in-features must be a multiple of the group size."""
     # Imported here: arch needs torch, and the specs are also read by the torch-free gateway.
-    from slimserve.compression.arch import linear_shapes, skipped
+    from .arch import linear_shapes, skipped
 
     bad = sorted(
         {

@@ -7,10 +7,10 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from slimserve.compression.prune_methods import PRUNE_METHODS
-from slimserve.compression.quant_methods import QUANT_METHODS
-from slimserve.compression.report import CompressionReport, MethodReport, resident_weight_bytes
-from slimserve.compression.specs import CompressionSpec
+from .prune_methods import PRUNE_METHODS
+from .quant_methods import QUANT_METHODS
+from .report import CompressionReport, MethodReport, resident_weight_bytes
+from .specs import CompressionSpec
 
 log = logging.getLogger(__name__)
 

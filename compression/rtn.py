@@ -7,11 +7,11 @@ import time
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimserve.compression.arch import set_submodule, target_linears
-from slimserve.compression.grid import quantize_groups
-from slimserve.compression.lowbit import lowbit_linear
-from slimserve.compression.quant_specs import RTNSpec
-from slimserve.compression.report import MethodReport, resident_weight_bytes
+from .arch import set_submodule, target_linears
+from .grid import quantize_groups
+from .lowbit import lowbit_linear
+from .quant_specs import RTNSpec
+from .report import MethodReport, resident_weight_bytes
 
 
 def apply_rtn(model: nn.Module, spec: RTNSpec) -> MethodReport:

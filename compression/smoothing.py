@@ -13,9 +13,10 @@ from typing import Any, Self
 import torch
 from torch import nn
 
-from slimserve.compression.arch import InputGroup, set_submodule
-from slimserve.compression.composite import inner_from_meta, inner_meta
 from slimserve.kernels.artifact import dtype_from_name, dtype_name, require_keys
+
+from .arch import InputGroup, set_submodule
+from .composite import inner_from_meta, inner_meta
 
 
 def tie_repeats(values: torch.Tensor, group: InputGroup, reduce: str = "amax") -> torch.Tensor:

@@ -16,15 +16,16 @@ import time
 import torch
 from torch import nn
 
-from slimserve.compression.arch import InputGroup, set_submodule
-from slimserve.compression.calib_data import calibration_ids
-from slimserve.compression.hooks import InputStats
-from slimserve.compression.int8 import quantize_embeddings
-from slimserve.compression.layerwise import run_layerwise
-from slimserve.compression.quant_specs import SmoothQuantSpec
-from slimserve.compression.report import MethodReport, resident_weight_bytes
-from slimserve.compression.smoothing import apply_input_scale, tie_repeats
 from slimserve.kernels import W8A8Linear, quantize_int8_absmax, quantize_per_token_int8
+
+from .arch import InputGroup, set_submodule
+from .calib_data import calibration_ids
+from .hooks import InputStats
+from .int8 import quantize_embeddings
+from .layerwise import run_layerwise
+from .quant_specs import SmoothQuantSpec
+from .report import MethodReport, resident_weight_bytes
+from .smoothing import apply_input_scale, tie_repeats
 
 ALPHA_GRID = tuple(step / 10 for step in range(11))
 SAMPLE_EVERY = 16  # tokens kept for the alpha search: 512 of the default 8192

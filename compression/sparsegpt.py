@@ -15,11 +15,11 @@ import logging
 import torch
 from torch import nn
 
-from slimserve.compression.activations import BlockRunner, SecondMoment, calibration_ids
-from slimserve.compression.nm_sparsity import lowest_mask, pack_2_4
-from slimserve.compression.prune_specs import SparseGPTSpec
-from slimserve.compression.pruning_common import ReportTimer, layer_linears, zero_fraction
-from slimserve.compression.report import MethodReport
+from .activations import BlockRunner, SecondMoment, calibration_ids
+from .nm_sparsity import lowest_mask, pack_2_4
+from .prune_specs import SparseGPTSpec
+from .pruning_common import ReportTimer, layer_linears, zero_fraction
+from .report import MethodReport
 
 log = logging.getLogger(__name__)
 

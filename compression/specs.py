@@ -6,9 +6,9 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from slimserve.compression.prune_specs import PRUNE_SPECS
-from slimserve.compression.quant_specs import QUANT_SPECS, Int8WeightOnlySpec
-from slimserve.compression.spec_base import SpecBase
+from .prune_specs import PRUNE_SPECS
+from .quant_specs import QUANT_SPECS, Int8WeightOnlySpec
+from .spec_base import SpecBase
 
 ALL_SPECS = (*QUANT_SPECS, *PRUNE_SPECS)
 

@@ -12,10 +12,10 @@ import logging
 import torch
 from torch import nn
 
-from slimserve.compression.activations import BlockRunner, ColumnNorms, calibration_ids
-from slimserve.compression.prune_specs import FFNPruneSpec, HeadPruneSpec
-from slimserve.compression.pruning_common import ReportTimer, UnsupportedArchitectureError
-from slimserve.compression.report import MethodReport
+from .activations import BlockRunner, ColumnNorms, calibration_ids
+from .prune_specs import FFNPruneSpec, HeadPruneSpec
+from .pruning_common import ReportTimer, UnsupportedArchitectureError
+from .report import MethodReport
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimserve.compression.activations import BlockRunner, ColumnNorms, calibration_ids
-from slimserve.compression.nm_sparsity import nm_mask, pack_2_4, row_mask
-from slimserve.compression.prune_specs import WandaSpec
-from slimserve.compression.pruning_common import ReportTimer, layer_linears, zero_fraction
-from slimserve.compression.report import MethodReport
+from .activations import BlockRunner, ColumnNorms, calibration_ids
+from .nm_sparsity import nm_mask, pack_2_4, row_mask
+from .prune_specs import WandaSpec
+from .pruning_common import ReportTimer, layer_linears, zero_fraction
+from .report import MethodReport
 
 
 def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:

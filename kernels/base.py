@@ -7,7 +7,7 @@ from typing import Any, Self
 import torch
 from torch import nn
 
-from slimserve.kernels.artifact import dtype_from_name, dtype_name, require_keys
+from .artifact import dtype_from_name, dtype_name, require_keys
 
 
 class CompressedLinear(nn.Module):

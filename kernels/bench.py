@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from slimserve.kernels import cpu_paths, dense_cpu, native
-from slimserve.kernels.dispatch import chosen_backends
-from slimserve.kernels.int8 import Int8Linear, quantize_int8_absmax, select_w8a16_backend
-from slimserve.kernels.lowbit import LowBitLinear, select_lowbit_backend
-from slimserve.kernels.reference import lowbit_matmul_reference
-from slimserve.kernels.sparse24 import SparseLinear, select_sparse24_backend
-from slimserve.kernels.w8a8 import W8A8Linear, select_w8a8_backend
+from . import cpu_paths, dense_cpu, native
+from .dispatch import chosen_backends
+from .int8 import Int8Linear, quantize_int8_absmax, select_w8a16_backend
+from .lowbit import LowBitLinear, select_lowbit_backend
+from .reference import lowbit_matmul_reference
+from .sparse24 import SparseLinear, select_sparse24_backend
+from .w8a8 import W8A8Linear, select_w8a8_backend
 
 log = logging.getLogger("slimserve.kernels.bench")
 

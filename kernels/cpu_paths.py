@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from slimserve.kernels.reference import chunked_rows_matmul, per_token_codes
+from .reference import chunked_rows_matmul, per_token_codes
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimserve.kernels import native
-from slimserve.kernels.dispatch import record_backend
+from . import native
+from .dispatch import record_backend
 
 # The blocked layout oneDNN picks depends on this batch-size hint; 8 was as fast as the best
 # hint from M=1 to M=32 in bf16 and fp32.

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimserve.kernels.dense_cpu import fuse_dense
-from slimserve.kernels.int8 import Int8Linear
-from slimserve.kernels.lowbit import LowBitLinear
-from slimserve.kernels.packing import unpack_int3, unpack_int4
-from slimserve.kernels.w8a8 import W8A8Linear
+from .dense_cpu import fuse_dense
+from .int8 import Int8Linear
+from .lowbit import LowBitLinear
+from .packing import unpack_int3, unpack_int4
+from .w8a8 import W8A8Linear
 
 
 def _bias(modules: list[nn.Module]) -> torch.Tensor | None:

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimserve.kernels import cpu_paths, native
-from slimserve.kernels.artifact import dtype_from_name, dtype_name, require_keys
-from slimserve.kernels.dispatch import record_backend
-from slimserve.kernels.triton_support import TRITON_DTYPES, triton_runs_on
+from . import cpu_paths, native
+from .artifact import dtype_from_name, dtype_name, require_keys
+from .dispatch import record_backend
+from .triton_support import TRITON_DTYPES, triton_runs_on
 
 
 def quantize_int8_absmax(
@@ -63,7 +63,7 @@ def int8_weight_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     backend = select_w8a16_backend(x, qweight, scale)
     record_backend("w8a16", backend)
     if backend == "triton":
-        from slimserve.kernels import triton_int8
+        from . import triton_int8
 
         return triton_int8.w8a16_matmul(x.contiguous(), qweight, scale)
     if backend == "cpu-native-gemv":

@@ -15,9 +15,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from slimserve.kernels import cpu_isa, native
-from slimserve.kernels.bench import format_table
-from slimserve.kernels.reference import int8_int8_matmul_reference, quantize_per_token_int8
+from . import cpu_isa, native
+from .bench import format_table
+from .reference import int8_int8_matmul_reference, quantize_per_token_int8
 
 SHAPES = ((1536, 576), (576, 1536))
 

@@ -15,13 +15,13 @@ from typing import Any, Self
 
 import torch
 
-from slimserve.kernels import cpu_paths
-from slimserve.kernels.artifact import dtype_from_name, require_keys
-from slimserve.kernels.base import CompressedLinear
-from slimserve.kernels.dispatch import record_backend
-from slimserve.kernels.packing import pack_int3, pack_int4
-from slimserve.kernels.reference import lowbit_matmul_reference, lowbit_unpack
-from slimserve.kernels.triton_support import LOWBIT_GEMV_MAX_M, TRITON_DTYPES, triton_runs_on
+from . import cpu_paths
+from .artifact import dtype_from_name, require_keys
+from .base import CompressedLinear
+from .dispatch import record_backend
+from .packing import pack_int3, pack_int4
+from .reference import lowbit_matmul_reference, lowbit_unpack
+from .triton_support import LOWBIT_GEMV_MAX_M, TRITON_DTYPES, triton_runs_on
 
 SUPPORTED_BITS = (3, 4)
 
@@ -58,7 +58,7 @@ def lowbit_weight_matmul(
     backend = select_lowbit_backend(x, cpu_pack)
     record_backend(f"w{bits}a16", backend)
     if backend.startswith("triton"):
-        from slimserve.kernels import triton_lowbit
+        from . import triton_lowbit
 
         launch = (
             triton_lowbit.lowbit_gemv if backend == "triton-gemv" else triton_lowbit.lowbit_gemm

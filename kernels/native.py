@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from slimserve.kernels import cpu_isa
-from slimserve.kernels.cpu_isa import Isa
+from . import cpu_isa
+from .cpu_isa import Isa
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class NativeBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    from slimserve.serve.model_store import cache_root
+    from slimserve.models.paths import cache_root
 
     return cache_root() / "native"
 

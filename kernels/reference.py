@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from slimserve.kernels.packing import decompress_24, unpack_int3, unpack_int4
+from .packing import decompress_24, unpack_int3, unpack_int4
 
 # fp32 sums of int8 x int8 products stay exact while |sum| < 2**24: 1024 * 127 * 127 < 2**24.
 _EXACT_FP32_K_CHUNK = 1024

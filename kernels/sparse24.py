@@ -17,11 +17,11 @@ from typing import Self
 import torch
 import torch.nn.functional as F
 
-from slimserve.kernels.base import CompressedLinear
-from slimserve.kernels.dispatch import record_backend
-from slimserve.kernels.packing import compress_24, decompress_24
-from slimserve.kernels.reference import sparse24_matmul_reference
-from slimserve.kernels.triton_support import TRITON_DTYPES, triton_runs_on
+from .base import CompressedLinear
+from .dispatch import record_backend
+from .packing import compress_24, decompress_24
+from .reference import sparse24_matmul_reference
+from .triton_support import TRITON_DTYPES, triton_runs_on
 
 # torch's CUTLASS semi-structured kernels need compute capability 8.0+ and these shape multiples.
 SEMI_STRUCTURED_MIN_CAPABILITY = (8, 0)
@@ -61,7 +61,7 @@ def sparse24_matmul(
     if backend == "cuda-semi-structured":
         return F.linear(x, semi_structured)
     if backend == "triton":
-        from slimserve.kernels import triton_sparse24
+        from . import triton_sparse24
 
         return triton_sparse24.sparse24_matmul(x.contiguous(), values, meta)
     return sparse24_matmul_reference(x, values, meta)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slimserve.kernels.triton_support import dot_in_fp32
+from .triton_support import dot_in_fp32
 
 
 @triton.jit

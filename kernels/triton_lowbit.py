@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slimserve.kernels.triton_support import (
+from .triton_support import (
     LOWBIT_GEMV_MAX_M,
     dot_in_fp32,
     multiprocessor_count,

@@ -30,14 +30,14 @@ from typing import Self
 
 import torch
 
-from slimserve.kernels import cpu_paths, native
-from slimserve.kernels.base import CompressedLinear
-from slimserve.kernels.dispatch import record_backend
-from slimserve.kernels.reference import (
+from . import cpu_paths, native
+from .base import CompressedLinear
+from .dispatch import record_backend
+from .reference import (
     int8_int8_matmul_reference,
     quantize_per_token_int8,
 )
-from slimserve.kernels.triton_support import TRITON_DTYPES, triton_runs_on
+from .triton_support import TRITON_DTYPES, triton_runs_on
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def w8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tens
     record_backend("w8a8", backend)
     xq, x_scale = quantize_per_token_int8(x)
     if backend == "triton":
-        from slimserve.kernels import triton_int8
+        from . import triton_int8
 
         return triton_int8.w8a8_matmul(xq, x_scale, qweight, weight_scale, x.dtype)
     if backend == "cpu-int-mm":

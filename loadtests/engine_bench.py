@@ -14,11 +14,12 @@ import asyncio
 import logging
 import time
 
-from slimserve.loadtests.decode_bench import PROMPTS, BenchRow, closed_loop, render
 from slimserve.serve.config import load_config
 from slimserve.serve.engine.types import GenerateRequest, SamplingParams
 from slimserve.serve.logs import configure_logging
-from slimserve.serve.variant_server import VariantServer
+from slimserve.serve.replica.server import VariantServer
+
+from .decode_bench import PROMPTS, BenchRow, closed_loop, render
 
 log = logging.getLogger("slimserve.loadtests.engine_bench")
 

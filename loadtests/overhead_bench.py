@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from slimserve.serve.config import load_config
 from slimserve.serve.engine.types import GenerateRequest, SamplingParams
 from slimserve.serve.logs import configure_logging
-from slimserve.serve.variant_server import VariantServer
+from slimserve.serve.replica.server import VariantServer
 
 log = logging.getLogger("slimserve.loadtests.overhead_bench")
 

@@ -6,9 +6,9 @@ import logging
 import math
 import os
 
-from slimserve.serve.config import SlimserveConfig, load_config
-from slimserve.serve.gateway import GatewayDeployment, routing_user_config
-from slimserve.serve.variant_server import VariantServer
+from .api.gateway import GatewayDeployment, routing_user_config
+from .config import SlimserveConfig, load_config
+from .replica.server import VariantServer
 
 log = logging.getLogger(__name__)
 

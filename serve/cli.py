@@ -9,8 +9,8 @@ import sys
 import threading
 import time
 
-from slimserve.serve.config import ConfigError, SlimserveConfig, load_config
-from slimserve.serve.logs import configure_logging
+from .config import ConfigError, SlimserveConfig, load_config
+from .logs import configure_logging
 
 log = logging.getLogger("slimserve.cli")
 
@@ -25,7 +25,7 @@ def _load(path: str, host: str | None = None, port: int | None = None) -> Slimse
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from slimserve.serve.app import run_local, shutdown_local
+    from .app import run_local, shutdown_local
 
     config = _load(args.config, args.host, args.port)
     started = time.perf_counter()
@@ -54,7 +54,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    from slimserve.serve.model_store import resolve_model
+    from slimserve.models.store import resolve_model
 
     log.info("model %s is at %s", args.model, resolve_model(args.model))
     return 0
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     materialize.add_argument("model", nargs="?", default="smollm2-135m-instruct")
     materialize.set_defaults(func=cmd_materialize)
 
-    from slimserve.compression.offline_cli import register_commands
+    from .offline_cli import register_commands
 
     register_commands(commands)  # compress, eval
     return parser

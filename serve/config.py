@@ -394,7 +394,7 @@ def check_against_models(config: SlimserveConfig, source: str = "config") -> Non
     divide a layer's width) fail here, naming the spec, before any replica starts."""
     from transformers import AutoConfig
 
-    from slimserve.serve.model_store import resolve_model
+    from slimserve.models.store import resolve_model
 
     for name, variant in config.variants.items():
         if not variant.compression:

@@ -29,17 +29,18 @@ import torch
 from pydantic import BaseModel
 
 from slimserve.compression import CompressionReport
-from slimserve.serve.config import SlimserveConfig
-from slimserve.serve.engine.limits import check_score_length, server_error
-from slimserve.serve.engine.torch_engine import (
+
+from ..config import SlimserveConfig
+from ..observability.flops import FlopModel
+from .limits import check_score_length, server_error
+from .torch_engine import (
     LoopSink,
     TorchEngine,
     drain_events,
     gather_targets,
     loop_reply,
 )
-from slimserve.serve.engine.types import EngineEvent, ErrorInfo, SamplingParams
-from slimserve.serve.flops import FlopModel
+from .types import EngineEvent, ErrorInfo, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,9 @@ class _PipeSink:
 
 
 def _child_main(conn: Connection, config: dict[str, Any], variant: str) -> None:
-    from slimserve.serve.engine.factory import build_torch_engine
-    from slimserve.serve.flop_count import count_engine_flops
-    from slimserve.serve.logs import configure_logging
+    from ..logs import configure_logging
+    from ..observability.flop_count import count_engine_flops
+    from .factory import build_torch_engine
 
     configure_logging()
     cfg = SlimserveConfig.model_validate(config)

@@ -14,16 +14,17 @@ from filelock import FileLock
 from transformers import AutoTokenizer
 
 from slimserve.compression import CompressionReport, apply_compression
-from slimserve.serve.config import SlimserveConfig
-from slimserve.serve.engine.limits import EngineLimits
-from slimserve.serve.engine.torch_engine import TorchEngine
-from slimserve.serve.engine.vllm_engine import VllmEngine
-from slimserve.serve.model_store import (
+from slimserve.models.store import (
     cache_root,
     checkpoint_weight_bytes,
     load_model_and_tokenizer,
     resolve_model,
 )
+
+from ..config import SlimserveConfig
+from .limits import EngineLimits
+from .torch_engine import TorchEngine
+from .vllm_engine import VllmEngine
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _compressed_checkpoint(
     cfg: SlimserveConfig, variant: str
 ) -> tuple[str, Any, CompressionReport, float, float]:
     """Compress and export for vLLM once; later starts reuse the export."""
-    from slimserve.serve.engine.vllm_export import export_for_vllm
+    from .vllm_export import export_for_vllm
 
     options = cfg.engine_for(variant)
     model_path = resolve_model(cfg.model_for(variant))
@@ -124,7 +125,7 @@ def build_torch_engine(cfg: SlimserveConfig, variant: str) -> BuiltEngine:
 
 def _engine_process(cfg: SlimserveConfig, variant: str) -> BuiltEngine:
     """The torch engine in its own process; this side keeps only the tokenizer."""
-    from slimserve.serve.engine.engine_process import EngineProcess
+    from .engine_process import EngineProcess
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model_for(variant)))
     engine = EngineProcess(cfg, variant, ENGINE_START_TIMEOUT_S)

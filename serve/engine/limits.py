@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimserve.serve.engine.types import ErrorInfo, SamplingParams
+from .types import ErrorInfo, SamplingParams
 
 
 @dataclass(frozen=True)

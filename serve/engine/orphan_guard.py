@@ -23,7 +23,7 @@ import time
 
 import psutil
 
-from slimserve.serve.logs import configure_logging
+from ..logs import configure_logging
 
 log = logging.getLogger(__name__)
 

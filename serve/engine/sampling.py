@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from slimserve.kernels import native
-from slimserve.serve.engine.types import SamplingParams
+
+from .types import SamplingParams
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -24,18 +24,19 @@ from typing import Any, Protocol
 import torch
 
 from slimserve.kernels.dispatch import chosen_backends
-from slimserve.serve.engine.detokenizer import IncrementalDetokenizer
-from slimserve.serve.engine.limits import (
+from slimserve.models.llama_runner import LlamaRunner, PrefillChunk
+
+from .detokenizer import IncrementalDetokenizer
+from .limits import (
     EngineLimits,
     check_score_length,
     context_error,
     queue_full_error,
     server_error,
 )
-from slimserve.serve.engine.llama_runner import LlamaRunner, PrefillChunk
-from slimserve.serve.engine.prefix_cache import PrefixCache
-from slimserve.serve.engine.sampling import make_generator, sample_tokens
-from slimserve.serve.engine.types import EngineEvent, ErrorInfo, SamplingParams
+from .prefix_cache import PrefixCache
+from .sampling import make_generator, sample_tokens
+from .types import EngineEvent, ErrorInfo, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
-from slimserve.serve.engine import orphan_guard
-from slimserve.serve.engine.limits import EngineLimits, context_error, queue_full_error
-from slimserve.serve.engine.types import EngineEvent, SamplingParams
+from . import orphan_guard
+from .limits import EngineLimits, context_error, queue_full_error
+from .types import EngineEvent, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from slimserve.serve.model_store import DEFAULT_MODEL_ALIAS, resolve_model
+from slimserve.models.store import DEFAULT_MODEL_ALIAS, resolve_model
 
 
 @pytest.fixture(scope="session")

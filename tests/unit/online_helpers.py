@@ -11,9 +11,9 @@ from typing import Any
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from slimserve.serve.api.gateway import GatewayCore, InProcessBackend, create_api
 from slimserve.serve.config import SlimserveConfig, parse_config
-from slimserve.serve.gateway import GatewayCore, InProcessBackend, create_api
-from slimserve.serve.variant_server import VariantServer
+from slimserve.serve.replica.server import VariantServer
 
 CHAT = "/v1/chat/completions"
 # Small enough for a couple of seconds per variant on a tiny model.

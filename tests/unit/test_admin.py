@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 from fastapi.testclient import TestClient
 
+from slimserve.serve.api.gateway import GatewayCore, create_api
 from slimserve.serve.config import RoutingConfig
-from slimserve.serve.gateway import GatewayCore, create_api
 
 from .online_helpers import CHAT, chat, online_config, online_gateway, scrape, value
 

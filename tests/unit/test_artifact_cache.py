@@ -161,7 +161,7 @@ def test_racing_loaders_build_once(tiny_model_dir, tmp_path):
 def test_offline_compress_command_fills_the_cache(tiny_model_dir, tmp_path, capsys):
     import argparse
 
-    from slimserve.compression.offline_cli import register_commands
+    from slimserve.serve.offline_cli import register_commands
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(
@@ -188,7 +188,7 @@ def test_real_model_int8_round_trip_compresses_once(tmp_path, monkeypatch):
     compressor (counted, not timed: a verdict must not depend on this machine's speed), and
     both give the same logits."""
     from slimserve.compression import artifact_cache
-    from slimserve.serve.model_store import DEFAULT_MODEL_ALIAS
+    from slimserve.models.store import DEFAULT_MODEL_ALIAS
 
     compressions = []
     real_apply = artifact_cache.apply_compression

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slimserve.serve.canary import (
+from slimserve.serve.config import CanarySLO, ShadowOptions, parse_config
+from slimserve.serve.observability.metrics import GatewayMetrics
+from slimserve.serve.observability.mfu import WorkMeter
+from slimserve.serve.routing.canary import (
     CandidateEvidence,
     CandidateState,
     advance,
@@ -14,14 +17,15 @@ from slimserve.serve.canary import (
     percent,
     window_complete,
 )
-from slimserve.serve.canary_controller import CanaryController
-from slimserve.serve.config import CanarySLO, ShadowOptions, parse_config
-from slimserve.serve.metrics import GatewayMetrics
-from slimserve.serve.mfu import WorkMeter
-from slimserve.serve.router import VariantRouter
-from slimserve.serve.shadow import ShadowManager
-from slimserve.serve.shadow_scores import ShadowScores, ShadowSummary
-from slimserve.serve.stats_math import order_statistic_bounds, quantile_with_ci, wilson_interval
+from slimserve.serve.routing.canary_controller import CanaryController
+from slimserve.serve.routing.router import VariantRouter
+from slimserve.serve.routing.shadow import ShadowManager
+from slimserve.serve.routing.shadow_scores import ShadowScores, ShadowSummary
+from slimserve.serve.routing.stats_math import (
+    order_statistic_bounds,
+    quantile_with_ci,
+    wilson_interval,
+)
 
 SLO = CanarySLO(
     max_p95_ttft_seconds=1.0,

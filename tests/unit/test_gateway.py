@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from slimserve.kernels import cpu_isa
+from slimserve.serve.api.gateway import GatewayCore, InProcessBackend, create_api
 from slimserve.serve.config import parse_config
-from slimserve.serve.gateway import GatewayCore, InProcessBackend, create_api
-from slimserve.serve.variant_server import VariantServer
+from slimserve.serve.replica.server import VariantServer
 
 CHAT = "/v1/chat/completions"
 

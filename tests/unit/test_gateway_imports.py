@@ -10,9 +10,9 @@ def test_the_gateway_module_does_not_import_torch():
     probe = textwrap.dedent(
         """
         import sys
-        import slimserve.serve.gateway
+        import slimserve.serve.api.gateway
         from slimserve.serve.config import load_config
-        from slimserve.serve.shadow_scores import compare
+        from slimserve.serve.routing.shadow_scores import compare
         heavy = sorted(m for m in ("torch", "transformers", "vllm") if m in sys.modules)
         print(",".join(heavy))
         """

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slimserve.kernels import cpu_paths
-from slimserve.serve.engine.llama_runner import LlamaRunner, PrefillChunk
+from slimserve.models.llama_runner import LlamaRunner, PrefillChunk
 
 from .conftest import tiny_llama
 

@@ -14,7 +14,7 @@ from slimserve.compression.activations import calibration_override
 from slimserve.compression.lowrank import LowRankLinear, choose_rank, factorize, low_rank_linear
 from slimserve.compression.registry import apply_compression
 from slimserve.compression.specs import CompressionSpec
-from slimserve.serve.engine.llama_runner import LlamaRunner
+from slimserve.models.llama_runner import LlamaRunner
 
 SPECS = TypeAdapter(list[CompressionSpec])
 

@@ -16,11 +16,11 @@ from slimserve.compression.activations import calibration_override
 from slimserve.compression.registry import apply_compression
 from slimserve.compression.specs import CompressionSpec
 from slimserve.kernels import cpu_isa
-from slimserve.serve.engine.llama_runner import LlamaRunner
-from slimserve.serve.flop_count import count_model_flops, count_runner_flops
-from slimserve.serve.flops import TokenWork, decode_work, prefill_work, score_work
-from slimserve.serve.mfu import RequestWork, WindowWork, WorkMeter, utilization
-from slimserve.serve.peak import device_peak, gpu_peak_from_table
+from slimserve.models.llama_runner import LlamaRunner
+from slimserve.serve.observability.flop_count import count_model_flops, count_runner_flops
+from slimserve.serve.observability.flops import TokenWork, decode_work, prefill_work, score_work
+from slimserve.serve.observability.mfu import RequestWork, WindowWork, WorkMeter, utilization
+from slimserve.serve.observability.peak import device_peak, gpu_peak_from_table
 
 from .online_helpers import CHAT, chat, online_config, online_gateway, scrape, value
 

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from slimserve.compression.activations import calibration_override
 from slimserve.compression.registry import apply_compression
 from slimserve.compression.specs import CompressionSpec
-from slimserve.serve.engine.llama_runner import LlamaRunner
+from slimserve.models.llama_runner import LlamaRunner
 
 SPECS = TypeAdapter(list[CompressionSpec])
 HEAD_DIM = 16

@@ -17,7 +17,7 @@ from slimserve.compression.sparsegpt import sparsegpt_solve
 from slimserve.compression.specs import CompressionSpec
 from slimserve.compression.wanda import wanda_scores
 from slimserve.kernels import SparseLinear
-from slimserve.serve.engine.llama_runner import LlamaRunner
+from slimserve.models.llama_runner import LlamaRunner
 
 SPECS = TypeAdapter(list[CompressionSpec])
 

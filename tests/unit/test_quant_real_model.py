@@ -9,7 +9,7 @@ from pydantic import TypeAdapter
 from slimserve.compression.evaluation import compare_to_reference, evaluation_ids
 from slimserve.compression.registry import apply_compression
 from slimserve.compression.specs import CompressionSpec
-from slimserve.serve.model_store import DEFAULT_MODEL_ALIAS, load_model_and_tokenizer
+from slimserve.models.store import DEFAULT_MODEL_ALIAS, load_model_and_tokenizer
 
 CALIBRATION = {"samples": 8, "seq_len": 128}  # small, to keep this test near a minute
 

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from slimserve.serve.router import UnknownModelError, VariantRouter
+from slimserve.serve.routing.router import UnknownModelError, VariantRouter
 
 
 def _router(split=None, sticky="x-user-id", seed=1):

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimserve.compression.calibration import load_text, token_windows
 from slimserve.serve.engine.types import EngineEvent
-from slimserve.serve.self_bench import decode_rate
-from slimserve.serve.variant_server import VariantServer
+from slimserve.serve.replica.self_bench import decode_rate
+from slimserve.serve.replica.server import VariantServer
 
 from .online_helpers import FAST_SELF_BENCH, online_config
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from slimserve.serve.config import ShadowRule
-from slimserve.serve.shadow_scores import compare, summarize
+from slimserve.serve.routing.shadow_scores import compare, summarize
 
 from .online_helpers import CHAT, chat, online_config, online_gateway, scrape, value
 

@@ -7,8 +7,8 @@ import json
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from slimserve.serve.engine.types import ErrorInfo
-from slimserve.serve.openai_protocol import ErrorBody, ErrorResponse
+from ..engine.types import ErrorInfo
+from .protocol import ErrorBody, ErrorResponse
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from slimserve.serve.config import AdminOptions, ShadowRule
-from slimserve.serve.engine.types import ErrorInfo
-from slimserve.serve.errors import OpenAIError, from_validation_error, parse_json_body
-from slimserve.serve.router import RoutingError
+from ..config import AdminOptions, ShadowRule
+from ..engine.types import ErrorInfo
+from ..routing.router import RoutingError
+from .errors import OpenAIError, from_validation_error, parse_json_body
 
 if TYPE_CHECKING:
-    from slimserve.serve.gateway import GatewayCore
+    from .gateway import GatewayCore
 
 
 class RoutingUpdate(BaseModel):

@@ -20,22 +20,24 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from slimserve.serve.admin import admin_router, admin_token
-from slimserve.serve.canary_controller import CanaryController
-from slimserve.serve.config import RoutingConfig, ShadowRule, SlimserveConfig, check_routing_names
-from slimserve.serve.cost import cost_per_1k_tokens
-from slimserve.serve.engine.types import EngineEvent, GenerateRequest
-from slimserve.serve.errors import (
+from ..config import RoutingConfig, ShadowRule, SlimserveConfig, check_routing_names
+from ..engine.types import EngineEvent, GenerateRequest
+from ..observability.cost import cost_per_1k_tokens
+from ..observability.flops import FlopModel
+from ..observability.metrics import GatewayMetrics
+from ..observability.mfu import RequestWork, WorkMeter, utilization
+from ..routing.canary_controller import CanaryController
+from ..routing.router import RoutingError, UnknownModelError, VariantRouter
+from ..routing.shadow import ShadowManager
+from .admin import admin_router, admin_token
+from .errors import (
     OpenAIError,
     error_payload,
     error_response,
     from_validation_error,
     parse_json_body,
 )
-from slimserve.serve.flops import FlopModel
-from slimserve.serve.metrics import GatewayMetrics
-from slimserve.serve.mfu import RequestWork, WorkMeter, utilization
-from slimserve.serve.openai_protocol import (
+from .protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -52,8 +54,6 @@ from slimserve.serve.openai_protocol import (
     new_id,
     now,
 )
-from slimserve.serve.router import RoutingError, UnknownModelError, VariantRouter
-from slimserve.serve.shadow import ShadowManager
 
 log = logging.getLogger(__name__)
 
@@ -582,7 +582,7 @@ class GatewayDeployment:
     """Ray Serve ingress: built with the variants' handles, serves the FastAPI app above."""
 
     def __init__(self, config: dict[str, Any], variants: dict[str, Any]) -> None:
-        from slimserve.serve.logs import configure_logging
+        from ..logs import configure_logging
 
         configure_logging()
         backends = {name: RayBackend(handle) for name, handle in variants.items()}

@@ -17,13 +17,13 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from slimserve.serve.config import ShadowOptions, ShadowRule
-from slimserve.serve.engine.types import GenerateRequest
-from slimserve.serve.flops import score_work
-from slimserve.serve.metrics import GatewayMetrics
-from slimserve.serve.mfu import RequestWork, WorkMeter
-from slimserve.serve.openai_protocol import new_id
-from slimserve.serve.shadow_scores import ShadowScores, ShadowSummary, compare, summarize
+from ..api.protocol import new_id
+from ..config import ShadowOptions, ShadowRule
+from ..engine.types import GenerateRequest
+from ..observability.flops import score_work
+from ..observability.metrics import GatewayMetrics
+from ..observability.mfu import RequestWork, WorkMeter
+from .shadow_scores import ShadowScores, ShadowSummary, compare, summarize
 
 log = logging.getLogger(__name__)
 

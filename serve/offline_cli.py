@@ -33,7 +33,7 @@ class Target:
 
 
 def _config_error(message: str) -> Exception:
-    from slimserve.serve.config import ConfigError
+    from .config import ConfigError
 
     return ConfigError(message)
 
@@ -62,7 +62,7 @@ def _spec_file(path: Path, data: dict[str, Any]) -> list[Target]:
 def load_targets(path: str | Path, variants: list[str] | None = None) -> tuple[str, list[Target]]:
     """The full model's name, and the (variant, model, specs, dtype) to compress, from a
     gateway config or a spec file."""
-    from slimserve.serve.config import load_config
+    from .config import load_config
 
     path = Path(path)
     try:
@@ -94,7 +94,7 @@ def check_targets(targets: list[Target]) -> None:
     """Run each spec's architecture check (e.g. 2:4 on a dimension not divisible by 4)."""
     from transformers import AutoConfig
 
-    from slimserve.serve.model_store import resolve_model
+    from slimserve.models.store import resolve_model
 
     for target in targets:
         if not target.specs:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slimserve.serve.engine.types import SamplingParams
+from ..engine.types import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from slimserve.kernels.sparse24 import SparseLinear, select_sparse24_backend
-from slimserve.serve.flops import FlopModel
+
+from .flops import FlopModel
 
 
 def _is_matmul(module: nn.Module) -> bool:

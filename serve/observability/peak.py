@@ -20,7 +20,7 @@ from filelock import FileLock
 from pydantic import BaseModel
 
 from slimserve.kernels import cpu_isa
-from slimserve.serve.model_store import cache_root
+from slimserve.models.paths import cache_root
 
 log = logging.getLogger(__name__)
 

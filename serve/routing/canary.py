@@ -18,9 +18,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from slimserve.serve.config import CanarySLO
-from slimserve.serve.shadow_scores import ShadowSummary
-from slimserve.serve.stats_math import QuantileEstimate, wilson_interval
+from ..config import CanarySLO
+from .shadow_scores import ShadowSummary
+from .stats_math import QuantileEstimate, wilson_interval
 
 Action = Literal["promote", "hold", "rollback"]
 CheckStatus = Literal["pass", "fail", "inconclusive", "insufficient", "unavailable"]

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from slimserve.serve.flops import FlopModel, TokenWork, decode_work, prefill_work
+from .flops import FlopModel, TokenWork, decode_work, prefill_work
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from slimserve.serve.canary import (
+from ..config import SlimserveConfig
+from ..observability.metrics import GatewayMetrics
+from .canary import (
     CandidateEvidence,
     CandidateState,
     Decision,
@@ -28,11 +30,9 @@ from slimserve.serve.canary import (
     percent,
     window_complete,
 )
-from slimserve.serve.config import SlimserveConfig
-from slimserve.serve.metrics import GatewayMetrics
-from slimserve.serve.router import VariantRouter
-from slimserve.serve.shadow import ShadowManager
-from slimserve.serve.stats_math import quantile_with_ci
+from .router import VariantRouter
+from .shadow import ShadowManager
+from .stats_math import quantile_with_ci
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,14 @@ import torch
 
 from slimserve.kernels import cpu_isa
 from slimserve.kernels.dispatch import chosen_backends, merged_backends
-from slimserve.serve.config import SlimserveConfig
-from slimserve.serve.engine.factory import build_engine
-from slimserve.serve.engine.types import EngineEvent, ErrorInfo, GenerateRequest
-from slimserve.serve.logs import configure_logging
-from slimserve.serve.memory import memory_stats
-from slimserve.serve.scoring import score_reference
-from slimserve.serve.variant_bench import bench_variant, run_deferred_self_bench
+
+from ..config import SlimserveConfig
+from ..engine.factory import build_engine
+from ..engine.types import EngineEvent, ErrorInfo, GenerateRequest
+from ..logs import configure_logging
+from ..observability.memory import memory_stats
+from .bench import bench_variant, run_deferred_self_bench
+from .scoring import score_reference
 
 log = logging.getLogger(__name__)
 

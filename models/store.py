@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from .paths import cache_root
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
@@ -24,10 +26,6 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 class ModelNotFoundError(RuntimeError):
     pass
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SLIMSERVE_CACHE", Path.home() / ".cache" / "slimserve"))
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -19,8 +19,9 @@ import torch
 from pydantic import BaseModel, Field
 
 from slimserve.compression.calibration import load_text, token_windows
-from slimserve.serve.config import SelfBenchOptions
-from slimserve.serve.engine.types import SamplingParams
+
+from ..config import SelfBenchOptions
+from ..engine.types import SamplingParams
 
 log = logging.getLogger(__name__)
 

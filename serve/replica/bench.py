@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from slimserve.serve.config import SlimserveConfig
-from slimserve.serve.flop_count import count_engine_flops, count_model_flops
-from slimserve.serve.flops import FlopModel
-from slimserve.serve.model_store import resolve_model, torch_dtype
-from slimserve.serve.peak import DevicePeak, device_peak
-from slimserve.serve.self_bench import SelfBenchResult, run_self_bench, run_self_bench_blocking
+from slimserve.models.store import resolve_model, torch_dtype
+
+from ..config import SlimserveConfig
+from ..observability.flop_count import count_engine_flops, count_model_flops
+from ..observability.flops import FlopModel
+from ..observability.peak import DevicePeak, device_peak
+from .self_bench import SelfBenchResult, run_self_bench, run_self_bench_blocking
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Models below the serving layer: where checkpoints come from and the Llama forward pass."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API: wire models, errors, the gateway ingress and its admin routes."""

@@ -1,0 +1,1 @@
+"""What the gateway reports: Prometheus metrics, FLOP model, device peak and MFU, memory, cost."""

@@ -1,0 +1,1 @@
+"""One variant's replica: load, compress, start an engine, benchmark itself, score references."""
