@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -75,12 +75,39 @@ def linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
         return _fallback_shapes(model_config)
 
 
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks (the longest ModuleList of the model)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
-        raise ValueError(f"{type(model).__name__} has no ModuleList of decoder layers")
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no ModuleList of decoder layers"
+        )
     return max(lists, key=len)
+
+
+def decoder_prefix(model: nn.Module) -> str:
+    """Qualified name of the decoder layer stack ("model.layers" in the Llama family)."""
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
+def block_linears(
+    model: nn.Module, skip: list[str], targets: list[str] | None = None
+) -> dict[str, nn.Linear]:
+    """Qualified name -> Linear inside the decoder blocks, minus `skip`, within `targets`."""
+    prefix = decoder_prefix(model)
+    found = {}
+    for name, module in decoder_layers(model).named_modules():
+        full = f"{prefix}.{name}"
+        if not isinstance(module, nn.Linear) or skipped(full, skip):
+            continue
+        if targets is None or skipped(full, targets):  # `skipped` is the plain pattern match
+            found[full] = module
+    return found
 
 
 def _foldable_norm(module: nn.Module | None, width: int) -> bool:
@@ -106,7 +133,6 @@ class InputGroup:
     prev: nn.Module | None = None
     repeat: int = 1
     head_dim: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def in_features(self) -> int:

@@ -78,8 +78,9 @@ def _code_digest() -> str:
     root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
     for folder in _PACKAGE_DIRS:
-        for path in sorted((root / folder).glob("*.py")):
-            digest.update(path.name.encode())
+        # Recursive: compression methods live in sub-packages (compression/methods/).
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -130,6 +131,27 @@ def artifact_identity(
 
 def artifact_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(store.canonical_json(identity).encode()).hexdigest()
+
+
+def _cache_dir(cache_dir: Path | None) -> Path:
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def compression_key(
+    model_name: str, specs: Sequence[Any], dtype: str, cache_dir: Path | None = None
+) -> str:
+    """The key load_or_compress keeps this compression under, without loading any weights.
+
+    Derived outputs (the vLLM export) key on it, so they change whenever the artifact would.
+    Raises UncacheableError where load_or_compress would serve the model uncached.
+    """
+    from slimserve.models.store import resolve_model
+
+    return artifact_key(
+        artifact_identity(resolve_model(model_name), specs, dtype, _cache_dir(cache_dir))
+    )
 
 
 def _mismatch(manifest: store.Manifest, key: str, identity: dict[str, Any]) -> str | None:
@@ -220,8 +242,7 @@ def load_or_compress(
         bytes_now = resident_weight_bytes(model)
         report = CompressionReport(weight_bytes_before=bytes_now, weight_bytes_after=bytes_now)
         return model, tokenizer, report, "miss"
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = _cache_dir(cache_dir)
     try:
         identity = artifact_identity(model_path, specs, dtype, cache_dir)
     except store.UncacheableError as error:

@@ -24,7 +24,7 @@ from .arch import set_submodule, target_linears
 from .composite import inner_from_meta, inner_meta
 from .grid import quantize_groups
 from .lowbit import lowbit_linear
-from .quant_specs import GoboSpec
+from .methods.gobo import GoboSpec
 from .report import MethodReport, resident_weight_bytes
 
 

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_LOWBIT = (3, 4)
-
 
 @dataclass
 class GroupQuant:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from slimserve.kernels.int8 import Int8Embedding, Int8Linear, quantize_int8_absmax
 
 from .arch import set_submodule, target_linears
-from .quant_specs import Int8WeightOnlySpec
+from .methods.int8_weight_only import Int8WeightOnlySpec
 from .report import MethodReport, resident_weight_bytes
 
 __all__ = ["apply_int8_weight_only", "quantize_embeddings", "set_submodule"]

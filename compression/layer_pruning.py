@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from .activations import BlockRunner, calibration_ids
-from .prune_specs import LayerPruneSpec
-from .pruning_common import ReportTimer, decoder_layers
+from .arch import decoder_layers, decoder_prefix, set_submodule
+from .calib_data import calibration_ids
+from .hooks import run_layer
+from .layerwise import LayerStep, replay_layers
+from .methods.prune_layers import LayerPruneSpec
+from .pruning_report import ReportTimer
 from .report import MethodReport
 
 log = logging.getLogger(__name__)
@@ -32,17 +36,37 @@ def angular_distance(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) ->
     return total / count
 
 
+@torch.inference_mode()
+def loss_without(model: nn.Module, step: LayerStep, ids: torch.Tensor) -> float:
+    """Mean next-token loss on `ids`, continuing from the step's inputs with its block left out."""
+    later = decoder_layers(model)[step.index + 1 :]
+    total, count, offset = 0.0, 0, 0
+    for batch in step.inputs:
+        hidden = batch.hidden
+        for layer in later:
+            hidden = run_layer(layer, replace(batch, hidden=hidden))
+        logits = model.lm_head(model.model.norm(hidden)).float()
+        targets = ids[offset : offset + hidden.shape[0], 1:]
+        offset += hidden.shape[0]
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += targets.numel()
+    return total / count
+
+
 @torch.no_grad()
 def block_importance(model: nn.Module, ids: torch.Tensor, importance: str) -> list[float]:
     """Importance per block (higher = keep); one pass over the calibration data."""
-    runner = BlockRunner(model, ids)
     scores = []
-    for step in runner.steps(f"prune-layers ({importance})"):
-        outputs = step.forward()
+    for step in replay_layers(model, ids, f"prune-layers ({importance})"):
+        outputs = step.run()
         if importance == "angular":
-            scores.append(angular_distance(step.inputs, outputs))
+            inputs = [batch.hidden for batch in step.inputs]
+            scores.append(angular_distance(inputs, outputs))
         else:
-            scores.append(math.exp(runner.loss_from(step.inputs, ids, skip=step.index)))
+            scores.append(math.exp(loss_without(model, step, ids)))
         step.outputs = outputs  # the block is unchanged: reuse its outputs
     return scores
 
@@ -58,7 +82,7 @@ def remove_layers(model: nn.Module, drop: list[int]) -> None:
             attn.layer_idx = index
         if hasattr(layer, "layer_idx"):
             layer.layer_idx = index
-    model.model.layers = nn.ModuleList(kept)
+    set_submodule(model, decoder_prefix(model), nn.ModuleList(kept))
     cfg = model.config
     types = getattr(cfg, "layer_types", None)
     if isinstance(types, list) and len(types) == len(layers):

@@ -21,9 +21,9 @@ from slimserve.kernels.artifact import dtype_from_name, dtype_name, require_keys
 from .arch import InputGroup, set_submodule
 from .calib_data import calibration_ids
 from .composite import inner_from_meta, inner_meta
-from .hooks import InputStats
+from .hooks import InputStats, input_stats
 from .layerwise import run_layerwise
-from .quant_specs import LLMInt8Spec
+from .methods.llm_int8 import LLMInt8Spec
 from .report import MethodReport, resident_weight_bytes
 
 
@@ -95,7 +95,12 @@ def apply_llm_int8(
     """`calibration`: token ids [n, seq_len] to use instead of spec.calibration's text."""
     started = time.perf_counter()
     before = resident_weight_bytes(model)
-    ids = calibration if calibration is not None else calibration_ids(model, spec.calibration)
+    # The first windows (not spread): the calibration the README's quality table measured.
+    ids = (
+        calibration
+        if calibration is not None
+        else calibration_ids(model, spec.calibration, pick="first")
+    )
     outliers_by_group: dict[str, list[int]] = {}
     replaced = 0
 
@@ -115,10 +120,10 @@ def apply_llm_int8(
     run_layerwise(
         model,
         ids,
+        input_stats(),
         process,
         skip=spec.skip,
-        gram=False,
-        propagate="float",
+        propagate="float",  # outliers of the float model's activations
         desc=f"llm-int8 t={spec.threshold}",
     )
     total = sum(sum(v) for v in outliers_by_group.values())

@@ -15,10 +15,12 @@ from torch import nn
 
 from slimserve.kernels.artifact import dtype_from_name, dtype_name, require_keys
 
-from .activations import BlockRunner, SecondMoment, calibration_ids
-from .int8 import set_submodule
-from .prune_specs import LowRankSpec
-from .pruning_common import ReportTimer, layer_linears
+from .arch import InputGroup, block_linears, set_submodule
+from .calib_data import calibration_ids
+from .hooks import InputStats
+from .layerwise import run_layerwise
+from .methods.low_rank import LowRankSpec
+from .pruning_report import ReportTimer
 from .report import MethodReport
 
 log = logging.getLogger(__name__)
@@ -133,18 +135,33 @@ def apply_low_rank(model: nn.Module, spec: LowRankSpec) -> MethodReport:
         set_submodule(model, name, low_rank_linear(linear, b, a))
         ranks[name] = rank
 
+    wanted = block_linears(model, spec.skip, spec.targets)
+
+    def targeted(group: InputGroup) -> list[tuple[str, nn.Linear]]:
+        return [(name, linear) for name, linear in group.linears if name in wanted]
+
+    def record(group: InputGroup) -> InputStats | None:
+        # fp32 products: the whitening is a Cholesky factor of this matrix.
+        return InputStats(group.in_features, gram="fp32") if targeted(group) else None
+
+    def process(layer: nn.Module, groups: list[InputGroup], stats: dict[str, InputStats]) -> None:
+        for group in groups:
+            for name, linear in targeted(group):
+                replace(name, linear, stats[group.name].hessian)
+
     if spec.activation_aware:
-        runner = BlockRunner(model, calibration_ids(model, spec.calibration))
-        for step in runner.steps("low-rank"):
-            linears = layer_linears(model, step.index, spec.skip, spec.targets)
-            moments = {name: SecondMoment(lin.in_features) for name, lin in linears.items()}
-            step.forward({linears[name]: moment for name, moment in moments.items()})
-            for name, linear in linears.items():
-                replace(name, linear, moments[name].mean)
+        run_layerwise(
+            model,
+            calibration_ids(model, spec.calibration),
+            record,
+            process,
+            skip=spec.skip,
+            propagate="processed",  # whitened on the factorized blocks' outputs
+            desc="low-rank",
+        )
     else:
-        for index in range(len(model.model.layers)):
-            for name, linear in layer_linears(model, index, spec.skip, spec.targets).items():
-                replace(name, linear, None)
+        for name, linear in wanted.items():
+            replace(name, linear, None)
     if kept_dense:
         log.info("low-rank kept %d Linears dense (rank too high to save bytes)", len(kept_dense))
     return timer.report(

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arch import block_linears
+from .methods.magnitude import MagnitudeSpec
 from .nm_sparsity import matrix_mask, nm_mask, pack_2_4
-from .prune_specs import MagnitudeSpec
-from .pruning_common import ReportTimer, all_layer_linears, zero_fraction
+from .pruning_report import ReportTimer, zero_fraction
 from .report import MethodReport
 
 
@@ -39,7 +40,7 @@ def _global_threshold_masks(linears: dict[str, nn.Linear], sparsity: float) -> N
 @torch.no_grad()
 def apply_magnitude(model: nn.Module, spec: MagnitudeSpec) -> MethodReport:
     timer = ReportTimer(model, spec)
-    linears = all_layer_linears(model, spec.skip)
+    linears = block_linears(model, spec.skip)
     nm = spec.nm
     if spec.scope == "global":
         _global_threshold_masks(linears, float(spec.sparsity))

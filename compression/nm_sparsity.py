@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import nn
 
-from .int8 import set_submodule
+from .arch import set_submodule
 
 log = logging.getLogger(__name__)
 

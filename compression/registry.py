@@ -1,29 +1,23 @@
-"""Compression methods by name; specs apply in the order given."""
+"""Apply compression specs to a model, in the order given."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
-from .prune_methods import PRUNE_METHODS
-from .quant_methods import QUANT_METHODS
-from .report import CompressionReport, MethodReport, resident_weight_bytes
+from .report import CompressionReport, resident_weight_bytes
 from .specs import CompressionSpec
 
 log = logging.getLogger(__name__)
-
-MethodFn = Callable[[nn.Module, CompressionSpec], MethodReport]
-
-METHODS: dict[str, MethodFn] = {**QUANT_METHODS, **PRUNE_METHODS}
 
 
 def apply_compression(model: nn.Module, specs: Sequence[CompressionSpec]) -> CompressionReport:
     before = resident_weight_bytes(model)
     reports = []
     for spec in specs:
-        report = METHODS[spec.method](model, spec)
+        report = spec.apply(model)
         log.info(
             "%s: replaced %d modules in %.2fs, %.1f MB -> %.1f MB",
             spec.method,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
@@ -52,7 +51,3 @@ class CompressionReport(BaseModel):
             f"{steps}: weights {self.weight_bytes_before / 1e6:.1f} MB -> "
             f"{self.weight_bytes_after / 1e6:.1f} MB ({self.compression_ratio:.2f}x smaller)"
         )
-
-
-def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -20,10 +20,10 @@ from slimserve.kernels import W8A8Linear, quantize_int8_absmax, quantize_per_tok
 
 from .arch import InputGroup, set_submodule
 from .calib_data import calibration_ids
-from .hooks import InputStats
+from .hooks import InputStats, input_stats
 from .int8 import quantize_embeddings
 from .layerwise import run_layerwise
-from .quant_specs import SmoothQuantSpec
+from .methods.smoothquant_w8a8 import SmoothQuantSpec
 from .report import MethodReport, resident_weight_bytes
 from .smoothing import apply_input_scale, tie_repeats
 
@@ -78,7 +78,12 @@ def apply_smoothquant(
     """`calibration`: token ids [n, seq_len] to use instead of spec.calibration's text."""
     started = time.perf_counter()
     before = resident_weight_bytes(model)
-    ids = calibration if calibration is not None else calibration_ids(model, spec.calibration)
+    # The first windows (not spread): the calibration the README's quality table measured.
+    ids = (
+        calibration
+        if calibration is not None
+        else calibration_ids(model, spec.calibration, pick="first")
+    )
     counts = {"replaced": 0, "smoothed_groups": 0}
     act_max: dict[str, float] = {}
     alphas: dict[str, list[float]] = {}
@@ -108,12 +113,11 @@ def apply_smoothquant(
     run_layerwise(
         model,
         ids,
+        input_stats(sample_every=SAMPLE_EVERY if auto else 0),
         process,
         skip=spec.skip,
-        gram=False,
-        propagate="float",
+        propagate="float",  # maxima of the float model's activations
         desc=f"smoothquant a={spec.alpha}",
-        sample_every=SAMPLE_EVERY if auto else 0,
     )
     if spec.include_embeddings:
         counts["replaced"] += quantize_embeddings(model, per_channel=True)

@@ -10,18 +10,17 @@ inside each block is chosen by the OBS saliency w^2 / [H^-1]_qq^2.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
-from .activations import BlockRunner, SecondMoment, calibration_ids
+from .arch import InputGroup
+from .calib_data import calibration_ids
+from .hooks import InputStats, input_stats
+from .layerwise import run_layerwise
+from .methods.sparsegpt import SparseGPTSpec
 from .nm_sparsity import lowest_mask, pack_2_4
-from .prune_specs import SparseGPTSpec
-from .pruning_common import ReportTimer, layer_linears, zero_fraction
+from .pruning_report import ReportTimer, zero_fraction
 from .report import MethodReport
-
-log = logging.getLogger(__name__)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,61 +85,37 @@ def sparsegpt_solve(
     return w
 
 
-class _SharedInputHessians:
-    """One X^T X per distinct input tensor: q/k/v (and gate/up) share theirs."""
-
-    def __init__(self) -> None:
-        self.hessians: dict[str, SecondMoment] = {}
-        self.leader: dict[str, str] = {}
-        self._last: tuple[torch.Tensor, str] | None = None
-
-    def hook(self, name: str):
-        def accumulate(x: torch.Tensor) -> None:
-            if self._last is not None and self._last[0] is x:
-                self.leader[name] = self._last[1]
-                return
-            self._last = (x, name)
-            self.leader[name] = name
-            self.hessians.setdefault(name, SecondMoment(x.shape[1]))(x)
-
-        return accumulate
-
-    def groups(self) -> dict[str, list[str]]:
-        grouped: dict[str, list[str]] = {}
-        for name, leader in self.leader.items():
-            grouped.setdefault(leader, []).append(name)
-        return grouped
-
-
 @torch.no_grad()
 def apply_sparsegpt(model: nn.Module, spec: SparseGPTSpec) -> MethodReport:
     timer = ReportTimer(model, spec)
-    runner = BlockRunner(model, calibration_ids(model, spec.calibration))
     sparsity, nm = spec.target_sparsity, spec.nm
     pruned: dict[str, nn.Linear] = {}
-    for step in runner.steps("sparsegpt"):
-        linears = layer_linears(model, step.index, spec.skip)
-        shared = _SharedInputHessians()
-        step.forward({linear: shared.hook(name) for name, linear in linears.items()})
-        for leader, names in shared.groups().items():
-            stacked = torch.cat([linears[name].weight.data for name in names])
+
+    def process(layer: nn.Module, groups: list[InputGroup], stats: dict[str, InputStats]) -> None:
+        # The Linears of a group (q/k/v, gate/up) share their Hessian: solved as one stack.
+        for group in groups:
+            stacked = torch.cat([linear.weight.data for _, linear in group.linears])
             bounds, offset = [], 0
-            for name in names:
-                bounds.append((offset, offset + linears[name].out_features))
-                offset += linears[name].out_features
+            for _, linear in group.linears:
+                bounds.append((offset, offset + linear.out_features))
+                offset += linear.out_features
+            hessian = stats[group.name].hessian
             solved = sparsegpt_solve(
-                stacked,
-                shared.hessians[leader].matrix,
-                sparsity,
-                nm,
-                spec.block_size,
-                spec.damp,
-                bounds,
+                stacked, hessian, sparsity, nm, spec.block_size, spec.damp, bounds
             )
-            for name, (r0, r1) in zip(names, bounds, strict=True):
-                weight = linears[name].weight
-                weight.data.copy_(solved[r0:r1].to(weight.dtype))
-        pruned.update(linears)
+            for (name, linear), (r0, r1) in zip(group.linears, bounds, strict=True):
+                linear.weight.data.copy_(solved[r0:r1].to(linear.weight.dtype))
+                pruned[name] = linear
+
+    run_layerwise(
+        model,
+        calibration_ids(model, spec.calibration),
+        input_stats(gram="fp32"),
+        process,
+        skip=spec.skip,
+        propagate="processed",  # sequential, as in SparseGPT: inputs from the pruned blocks
+        desc="sparsegpt",
+    )
     achieved = zero_fraction(linear.weight for linear in pruned.values())
     packed = pack_2_4(model, list(pruned)) if nm == (2, 4) and spec.pack else 0
     return timer.report(

@@ -12,9 +12,13 @@ import logging
 import torch
 from torch import nn
 
-from .activations import BlockRunner, ColumnNorms, calibration_ids
-from .prune_specs import FFNPruneSpec, HeadPruneSpec
-from .pruning_common import ReportTimer, UnsupportedArchitectureError
+from .arch import InputGroup, UnsupportedArchitectureError, decoder_layers
+from .calib_data import calibration_ids
+from .hooks import InputStats
+from .layerwise import run_layerwise
+from .methods.prune_ffn import FFNPruneSpec
+from .methods.prune_heads import HeadPruneSpec
+from .pruning_report import ReportTimer
 from .report import MethodReport
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,7 @@ class HeadImportance:
         self.n_heads, self.head_dim = n_heads, head_dim
         self.grams = torch.zeros(n_heads, head_dim, head_dim)
 
-    def __call__(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor) -> None:
         heads = x.float().view(-1, self.n_heads, self.head_dim).transpose(0, 1)
         self.grams += heads.transpose(1, 2) @ heads
 
@@ -117,6 +121,11 @@ def prune_attention_heads(
         attn.num_key_value_heads = len(groups)
 
 
+def _reads(group: InputGroup, suffix: str) -> bool:
+    """Whether the group is the Linear named `suffix` (o_proj, down_proj) alone."""
+    return len(group.linears) == 1 and group.linears[0][0].endswith(suffix)
+
+
 @torch.no_grad()
 def apply_head_pruning(model: nn.Module, spec: HeadPruneSpec) -> MethodReport:
     timer = ReportTimer(model, spec)
@@ -126,20 +135,38 @@ def apply_head_pruning(model: nn.Module, spec: HeadPruneSpec) -> MethodReport:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     spec.check_model(cfg)
     per_group = n_heads // n_kv
-    runner = BlockRunner(model, calibration_ids(model, spec.calibration))
-    removed: dict[str, list[int]] = {}
+    removed: list[list[int]] = []  # per layer, in order
     kept_heads = kept_kv = 0
-    for step in runner.steps("prune-heads"):
-        attn = step.layer.self_attn
-        importance = HeadImportance(_require_linear(attn.o_proj, "o_proj"), n_heads, head_dim)
-        step.forward({attn.o_proj: importance})
-        groups, heads = choose_heads(
+
+    def record(group: InputGroup) -> HeadImportance | None:
+        if not _reads(group, ".self_attn.o_proj"):
+            return None
+        return HeadImportance(group.linears[0][1], n_heads, head_dim)
+
+    def process(
+        layer: nn.Module, groups: list[InputGroup], stats: dict[str, HeadImportance]
+    ) -> None:
+        nonlocal kept_heads, kept_kv
+        attn = layer.self_attn
+        _require_linear(attn.o_proj, "o_proj")
+        (importance,) = stats.values()
+        groups_kept, heads = choose_heads(
             importance.scores, n_kv, spec.keep_kv_heads, spec.keep_heads_per_group
         )
-        kept = {g * per_group + h for g, hs in zip(groups, heads, strict=True) for h in hs}
-        removed[str(step.index)] = sorted(set(range(n_heads)) - kept)
-        prune_attention_heads(attn, groups, heads, per_group, head_dim)
-        kept_heads, kept_kv = len(kept), len(groups)
+        kept = {g * per_group + h for g, hs in zip(groups_kept, heads, strict=True) for h in hs}
+        removed.append(sorted(set(range(n_heads)) - kept))
+        prune_attention_heads(attn, groups_kept, heads, per_group, head_dim)
+        kept_heads, kept_kv = len(kept), len(groups_kept)
+
+    run_layerwise(
+        model,
+        calibration_ids(model, spec.calibration),
+        record,
+        process,
+        skip=[],
+        propagate="processed",  # later layers score on the pruned layers' outputs
+        desc="prune-heads",
+    )
     cfg.head_dim = head_dim  # explicit: hidden_size // num_attention_heads no longer holds
     cfg.num_attention_heads = kept_heads
     cfg.num_key_value_heads = kept_kv
@@ -147,7 +174,7 @@ def apply_head_pruning(model: nn.Module, spec: HeadPruneSpec) -> MethodReport:
         4 * len(removed),
         heads=f"{n_heads} -> {kept_heads}",
         kv_heads=f"{n_kv} -> {kept_kv}",
-        removed_heads=removed,
+        removed_heads={str(index): heads for index, heads in enumerate(removed)},
     )
 
 
@@ -168,14 +195,26 @@ def apply_ffn_pruning(model: nn.Module, spec: FFNPruneSpec) -> MethodReport:
     size = cfg.intermediate_size
     width = spec.kept_width(size)
     spec.check_model(cfg)
-    runner = BlockRunner(model, calibration_ids(model, spec.calibration))
-    for step in runner.steps("prune-ffn"):
-        mlp = step.layer.mlp
+
+    def record(group: InputGroup) -> InputStats | None:
+        return InputStats(group.in_features) if _reads(group, ".mlp.down_proj") else None
+
+    def process(layer: nn.Module, groups: list[InputGroup], stats: dict[str, InputStats]) -> None:
+        mlp = layer.mlp
         down = _require_linear(mlp.down_proj, "mlp.down_proj")
-        norms = ColumnNorms(down.in_features)
-        step.forward({down: norms})
+        (norms,) = stats.values()
         scores = norms.norms * down.weight.detach().float().norm(dim=0)
         prune_mlp_channels(mlp, scores.topk(width).indices.sort().values)
+
+    run_layerwise(
+        model,
+        calibration_ids(model, spec.calibration),
+        record,
+        process,
+        skip=[],
+        propagate="processed",  # later layers score on the pruned layers' outputs
+        desc="prune-ffn",
+    )
     cfg.intermediate_size = width
-    layers = len(model.model.layers)
+    layers = len(decoder_layers(model))
     return timer.report(3 * layers, intermediate_size=f"{size} -> {width}", layers=layers)

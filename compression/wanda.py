@@ -9,10 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .activations import BlockRunner, ColumnNorms, calibration_ids
+from .arch import InputGroup
+from .calib_data import calibration_ids
+from .hooks import InputStats, input_stats
+from .layerwise import run_layerwise
+from .methods.wanda import WandaSpec
 from .nm_sparsity import nm_mask, pack_2_4, row_mask
-from .prune_specs import WandaSpec
-from .pruning_common import ReportTimer, layer_linears, zero_fraction
+from .pruning_report import ReportTimer, zero_fraction
 from .report import MethodReport
 
 
@@ -28,16 +31,24 @@ def wanda_mask(scores: torch.Tensor, spec: WandaSpec) -> torch.Tensor:
 @torch.no_grad()
 def apply_wanda(model: nn.Module, spec: WandaSpec) -> MethodReport:
     timer = ReportTimer(model, spec)
-    runner = BlockRunner(model, calibration_ids(model, spec.calibration))
     pruned: dict[str, nn.Linear] = {}
-    for step in runner.steps("wanda"):
-        linears = layer_linears(model, step.index, spec.skip)
-        stats = {name: ColumnNorms(linear.in_features) for name, linear in linears.items()}
-        step.forward({linears[name]: stat for name, stat in stats.items()})
-        for name, linear in linears.items():
-            mask = wanda_mask(wanda_scores(linear.weight, stats[name].norms), spec)
-            linear.weight.data[mask] = 0
-        pruned.update(linears)
+
+    def process(layer: nn.Module, groups: list[InputGroup], stats: dict[str, InputStats]) -> None:
+        for group in groups:
+            for name, linear in group.linears:
+                mask = wanda_mask(wanda_scores(linear.weight, stats[group.name].norms), spec)
+                linear.weight.data[mask] = 0
+                pruned[name] = linear
+
+    run_layerwise(
+        model,
+        calibration_ids(model, spec.calibration),
+        input_stats(),
+        process,
+        skip=spec.skip,
+        propagate="processed",  # sequential, as in Wanda: inputs from the pruned blocks
+        desc="wanda",
+    )
     achieved = zero_fraction(linear.weight for linear in pruned.values())
     packed = pack_2_4(model, list(pruned)) if spec.nm == (2, 4) and spec.pack else 0
     return timer.report(

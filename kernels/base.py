@@ -1,4 +1,6 @@
-"""Shared shape/bias handling for the compressed Linear modules."""
+"""The base of every compressed Linear module: shape and bias handling, the artifact meta, and
+the hook that packs a module for CPU serving (`pack_for_cpu`, applied to a whole model by
+`pack_model_for_cpu`)."""
 
 from __future__ import annotations
 
@@ -66,6 +68,12 @@ class CompressedLinear(nn.Module):
         """x [M, K] in compute_dtype -> [M, N] in compute_dtype, without the bias."""
         raise NotImplementedError
 
+    def pack_for_cpu(self) -> int:
+        """Move the weight into the layout the CPU kernels read fastest, once, before serving;
+        the module may then no longer be saved or moved. Returns the bytes of the weight copies
+        held for CPU serving (0: nothing to pack, the default)."""
+        return 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if shape[-1] != self.in_features:
@@ -79,3 +87,9 @@ class CompressedLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
+
+
+def pack_model_for_cpu(model: nn.Module) -> int:
+    """Pack every compressed Linear in `model` for CPU serving, nested ones included (e.g. the
+    W8A8 inside LLM.int8's mixed module); returns the bytes of the copies held for it."""
+    return sum(m.pack_for_cpu() for m in model.modules() if isinstance(m, CompressedLinear))

@@ -186,7 +186,7 @@ def _backend(op: str, module: torch.nn.Module, x: torch.Tensor) -> str:
         return "cpu-onednn-packed-native-quantize" if ours else "cpu-onednn-packed"
     if op.startswith("w8a8"):
         return select_w8a8_backend(x)
-    return select_sparse24_backend(x, module.semi_structured)
+    return select_sparse24_backend(x)
 
 
 def run_table(

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import cpu_paths, native
 from .artifact import dtype_from_name, dtype_name, require_keys
+from .base import CompressedLinear
 from .dispatch import record_backend
 from .triton_support import TRITON_DTYPES, triton_runs_on
 
@@ -75,7 +76,7 @@ def int8_weight_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     return int8_weight_matmul_reference(x, qweight, scale)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(CompressedLinear):
     """Drop-in for nn.Linear with int8 weights; state saves/loads as int8 + scale."""
 
     def __init__(
@@ -85,25 +86,18 @@ class Int8Linear(nn.Module):
         bias: torch.Tensor | None,
         compute_dtype: torch.dtype,
     ) -> None:
-        super().__init__()
-        self.out_features, self.in_features = qweight.shape
+        out_features, in_features = qweight.shape
+        super().__init__(in_features, out_features, bias is not None, compute_dtype, qweight.device)
         self.register_buffer("qweight", qweight)
         # Kept in the activation dtype so the fast path needs no cast per call.
         self.register_buffer("scale", scale.to(compute_dtype))
-        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
+        with torch.no_grad():
+            self._set_bias(bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, per_channel: bool = True) -> Int8Linear:
         qweight, scale = quantize_int8_absmax(linear.weight, per_channel)
         return cls(qweight, scale, linear.bias, linear.weight.dtype)
-
-    def meta(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "has_bias": self.bias is not None,
-            "dtype": dtype_name(self.scale.dtype),
-        }
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Self:
@@ -114,12 +108,8 @@ class Int8Linear(nn.Module):
         bias = torch.empty(n, dtype=dtype) if meta["has_bias"] else None
         return cls(qweight, torch.empty(n, dtype=dtype), bias, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        out = int8_weight_matmul(x.reshape(-1, shape[-1]), self.qweight, self.scale)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features)
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_weight_matmul(x, self.qweight, self.scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

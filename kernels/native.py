@@ -10,10 +10,10 @@ BF16 instructions, `avx2` with the same AVX-512 intrinsics implemented on AVX2 +
 SIMDe (exact: the same integer sums and the same roundings). `kernels()` loads the build for the
 active level: the CPU's best, or lower where `SLIMSERVE_CPU_ISA` says.
 
-A library is compiled on first use with the system C++ compiler (`CXX`, else `c++` / `g++`)
-into `$SLIMSERVE_CACHE/native/`, named by a hash of the sources, the compiler's version, the ISA
-and the flags, and moved into place atomically so replicas starting together never load a
-half-written file. Where there is no compiler or the CPU has no level with native kernels,
+A library is compiled on first use by torch's extension builder (`torch.utils.cpp_extension`,
+ninja; the compiler is `CXX`, else `c++`) into `$SLIMSERVE_CACHE/native/<isa>/`; ninja rebuilds
+it when a source, header or flag changes, and the builder's lock lets replicas starting together
+build once. Where there is no compiler or the CPU has no level with native kernels,
 `kernels()` returns None, the reason is logged once and the dispatch keeps torch's own CPU
 kernels (the chosen backend shows in the variant's stats).
 """
@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils import cpp_extension
 
 from . import cpu_isa
 from .cpu_isa import Isa
@@ -48,10 +47,7 @@ SOURCES = tuple(
         "cpu_sampling.cpp",
     )
 )
-HEADERS = tuple(
-    Path(__file__).with_name(name) for name in ("cpu_bf16.h", "cpu_pack.h", "cpu_simd.h")
-)
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+FLAGS = ("-O3", "-std=c++17", "-fno-math-errno")
 # The avx512 build targets its instructions per function (cpu_simd.h); the avx2 build compiles
 # the whole unit for AVX2 and takes the AVX-512 intrinsics from SIMDe's headers.
 ISA_FLAGS = {
@@ -75,10 +71,12 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> str:
-    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if candidate and shutil.which(candidate):
-            return candidate
-    raise NativeBuildError("no C++ compiler found (set CXX, or install g++)")
+    """The compiler torch's extension builder will run (`CXX`, else `c++`), checked up front so
+    a missing one is reported by name."""
+    compiler = os.environ.get("CXX", "c++")
+    if not shutil.which(compiler):
+        raise NativeBuildError(f"no C++ compiler {compiler!r} (set CXX, or install g++)")
+    return compiler
 
 
 def _isa_flags(isa: Isa) -> tuple[str, ...]:
@@ -93,44 +91,36 @@ def _isa_flags(isa: Isa) -> tuple[str, ...]:
     return (*ISA_FLAGS[isa], f"-I{simde_py.get_include()}")
 
 
-def _library_path(compiler: str, isa: Isa, flags: tuple[str, ...]) -> Path:
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=False
-    ).stdout
-    digest = hashlib.sha256()
-    sources = (*SOURCES, *HEADERS)
-    for part in (*(source.read_bytes() for source in sources), version.encode(), *flags):
-        digest.update(part.encode() if isinstance(part, str) else part)
-    return cache_dir() / f"slimserve_cpu-{isa.label}-{digest.hexdigest()[:16]}.so"
-
-
 def build(isa: Isa | None = None) -> Path:
-    """Compile the library for `isa` (default: the active level) unless this exact build
-    exists; returns its path."""
+    """Compile the library for `isa` (default: the active level) unless it is up to date;
+    returns its path.
+
+    torch's extension builder does the work: ninja rebuilds what a changed source, header or
+    flag touches, and a lock in the build directory lets replicas starting together build once
+    and load the same file. The sources are plain C++ with a C ABI (no torch headers), called
+    through ctypes, which releases the interpreter lock for every kernel call.
+    """
     isa = cpu_isa.active() if isa is None else isa
     if isa == Isa.NONE:
         raise NativeBuildError("no native kernels at ISA level none")
     compiler = _compiler()
     flags = (*FLAGS, *_isa_flags(isa))
-    target = _library_path(compiler, isa, flags)
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building slimserve's %s CPU kernels (once per machine)", isa.label)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        partial = Path(scratch) / target.name
-        result = subprocess.run(
-            [compiler, *flags, *map(str, SOURCES), "-o", str(partial)],
-            capture_output=True,
-            text=True,
-            check=False,
+    directory = cache_dir() / isa.label
+    directory.mkdir(parents=True, exist_ok=True)
+    log.info("building slimserve's %s CPU kernels in %s unless up to date", isa.label, directory)
+    try:
+        path = cpp_extension.load(
+            name=f"slimserve_cpu_{isa.label}",
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=list(flags),
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
         )
-        if result.returncode != 0:
-            names = " ".join(source.name for source in SOURCES)
-            raise NativeBuildError(f"{compiler} failed on {names}:\n{result.stderr[-2000:]}")
-        os.replace(partial, target)
-    log.info("built %s with %s", target, compiler)
-    return target
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        names = " ".join(source.name for source in SOURCES)
+        raise NativeBuildError(f"{compiler} failed on {names}:\n{str(error)[-2000:]}") from error
+    return Path(path)
 
 
 @dataclass

@@ -105,14 +105,6 @@ def int8_int8_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return out.to(torch.int32)
 
 
-def w8a8_matmul_reference(
-    x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor
-) -> torch.Tensor:
-    xq, x_scale = quantize_per_token_int8(x)
-    acc = int8_int8_matmul_reference(xq, qweight)
-    return (acc.float() * x_scale[:, None] * weight_scale.float()[None, :]).to(x.dtype)
-
-
 def sparse24_matmul_reference(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor
 ) -> torch.Tensor:

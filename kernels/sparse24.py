@@ -3,9 +3,8 @@
 Layout (see slimserve.kernels.packing): values [N, K/2] in the compute dtype, meta uint8
 [N, ceil(K/8)] with one nibble (i0 | i1 << 2) per group of 4.
 
-Dispatch (`select_sparse24_backend`): on CUDA, torch's semi-structured sparse tensor-core matmul
-when `SparseLinear.enable_semi_structured()` prepared it (Ampere or newer, fp16/bf16), else the
-Triton kernel, which reads only the compressed form; on CPU there is no sparse kernel in torch,
+Dispatch (`select_sparse24_backend`): on CUDA the Triton kernel, which reads only the compressed
+form and multiplies densely in registers; on CPU there is no sparse kernel in torch,
 so the reference expands the weight and runs the dense matmul (slower than dense: 2:4 is a GPU
 format here).
 """
@@ -15,51 +14,24 @@ from __future__ import annotations
 from typing import Self
 
 import torch
-import torch.nn.functional as F
 
 from .base import CompressedLinear
 from .dispatch import record_backend
-from .packing import compress_24, decompress_24
+from .packing import compress_24
 from .reference import sparse24_matmul_reference
 from .triton_support import TRITON_DTYPES, triton_runs_on
 
-# torch's CUTLASS semi-structured kernels need compute capability 8.0+ and these shape multiples.
-SEMI_STRUCTURED_MIN_CAPABILITY = (8, 0)
-SEMI_STRUCTURED_N_MULTIPLE = 64
-SEMI_STRUCTURED_K_MULTIPLE = 64
 
-
-def semi_structured_supported(weight: torch.Tensor) -> bool:
-    n, k = weight.shape
-    return (
-        weight.is_cuda
-        and weight.dtype in TRITON_DTYPES
-        and torch.cuda.get_device_capability(weight.device) >= SEMI_STRUCTURED_MIN_CAPABILITY
-        and n % SEMI_STRUCTURED_N_MULTIPLE == 0
-        and k % SEMI_STRUCTURED_K_MULTIPLE == 0
-    )
-
-
-def select_sparse24_backend(x: torch.Tensor, semi_structured: torch.Tensor | None) -> str:
-    if semi_structured is not None and x.is_cuda and x.dtype == semi_structured.dtype:
-        return "cuda-semi-structured"
+def select_sparse24_backend(x: torch.Tensor) -> str:
     if triton_runs_on(x) and x.dtype in TRITON_DTYPES:
         return "triton"
     return "reference"
 
 
-def sparse24_matmul(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    meta: torch.Tensor,
-    semi_structured: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x [M, K] @ decompress(values [N, K/2], meta).T -> [M, N] in x.dtype. `semi_structured` is
-    torch's sparse tensor-core form of the same weight, if prepared."""
-    backend = select_sparse24_backend(x, semi_structured)
+def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ decompress(values [N, K/2], meta).T -> [M, N] in x.dtype."""
+    backend = select_sparse24_backend(x)
     record_backend("sparse24", backend)
-    if backend == "cuda-semi-structured":
-        return F.linear(x, semi_structured)
     if backend == "triton":
         from . import triton_sparse24
 
@@ -87,22 +59,6 @@ class SparseLinear(CompressedLinear):
         self.register_buffer(
             "meta_bits", torch.empty(n, (k + 7) // 8, dtype=torch.uint8, device=device)
         )
-        # torch's semi-structured tensor (a tensor subclass, CUDA only); opt-in, never saved.
-        self.semi_structured: torch.Tensor | None = None
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._drop_semi())
-
-    def _drop_semi(self) -> None:
-        self.semi_structured = None  # stale after new weights; enable_semi_structured() again
-
-    def enable_semi_structured(self) -> bool:
-        """Prepare torch's sparse tensor-core form of the weight (CUDA, Ampere+); returns whether
-        it applies. A baseline next to the Triton kernel; not exercised without such a GPU."""
-        dense = decompress_24(self.values, self.meta_bits, self.in_features)
-        if not semi_structured_supported(dense):
-            self.semi_structured = None
-            return False
-        self.semi_structured = torch.sparse.to_sparse_semi_structured(dense)
-        return True
 
     @classmethod
     def from_dense(
@@ -118,7 +74,7 @@ class SparseLinear(CompressedLinear):
         return module
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse24_matmul(x, self.values, self.meta_bits, self.semi_structured)
+        return sparse24_matmul(x, self.values, self.meta_bits)
 
     def extra_repr(self) -> str:
         return (

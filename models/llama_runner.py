@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimserve.kernels import native
+from slimserve.kernels.base import pack_model_for_cpu
 from slimserve.kernels.dense_cpu import PackedLinear
 from slimserve.kernels.fuse import fuse_linears
 
@@ -44,6 +45,10 @@ class _Dropped(nn.Module):
 
     def forward(self, *_: object) -> torch.Tensor:
         raise RuntimeError("this projection was fused; the runner computes it")
+
+
+# q [N, H, D], k and v [N, Hkv, D]: one row per token
+_Heads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -97,8 +102,8 @@ class _LayerPlan:
 
 
 def _native_decode_layer(plan: _LayerPlan) -> bool:
-    """The layer shape `LlamaRunner._step_native` computes: fused q|k|v and gate|up, plain
-    RMSNorms, SiLU, no per-head q/k norms."""
+    """The layer shape `_NativeOps` computes: fused q|k|v and gate|up, plain RMSNorms, SiLU,
+    no per-head q/k norms."""
     return (
         plan.qkv is not None
         and plan.gate_up is not None
@@ -120,20 +125,17 @@ def _fuse(modules: list[nn.Module], packed: list[int] | None) -> nn.Module | Non
 
 
 def _pack_for_cpu(module: nn.Module | None) -> int:
-    """Prepacked bytes: dense modules arrive packed; compressed ones that can, pack now."""
+    """Prepacked bytes of a module fused here: dense ones arrive packed; compressed ones pack
+    now."""
     if module is None:
         return 0
-    if hasattr(module, "pack_for_cpu"):
-        return module.pack_for_cpu()
-    return getattr(module, "packed_bytes", 0)
+    return pack_model_for_cpu(module) + getattr(module, "packed_bytes", 0)
 
 
 def _packed_or_same(owner: nn.Module, name: str, packed: list[int] | None) -> nn.Module:
     module = getattr(owner, name)
     if type(module) is not nn.Linear:
-        if packed is not None:  # a compressed module alone gains nothing from re-wrapping
-            packed.append(_pack_for_cpu(module))
-        return module
+        return module  # a compressed module alone gains nothing from re-wrapping
     fused = _fuse([module], packed)
     if fused is None:
         return module
@@ -170,6 +172,119 @@ class _DecodeView:
             mask = torch.zeros(len(positions), length).masked_fill_(hidden, float("-inf"))
             mask = mask.view(len(positions), 1, 1, length)
         return cls(torch.arange(len(positions)), pos, length, mask)
+
+
+_Logits = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _EagerOps:
+    """A step's ops between the matmuls in torch: any norm module, activation and projection
+    layout, any dtype. Decode and chunk rows are rotated together, one set of elementwise ops
+    per layer."""
+
+    def __init__(
+        self, runner: LlamaRunner, decode_positions: list[int], chunks: Sequence[PrefillChunk]
+    ) -> None:
+        self.runner = runner
+        self.batch = len(decode_positions)
+        self.has_chunks = bool(chunks)
+        positions = torch.tensor(decode_positions, dtype=torch.long)
+        cos, sin = runner.cos[positions].unsqueeze(1), runner.sin[positions].unsqueeze(1)
+        if chunks:
+            chunk_cos, chunk_sin = runner._chunk_rotary(chunks)
+            cos, sin = torch.cat([cos, chunk_cos]), torch.cat([sin, chunk_sin])
+        self.cos, self.sin = cos, sin
+        self.view = _DecodeView.build(decode_positions) if self.batch else None
+
+    def add_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, norm: nn.Module | _RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm of it): the new residual and the next matmul's input."""
+        if delta is not None:
+            x = x + delta
+        return x, norm(x)
+
+    def attend_decode(
+        self, layer: int, plan: _LayerPlan, qkv: torch.Tensor
+    ) -> tuple[torch.Tensor | None, _Heads | None]:
+        """Decode rows' attention output [B, H*D] and the chunk rows' rotated q, k, v."""
+        runner, batch = self.runner, self.batch
+        q, k, v = runner._rotate_qkv(plan, qkv, self.cos, self.sin)
+        decoded = None
+        if self.view is not None:
+            decoded = runner._attend_decode(layer, self.view, q[:batch], k[:batch], v[:batch])
+        return decoded, ((q[batch:], k[batch:], v[batch:]) if self.has_chunks else None)
+
+    def gated(self, plan: _LayerPlan, h: torch.Tensor) -> torch.Tensor:
+        if plan.gate_up is not None:
+            gate, up = plan.gate_up(h).chunk(2, dim=-1)
+        else:
+            gate, up = plan.gate(h), plan.up(h)
+        return plan.act(gate) * up
+
+    def finish(
+        self, x: torch.Tensor, delta: torch.Tensor, norm: nn.Module | _RMSNorm
+    ) -> tuple[torch.Tensor, _Logits]:
+        """The last residual add, and the logits of any of its rows: the final norm runs only
+        on the rows whose logits are wanted."""
+        lm_head = self.runner.lm_head
+        return x + delta, lambda rows: lm_head(norm(rows)).float()
+
+
+class _NativeOps:
+    """A step's ops between the matmuls as native bf16 calls, with the same roundings:
+    residual add + RMSNorm (the residual updated in place), SiLU(gate) * up, and for the
+    decoding sequences rotary + cache writes + attention, each over its own cached keys in
+    place (cached keys bit-identical to the eager ops'). Prompt chunks' rotary stays eager."""
+
+    def __init__(
+        self,
+        runner: LlamaRunner,
+        kernels: native.NativeKernels,
+        decode_positions: list[int],
+        chunks: Sequence[PrefillChunk],
+    ) -> None:
+        self.runner = runner
+        self.kernels = kernels
+        self.batch = len(decode_positions)
+        self.positions = torch.tensor(decode_positions, dtype=torch.long)
+        self.chunk_rotary = runner._chunk_rotary(chunks) if chunks else None
+
+    def add_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, norm: _RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self.kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
+
+    def attend_decode(
+        self, layer: int, plan: _LayerPlan, qkv: torch.Tensor
+    ) -> tuple[torch.Tensor | None, _Heads | None]:
+        runner, batch = self.runner, self.batch
+        decoded = None
+        if batch:
+            decoded = self.kernels.decode_attention(
+                qkv[:batch],
+                runner.cos,
+                runner.sin,
+                runner.k_cache[layer],
+                runner.v_cache[layer],
+                self.positions,
+                runner.n_heads,
+                runner.scaling,
+            )
+        chunk_heads = None
+        if self.chunk_rotary is not None:
+            chunk_heads = runner._rotate_qkv(plan, qkv[batch:], *self.chunk_rotary)
+        return decoded, chunk_heads
+
+    def gated(self, plan: _LayerPlan, h: torch.Tensor) -> torch.Tensor:
+        return self.kernels.silu_mul(plan.gate_up(h))
+
+    def finish(
+        self, x: torch.Tensor, delta: torch.Tensor, norm: _RMSNorm
+    ) -> tuple[torch.Tensor, _Logits]:
+        lm_head = self.runner.lm_head
+        normed = self.kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
+        return normed, lambda rows: lm_head(rows).float()
 
 
 class LlamaRunner:
@@ -209,6 +324,8 @@ class LlamaRunner:
         if isinstance(head, PackedLinear) and packed is not None:
             packed.append(head.with_native_gemm(model.lm_head.weight.detach()))
         self.lm_head = head if head is not None else model.lm_head
+        if packed is not None:  # compressed modules left in the model, nested ones included
+            packed.append(pack_model_for_cpu(model))
         self.packed_weight_bytes = sum(packed or [])
         # Between the matmuls, native calls: per layer, rotary + cache writes + attention of
         # every decoding sequence, residual add + RMSNorm, SiLU * up. Loading the library here
@@ -231,19 +348,16 @@ class LlamaRunner:
     def kv_cache_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
-    def _project_qkv(
-        self, plan: _LayerPlan, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [N, hidden] (one row per token) -> q [N, H, D], k and v [N, Hkv, D], rotary applied."""
+    @staticmethod
+    def _project_qkv(plan: _LayerPlan, h: torch.Tensor) -> torch.Tensor:
+        """h [N, hidden] (one row per token) -> q | k | v rows [N, (H + 2 Hkv) * D]."""
         if plan.qkv is not None:
-            qkv = plan.qkv(h)
-        else:
-            qkv = torch.cat([plan.q(h), plan.k(h), plan.v(h)], dim=-1)
-        return self._rotate_qkv(plan, qkv, cos, sin)
+            return plan.qkv(h)
+        return torch.cat([plan.q(h), plan.k(h), plan.v(h)], dim=-1)
 
     def _rotate_qkv(
         self, plan: _LayerPlan, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> _Heads:
         """Projected q | k | v rows [N, (H + 2 Hkv) * D] -> q [N, H, D], k and v [N, Hkv, D].
 
         q and k are rotated together: one set of elementwise ops per layer instead of two."""
@@ -256,22 +370,12 @@ class LlamaRunner:
         qk = qk * cos + _rotate_half(qk) * sin
         return qk[:, :heads], qk[:, heads:], v.reshape(tokens, kv_heads, dim)
 
-    def _mlp(self, plan: _LayerPlan, h: torch.Tensor) -> torch.Tensor:
-        if plan.gate_up is not None:
-            gate, up = plan.gate_up(h).chunk(2, dim=-1)
-        else:
-            gate, up = plan.gate(h), plan.up(h)
-        return plan.down(plan.act(gate) * up)
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_norm(hidden)).float()
-
     @staticmethod
     def _split_logits(
         rows: torch.Tensor,
         batch: int,
         chunks: Sequence[PrefillChunk],
-        logits: Callable[[torch.Tensor], torch.Tensor],
+        logits: _Logits,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """`step`'s return: `logits` of the decode rows (the first `batch`) and of each chunk's
         rows as it asked (all of them, or its last as [vocab]); None for what is absent. The
@@ -344,77 +448,36 @@ class LlamaRunner:
         split, since decode queries read their own slots and each chunk is causal over its slot.
         Returns (float32 decode logits [B, vocab] or None, per chunk its logits or None: [vocab]
         for its last token, or [n, vocab] with `chunk.logits == "all"`).
+
+        Between the matmuls run native kernels when the model qualifies (`_NativeOps`), else
+        torch ops (`_EagerOps`); the loop and the modules are the same.
         """
         batch = len(decode_ids)
         self._check_chunks(batch, chunks)
-        if self.native_decode and native.serving_kernels() is not None:
-            return self._step_native(decode_ids, decode_positions, chunks)
+        ops = self._step_ops(decode_positions, chunks)
         chunk_ids = [token for chunk in chunks for token in chunk.token_ids]
         x = self.embed(torch.tensor(list(decode_ids) + chunk_ids, dtype=torch.long))
-        positions = torch.tensor(decode_positions, dtype=torch.long)
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        if chunks:
-            chunk_cos, chunk_sin = self._chunk_rotary(chunks)
-            cos, sin = torch.cat([cos, chunk_cos]), torch.cat([sin, chunk_sin])
-        decode = _DecodeView.build(decode_positions) if batch else None
+        x = x.contiguous()  # the residual: the native norms update it in place
+        delta = None  # what the last layer adds to the residual, added by the next norm
         for index, plan in enumerate(self.layers):
-            q, k, v = self._project_qkv(plan, plan.input_norm(x), cos, sin)
-            parts = []
-            if decode is not None:
-                parts.append(self._attend_decode(index, decode, q[:batch], k[:batch], v[:batch]))
-            if chunks:
-                parts += self._attend_chunks(index, chunks, q[batch:], k[batch:], v[batch:])
+            x, h = ops.add_norm(x, delta, plan.input_norm)
+            decoded, chunk_heads = ops.attend_decode(index, plan, self._project_qkv(plan, h))
+            parts = [] if decoded is None else [decoded]
+            if chunk_heads is not None:
+                parts += self._attend_chunks(index, chunks, *chunk_heads)
             attn = parts[0] if len(parts) == 1 else torch.cat(parts)
-            x = x + plan.o(attn)
-            x = x + self._mlp(plan, plan.post_norm(x))
-        return self._split_logits(x, batch, chunks, self._logits)
+            x, h = ops.add_norm(x, plan.o(attn), plan.post_norm)
+            delta = plan.down(ops.gated(plan, h))
+        rows, logits = ops.finish(x, delta, self.final_norm)
+        return self._split_logits(rows, batch, chunks, logits)
 
-    def _step_native(
-        self,
-        decode_ids: list[int],
-        decode_positions: list[int],
-        chunks: Sequence[PrefillChunk],
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-        """`step` with the same modules and roundings; between the matmuls, native calls:
-        residual add + RMSNorm, SiLU(gate) * up, and for the decoding sequences rotary + cache
-        writes + attention, each over its own cached keys in place (cached keys bit-identical to
-        the eager ops'). Prompt chunks' rotary and causal attention stay eager."""
-        kernels = native.serving_kernels()
-        batch = len(decode_ids)
-        chunk_ids = [token for chunk in chunks for token in chunk.token_ids]
-        x = self.embed(torch.tensor(list(decode_ids) + chunk_ids, dtype=torch.long))
-        x = x.contiguous()  # the residual, updated in place by the norms
-        positions = torch.tensor(decode_positions, dtype=torch.long)
-        if chunks:
-            chunk_cos, chunk_sin = self._chunk_rotary(chunks)
-        delta = None
-        for index, plan in enumerate(self.layers):
-            norm = plan.input_norm
-            qkv = plan.qkv(kernels.add_rms_norm(x, delta, norm.weight, norm.eps))
-            parts = []
-            if batch:
-                parts.append(
-                    kernels.decode_attention(
-                        qkv[:batch],
-                        self.cos,
-                        self.sin,
-                        self.k_cache[index],
-                        self.v_cache[index],
-                        positions,
-                        self.n_heads,
-                        self.scaling,
-                    )
-                )
-            if chunks:
-                q, k, v = self._rotate_qkv(plan, qkv[batch:], chunk_cos, chunk_sin)
-                parts += self._attend_chunks(index, chunks, q, k, v)
-            attn = parts[0] if len(parts) == 1 else torch.cat(parts)
-            norm = plan.post_norm
-            h = kernels.add_rms_norm(x, plan.o(attn), norm.weight, norm.eps)
-            delta = plan.down(kernels.silu_mul(plan.gate_up(h)))
-        final = self.final_norm
-        normed = kernels.add_rms_norm(x, delta, final.weight, final.eps)
-        return self._split_logits(normed, batch, chunks, lambda rows: self.lm_head(rows).float())
+    def _step_ops(
+        self, decode_positions: list[int], chunks: Sequence[PrefillChunk]
+    ) -> _EagerOps | _NativeOps:
+        kernels = native.serving_kernels() if self.native_decode else None
+        if kernels is None:
+            return _EagerOps(self, decode_positions, chunks)
+        return _NativeOps(self, kernels, decode_positions, chunks)
 
     def _attend_decode(
         self, layer: int, view: _DecodeView, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

@@ -6,7 +6,7 @@ import logging
 import math
 import os
 
-from .api.gateway import GatewayDeployment, routing_user_config
+from .api.deployment import GatewayDeployment, routing_user_config
 from .config import SlimserveConfig, load_config
 from .replica.server import VariantServer
 

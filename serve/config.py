@@ -15,17 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from slimserve.compression.specs import CompressionSpec
 from slimserve.kernels import cpu_isa
 
-
-def vllm_can_run(spec: CompressionSpec) -> bool:
-    """Whether vLLM for CPU has kernels for what this spec produces (see vllm_export)."""
-    if spec.method == "smoothquant-w8a8":
-        return not getattr(spec, "include_embeddings", False)  # no int8 embedding in vLLM
-    if spec.method not in ("rtn", "gptq", "awq"):
-        return False
-    # compressed-tensors (and so vLLM) stores integer zero points only
-    return getattr(spec, "bits", None) == 4 and getattr(spec, "zero_point", "integer") == "integer"
-
-
 log = logging.getLogger(__name__)
 
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -284,7 +273,8 @@ class SlimserveConfig(_Strict):
             if self.engine_for(name).name != "vllm":
                 continue
             level = cpu_isa.active()
-            if variant.compression and level < cpu_isa.Isa.AVX512:
+            needed = max((s.cpu_isa_needed("vllm") for s in variant.compression), default=None)
+            if needed is not None and level < needed:
                 raise ValueError(
                     f"variants.{name}: engine 'vllm' runs compressed checkpoints on CPU only with "
                     f"AVX-512 VNNI; this CPU runs at ISA level {level.label} (vLLM's engine core "
@@ -292,7 +282,7 @@ class SlimserveConfig(_Strict):
                     "serve this variant on engine 'torch'"
                 )
             for index, spec in enumerate(variant.compression):
-                if not vllm_can_run(spec):
+                if not spec.runs_on("vllm"):
                     raise ValueError(
                         f"variants.{name}.compression.{index}: {spec.method} has no kernel in "
                         "vLLM's CPU build; engine 'vllm' takes smoothquant-w8a8 (with "

@@ -1,1 +1,2 @@
-"""The OpenAI-compatible API: wire models, errors, the gateway ingress and its admin routes."""
+"""The OpenAI-compatible API: wire models and errors, one router module per endpoint, the gateway
+core they share, and its Ray Serve deployment."""

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import AdminOptions, ShadowRule
 from ..engine.types import ErrorInfo
 from ..routing.router import RoutingError
-from .errors import OpenAIError, from_validation_error, parse_json_body
+from .errors import OpenAIError, validate_body
 
 if TYPE_CHECKING:
     from .gateway import GatewayCore
@@ -67,13 +67,6 @@ def check_bearer(expected: str | None, header: str | None) -> None:
         raise _forbidden("invalid admin token", "invalid_token")
 
 
-async def _body(request: Request, model: type[BaseModel]) -> Any:
-    try:
-        return model.model_validate(parse_json_body(await request.body()))
-    except ValidationError as error:
-        raise from_validation_error(error) from None
-
-
 def admin_router(core: GatewayCore, token: str | None) -> APIRouter:
     router = APIRouter(prefix="/admin")
 
@@ -88,7 +81,7 @@ def admin_router(core: GatewayCore, token: str | None) -> APIRouter:
     @router.put("/routing")
     async def put_routing(request: Request) -> dict:
         guard(request)
-        update = await _body(request, RoutingUpdate)
+        update = validate_body(await request.body(), RoutingUpdate)
         try:
             core.apply_routing(split=update.split, shadow=update.shadow)
         except RoutingError as error:
@@ -98,7 +91,7 @@ def admin_router(core: GatewayCore, token: str | None) -> APIRouter:
     @router.put("/canary")
     async def put_canary(request: Request) -> dict:
         guard(request)
-        toggle = await _body(request, CanaryToggle)
+        toggle = validate_body(await request.body(), CanaryToggle)
         core.canary.set_auto(toggle.enabled)
         return core.routing_state()
 

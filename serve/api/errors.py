@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import TypeVar
 
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..engine.types import ErrorInfo
 from .protocol import ErrorBody, ErrorResponse
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -61,3 +64,11 @@ def parse_json_body(raw: bytes) -> object:
         raise OpenAIError.of(
             400, f"We could not parse the JSON body of your request: {error}", code="invalid_json"
         ) from None
+
+
+def validate_body(raw: bytes, model: type[ModelT]) -> ModelT:
+    """A request body as `model`, or the OpenAIError the caller is answered with."""
+    try:
+        return model.model_validate(parse_json_body(raw))
+    except ValidationError as error:
+        raise from_validation_error(error) from None

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from ..engine.types import SamplingParams
 
@@ -17,7 +25,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(BaseModel):
+class GenerationRequest(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share."""
+
     # strict: "5" is not a number; unknown fields are ignored, as OpenAI SDKs send many.
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -90,7 +100,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
@@ -100,15 +110,8 @@ class ChatCompletionRequest(_GenerationRequest):
             params.max_tokens = self.max_completion_tokens
         return params
 
-    def chat_messages(self) -> list[dict]:
-        # "developer" is OpenAI's newer name for the system role.
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
 
-
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     prompt: str | list[str]
     echo: bool = False
     logprobs: int | None = None
@@ -125,9 +128,6 @@ class CompletionRequest(_GenerationRequest):
         if self.echo or self.logprobs:
             raise ValueError("echo and logprobs are not supported yet")
         return self
-
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -180,6 +180,11 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # OpenAI leaves unset delta fields out rather than sending nulls.
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatChunkChoice(BaseModel):

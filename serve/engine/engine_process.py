@@ -5,10 +5,9 @@ they shared the interpreter lock with Ray's per-token streaming, and through Ray
 lost about 40% of its in-process throughput. In a child process they share nothing: the replica
 only forwards requests and relays each step's events (one message per step, not per token).
 
-Parent side: `EngineProcess`, with the same surface as `TorchEngine` (generate, score,
-target_logprobs, stats, is_alive, shutdown). Child side: `_child_main`, which loads and
-compresses the variant, runs a `TorchEngine` and answers the pipe. The child exits when the pipe
-closes, so a killed replica never leaves an engine behind.
+Parent side: `EngineProcess`, a `ScoringEngine` (protocol.py) like `TorchEngine`. Child side:
+`_child_main`, which loads and compresses the variant, runs a `TorchEngine` and answers the
+pipe. The child exits when the pipe closes, so a killed replica never leaves an engine behind.
 """
 
 from __future__ import annotations
@@ -99,7 +98,7 @@ class _PipeSink:
 
 def _child_main(conn: Connection, config: dict[str, Any], variant: str) -> None:
     from ..logs import configure_logging
-    from ..observability.flop_count import count_engine_flops
+    from ..observability.flops import count_engine_flops
     from .factory import build_torch_engine
 
     configure_logging()

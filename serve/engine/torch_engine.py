@@ -1,11 +1,11 @@
 """Engine "torch": iteration-level (continuous) batching.
 
-Every step the scheduler (1) drops aborted sequences, then (2) runs one forward pass that
-decodes a token for every running sequence and, in the same pass, prefills up to
-`prefill_chunk_tokens` prompt tokens of waiting sequences, as many as fit (each in its own KV
-slot). New requests therefore join the running batch without a pass of their own, a burst of
-them joins in a step or two, finished ones leave at once, and a long prompt is spread over
-several steps.
+Every step drops aborted sequences, then runs one forward pass that decodes a token for every
+running sequence and, in the same pass, prefills chunks of waiting prompts (what goes into a
+step is the scheduler's: see scheduler.py). New requests therefore join the running batch
+without a pass of their own, a burst of them joins in a step or two, finished ones leave at
+once, and a long prompt is spread over several steps. This module runs that loop: the model
+calls, sampling, and delivering each step's events.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .limits import (
 )
 from .prefix_cache import PrefixCache
 from .sampling import make_generator, sample_tokens
+from .scheduler import Scheduler, SlotMove, StepPlan
 from .types import EngineEvent, ErrorInfo, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,8 @@ async def drain_events(events: asyncio.Queue[EngineEvent]) -> AsyncIterator[Engi
 
 
 class TorchEngine:
+    """Implements `ScoringEngine` (protocol.py)."""
+
     serves_any_loop = True  # events go to whichever caller's loop asked (see LoopSink)
 
     def __init__(self, model: Any, tokenizer: Any, limits: EngineLimits) -> None:
@@ -173,7 +176,12 @@ class TorchEngine:
         # Slots: the batch, one for scoring (so it never waits for a free slot), then the
         # prefix cache's.
         self.score_slot = limits.max_num_seqs
-        self.prefix_cache = PrefixCache(limits.max_num_seqs + 1, limits.prefix_cache_slots)
+        self.scheduler: Scheduler[_Sequence] = Scheduler(
+            limits.max_num_seqs,
+            limits.prefill_chunk_tokens,
+            limits.max_queued_requests,
+            PrefixCache(limits.max_num_seqs + 1, limits.prefix_cache_slots),
+        )
         self.runner = LlamaRunner(
             model,
             limits.max_num_seqs + 1 + limits.prefix_cache_slots,
@@ -182,11 +190,6 @@ class TorchEngine:
         )
         self._score_jobs: deque[_ScoreJob] = deque()
         self.eos_ids = self._eos_ids(model, tokenizer)
-        self._waiting: deque[_Sequence] = deque()
-        self._decoding: list[_Sequence] = []  # index == KV slot
-        # Prompts being prefilled, in the slots right after the decoding ones. Between steps
-        # at most one (a prompt longer than a step's budget).
-        self._prefilling: list[_Sequence] = []
         self._wakeup = threading.Event()
         self._outbox = _Outbox()
         # One sink per caller loop, so a step wakes each loop once however many it serves.
@@ -216,12 +219,12 @@ class TorchEngine:
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the scheduler on a background thread (in-process serving and tests)."""
+        """Run the engine loop on a background thread (in-process serving and tests)."""
         self._thread = threading.Thread(target=self.run, name="torch-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Ask the scheduler loop to return after its current step (thread-safe)."""
+        """Ask the engine loop to return after its current step (thread-safe)."""
         self._stopping = True
         self._wakeup.set()
 
@@ -235,9 +238,8 @@ class TorchEngine:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "running": len(self._decoding) + len(self._prefilling),
-            # list() copies in one step under the GIL; the engine thread pops meanwhile
-            "waiting": sum(not s.aborted for s in list(self._waiting)),
+            "running": self.scheduler.running(),
+            "waiting": self.scheduler.waiting(),
             "kv_cache_bytes": self.runner.kv_cache_bytes,
             "packed_weight_bytes": self.runner.packed_weight_bytes,
             "kernels": chosen_backends(),  # this process's: the engine may run in its own
@@ -257,7 +259,7 @@ class TorchEngine:
         """Queue a request (thread-safe); its events go to `sink` under `key`. An ErrorInfo
         when it cannot be taken (too long for the context, or the queue is full)."""
         problem = context_error(prompt_ids, params, self.limits.max_model_len)
-        if problem is None and len(self._waiting) >= self.limits.max_queued_requests:
+        if problem is None and self.scheduler.queue_full():
             problem = queue_full_error()
         if problem is not None:
             return problem
@@ -271,7 +273,7 @@ class TorchEngine:
             key=key,
             generator=make_generator(params),
         )
-        self._waiting.append(seq)
+        self.scheduler.enqueue(seq)
         self._wakeup.set()
         return seq
 
@@ -333,16 +335,16 @@ class TorchEngine:
             return
         job.reply(torch.log_softmax(logits, dim=-1), None)
 
-    # ---- the scheduler thread --------------------------------------------------------------
+    # ---- the engine thread -----------------------------------------------------------------
 
     def run(self) -> None:
-        """The scheduler loop, on the calling thread, until `stop`. The engine process runs it
+        """The engine loop, on the calling thread, until `stop`. The engine process runs it
         on its main thread: the thread that loaded the model already owns an OpenMP team, and a
         second team on another thread made libgomp throttle its spin-waits, which measured
         1.7x slower per decode step on 2 cores."""
         with torch.inference_mode():
             while not self._stopping:
-                if not (self._waiting or self._decoding or self._prefilling or self._score_jobs):
+                if not (self.scheduler.has_work() or self._score_jobs):
                     self._wakeup.wait(timeout=0.5)
                     self._wakeup.clear()
                     continue
@@ -353,110 +355,67 @@ class TorchEngine:
                     self._fail_running(error)
 
     def _step(self) -> None:
-        self._drop_aborted()
+        self._move_slots(self.scheduler.drop_aborted())
         if self._score_jobs:
             self._score_one(self._score_jobs.popleft())
         try:
             self._forward_once()
+            # Counted before the events go out: a caller that reads stats on its last event
+            # sees this step.
+            self.counters["steps"] += 1
         finally:
             self._outbox.flush()
-        self.counters["steps"] += 1
 
-    def _drop_aborted(self) -> None:
-        for index in range(len(self._decoding) - 1, -1, -1):
-            if self._decoding[index].aborted:
-                self._release(index)
-        if any(seq.aborted for seq in self._prefilling):  # at most one between steps
-            self._prefilling = [seq for seq in self._prefilling if not seq.aborted]
-
-    def _plan_prefill(self) -> list[tuple[_Sequence, PrefillChunk]]:
-        """This step's prompt chunks, in slots right after the decoding ones: the prompt left
-        unfinished by the last step first, then waiting requests in arrival order, while the
-        step's budget of prompt tokens and the free slots last. Only the last chunk can stop
-        short of its prompt's end, so at most one prompt is ever left half-done."""
-        budget = self.limits.prefill_chunk_tokens
-        planned: list[tuple[_Sequence, PrefillChunk]] = []
-        slot = len(self._decoding)
-        while budget > 0 and slot < self.limits.max_num_seqs:
-            if len(self._prefilling) == len(planned):
-                admitted = self._admit(slot)
-                if admitted is None:
-                    break
-                self._prefilling.append(admitted)
-            seq = self._prefilling[len(planned)]
-            ids = seq.prompt_ids[seq.cached : seq.cached + budget]
-            done = seq.cached + len(ids) == len(seq.prompt_ids)
-            planned.append((seq, PrefillChunk(slot, ids, seq.cached, "last" if done else "none")))
-            budget -= len(ids)
-            slot += 1
-        return planned
-
-    def _admit(self, slot: int) -> _Sequence | None:
-        """The next live waiting request, its reusable prompt prefix copied into `slot`."""
-        while self._waiting:
-            candidate = self._waiting.popleft()
-            if not candidate.aborted:
-                candidate.queue_seconds = time.perf_counter() - candidate.arrived
-                self._reuse_prefix(candidate, slot)
-                return candidate
-        return None
-
-    def _reuse_prefix(self, seq: _Sequence, slot: int) -> None:
-        hit = self.prefix_cache.lookup(seq.prompt_ids)
-        if hit is not None:
-            self.runner.move_slot(hit.slot, slot, hit.tokens)
-            seq.cached = hit.tokens
-            self.counters["prefix_cached_tokens"] += hit.tokens
-
-    def _remember_prefix(self, seq: _Sequence, slot: int) -> None:
-        target = self.prefix_cache.slot_to_fill(seq.prompt_ids)
-        if target is not None:
-            self.runner.move_slot(slot, target, len(seq.prompt_ids))
+    def _move_slots(self, moves: list[SlotMove]) -> None:
+        for move in moves:
+            self.runner.move_slot(move.source, move.target, move.length)
 
     def _forward_once(self) -> None:
         """One pass over the weights: a token for every decoding sequence plus chunks of
         waiting prompts, so joining requests never stall the running ones for a pass."""
-        batch = list(self._decoding)
-        planned = self._plan_prefill()
-        if not batch and not planned:
+        step = self.scheduler.plan()
+        self._start_prefills(step)
+        if step.empty:
             return
+        batch = step.decode
         self.counters["peak_batch"] = max(self.counters["peak_batch"], len(batch))
         decode_logits, chunk_logits = self.runner.step(
             [s.generated[-1] for s in batch],
             [s.cached for s in batch],
-            [chunk for _, chunk in planned],
+            [
+                PrefillChunk(c.slot, c.token_ids, c.start, "last" if c.last else "none")
+                for c in step.chunks
+            ],
         )
-        for seq, chunk in planned:
-            seq.cached += len(chunk.token_ids)
-            self.counters["prompt_tokens"] += len(chunk.token_ids)
+        self.counters["prompt_tokens"] += sum(len(c.token_ids) for c in step.chunks)
+        outcome = self.scheduler.complete(step)
+        self._move_slots(outcome.moves)
         finished = self._accept_decoded(batch, decode_logits) if batch else []
-        # Finished prompts join the batch in slot order (their chunks sat right after it) and
-        # before any release moves a slot; an unfinished one can only be the last.
-        self._prefilling = []
-        joined = []
-        for (seq, chunk), logits in zip(planned, chunk_logits, strict=True):
-            if logits is None:
-                self._prefilling.append(seq)
-            else:
-                self._remember_prefix(seq, chunk.slot)
-                self._decoding.append(seq)
-                joined.append((len(self._decoding) - 1, seq, logits))
-        if joined:
+        if outcome.joined:
+            # Finished prompts joined the batch right after `batch`, in chunk order.
+            ends = [row for c, row in zip(step.chunks, chunk_logits, strict=True) if c.last]
             tokens = sample_tokens(
-                torch.stack([logits for _, _, logits in joined]),
-                [seq.params for _, seq, _ in joined],
-                [seq.generator for _, seq, _ in joined],
+                torch.stack(ends),
+                [seq.params for seq in outcome.joined],
+                [seq.generator for seq in outcome.joined],
             )
-            for (index, seq, _), token in zip(joined, tokens, strict=True):
+            for index, (seq, token) in enumerate(
+                zip(outcome.joined, tokens, strict=True), start=len(batch)
+            ):
                 if self._accept_token(seq, token):
                     finished.append(index)
-        for index in sorted(finished, reverse=True):
-            self._release(index)
+        self._move_slots(self.scheduler.release(finished))
+
+    def _start_prefills(self, step: StepPlan[_Sequence]) -> None:
+        """Copy the reused prompt prefixes of newly admitted requests into their slots."""
+        now = time.perf_counter()
+        for seq in step.admitted:
+            seq.queue_seconds = now - seq.arrived
+        self._move_slots(step.moves)
+        self.counters["prefix_cached_tokens"] += sum(move.length for move in step.moves)
 
     def _accept_decoded(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int]:
         """Sample and record a token for each decoding sequence; the indices that finished."""
-        for seq in batch:
-            seq.cached += 1
         tokens = sample_tokens(logits, [s.params for s in batch], [s.generator for s in batch])
         return [
             i
@@ -497,23 +456,9 @@ class TorchEngine:
         )
         return True
 
-    def _release(self, index: int) -> None:
-        """Free slot `index`, keeping decoding sequences packed in slots 0..B-1."""
-        last = len(self._decoding) - 1
-        if index != last:
-            moved = self._decoding[last]
-            self.runner.move_slot(last, index, moved.cached)
-            self._decoding[index] = moved
-        self._decoding.pop()
-        for offset, seq in enumerate(self._prefilling):  # they stay right after the batch
-            self.runner.move_slot(last + 1 + offset, last + offset, seq.cached)
-
     def _fail_running(self, error: Exception) -> None:
         info = server_error(f"generation failed: {error}")
-        victims = [*self._decoding, *self._prefilling]
-        self._decoding.clear()
-        self._prefilling = []
-        for seq in victims:
+        for seq in self.scheduler.clear_running():
             seq.finished = True
             self._outbox.add(seq, EngineEvent(kind="error", error=info))
         self._outbox.flush()

@@ -21,6 +21,11 @@ _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
 class VllmEngine:
+    """Implements `Engine` (protocol.py); it does not score (no `ScoringEngine`)."""
+
+    # AsyncLLM streams to the event loop it was started on.
+    serves_any_loop = False
+
     def __init__(
         self,
         model_path: str,

@@ -2,20 +2,29 @@
 
 Supported on vLLM's CPU build (0.32): W8A8 int8 (per-channel weights, dynamic per-token
 activations) from `W8A8Linear`, and W4A16 group-wise with zero points from 4-bit `LowBitLinear`.
-Packing uses the compressed-tensors library itself, so the layout is the one vLLM reads.
+Packing and the quantization_config (its W8A8 / W4A16_ASYM preset schemes) come from the
+compressed-tensors library itself, so the layout is the one vLLM reads.
 Anything else (int8 weight-only, 3-bit, 2:4 sparse, int8 embeddings) has no vLLM CPU kernel and
 is refused with a message naming the module, never exported in a lossy way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
+import compressed_tensors
 import torch
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import (
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+    preset_name_to_scheme,
+)
 from safetensors.torch import save_file
 from torch import nn
 
@@ -25,44 +34,43 @@ from slimserve.kernels.packing import unpack_int4
 log = logging.getLogger(__name__)
 
 
+# Bump when what is written changes in a way this file's code hash would not show.
+EXPORT_FORMAT = "compressed-tensors/1"
+
+
 class ExportError(ValueError):
     pass
 
 
-def _w8a8_scheme(targets: list[str]) -> dict[str, Any]:
+def exporter_identity() -> dict[str, str]:
+    """What shapes an export beyond the compressed model: this file's code, the format written
+    and the compressed-tensors release whose presets and packing it uses."""
     return {
-        "targets": targets,
-        "format": "int-quantized",
-        "weights": {
-            "num_bits": 8,
-            "type": "int",
-            "symmetric": True,
-            "strategy": "channel",
-            "dynamic": False,
-        },
-        "input_activations": {
-            "num_bits": 8,
-            "type": "int",
-            "symmetric": True,
-            "strategy": "token",
-            "dynamic": True,
-        },
+        "format": EXPORT_FORMAT,
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+        "compressed_tensors": compressed_tensors.__version__,
     }
 
 
-def _w4a16_scheme(targets: list[str], group_size: int) -> dict[str, Any]:
-    return {
-        "targets": targets,
-        "format": "pack-quantized",
-        "weights": {
-            "num_bits": 4,
-            "type": "int",
-            "symmetric": False,
-            "strategy": "group",
-            "group_size": group_size,
-            "dynamic": False,
-        },
-    }
+def _preset(
+    name: str, targets: list[str], fmt: CompressionFormat, **weights: Any
+) -> QuantizationScheme:
+    """A compressed-tensors preset scheme stored as `fmt`, with some weight arguments replaced."""
+    scheme = preset_name_to_scheme(name, targets).model_dump()
+    scheme["weights"].update(weights)
+    return QuantizationScheme.model_validate({**scheme, "format": fmt.value})
+
+
+def _w8a8_scheme(targets: list[str]) -> QuantizationScheme:
+    # The preset is what W8A8Linear computes: per-channel symmetric int8 weights times dynamic
+    # per-token symmetric int8 activations.
+    return _preset("W8A8", targets, CompressionFormat.int_quantized)
+
+
+def _w4a16_scheme(targets: list[str], group_size: int) -> QuantizationScheme:
+    # Asymmetric group-wise int4 (integer zero points) as LowBitLinear stores it; the preset's
+    # group size is replaced by the one the weights were quantized with.
+    return _preset("W4A16_ASYM", targets, CompressionFormat.pack_quantized, group_size=group_size)
 
 
 def _w8a8_tensors(name: str, module: W8A8Linear) -> dict[str, torch.Tensor]:
@@ -137,36 +145,32 @@ def _collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[
 
 
 def export_for_vllm(model: nn.Module, tokenizer: Any, target: Path) -> Path:
-    """Write `model` (after compression) to `target` as a compressed-tensors checkpoint."""
+    """Write `model` (after compression) into the new directory `target` as a compressed-tensors
+    checkpoint. Not atomic: a caller that shares the result writes to staging and renames."""
     tensors, groups, group_sizes = _collect(model)
     if not groups:
         raise ExportError("no W8A8 or 4-bit modules to export; serve the checkpoint as it is")
-    schemes = {}
+    schemes: dict[str, QuantizationScheme | list[str]] = {}
     if "w8a8" in groups:
         schemes["group_w8a8"] = _w8a8_scheme(groups["w8a8"])
     if "w4a16" in groups:
         schemes["group_w4a16"] = _w4a16_scheme(groups["w4a16"], next(iter(group_sizes)))
-    formats = {scheme["format"] for scheme in schemes.values()}
+    formats = {scheme.format for scheme in schemes.values()}
     config = model.config.to_dict()
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-        "quantization_status": "compressed",
-        "config_groups": schemes,
-        "ignore": ["lm_head"],
-    }
+    config["quantization_config"] = QuantizationConfig(
+        config_groups=schemes,
+        format=formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=["lm_head"],
+    ).model_dump(mode="json")
     # A tied lm_head must not be written twice: safetensors refuses shared storage.
     if config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
-    (staging / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(staging)
+    target.mkdir(parents=True)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(target)
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+        model.generation_config.save_pretrained(target)
     log.info("exported %s for vLLM: %s", target, {k: len(v) for k, v in groups.items()})
     return target

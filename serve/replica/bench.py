@@ -18,8 +18,8 @@ from pydantic import BaseModel
 from slimserve.models.store import resolve_model, torch_dtype
 
 from ..config import SlimserveConfig
-from ..observability.flop_count import count_engine_flops, count_model_flops
-from ..observability.flops import FlopModel
+from ..engine.protocol import Engine
+from ..observability.flops import FlopModel, count_engine_flops, count_model_flops
 from ..observability.peak import DevicePeak, device_peak
 from .self_bench import SelfBenchResult, run_self_bench, run_self_bench_blocking
 
@@ -45,7 +45,9 @@ def checkpoint_flops(model_name: str) -> FlopModel:
     return count_model_flops(skeleton)
 
 
-def bench_variant(engine: Any, tokenizer: Any, cfg: SlimserveConfig, variant: str) -> VariantBench:
+def bench_variant(
+    engine: Engine, tokenizer: Any, cfg: SlimserveConfig, variant: str
+) -> VariantBench:
     """Run on a started engine, before it serves."""
     started = time.perf_counter()
     options = cfg.engine_for(variant)
@@ -55,7 +57,7 @@ def bench_variant(engine: Any, tokenizer: Any, cfg: SlimserveConfig, variant: st
         torch_dtype(options.dtype), cfg.mfu.peak_flops_per_second, cfg.mfu.benchmark_seconds
     )
     result = None
-    on_own_loop = getattr(engine, "serves_any_loop", False)
+    on_own_loop = engine.serves_any_loop
     if cfg.self_bench.enabled and on_own_loop:
         result = run_self_bench_blocking(
             engine, tokenizer, cfg.self_bench, options.max_model_len, options.max_num_seqs
@@ -72,7 +74,7 @@ def bench_variant(engine: Any, tokenizer: Any, cfg: SlimserveConfig, variant: st
 
 
 async def run_deferred_self_bench(
-    bench: VariantBench, engine: Any, tokenizer: Any, cfg: SlimserveConfig, variant: str
+    bench: VariantBench, engine: Engine, tokenizer: Any, cfg: SlimserveConfig, variant: str
 ) -> None:
     """The self-benchmark on the current (serving) event loop; fills in `bench`."""
     options = cfg.engine_for(variant)

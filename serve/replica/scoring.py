@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from ..engine.protocol import Engine, ScoringEngine
+
 
 class ScoreResult(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -36,10 +38,10 @@ def scored_ids(prompt_ids: list[int], reference_ids: list[int], limit: int) -> l
 
 
 async def score_reference(
-    engine: Any, prompt_ids: list[int], reference_ids: list[int], limit: int
+    engine: Engine, prompt_ids: list[int], reference_ids: list[int], limit: int
 ) -> ScoreResult:
-    if not hasattr(engine, "score"):
-        raise NotImplementedError("this engine has no score(); next-token KL is unavailable")
+    if not isinstance(engine, ScoringEngine):
+        raise NotImplementedError("this engine does not score; next-token KL is unavailable")
     ids = scored_ids(prompt_ids, reference_ids, limit)
     if len(ids) < 2:
         raise ValueError("need at least two tokens to score")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from slimserve.compression.calibration import load_text, token_windows
 
 from ..config import SelfBenchOptions
+from ..engine.protocol import Engine, ScoringEngine
 from ..engine.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,8 @@ class SelfBenchResult(BaseModel):
     seconds: float = 0.0
     unavailable: list[str] = Field(default_factory=list)
 
-    @property
-    def best_decode_tokens_per_second(self) -> float | None:
-        return max(self.decode_tokens_per_second.values(), default=None)
 
-
-async def perplexity(engine: Any, windows: torch.Tensor) -> tuple[float, int]:
+async def perplexity(engine: ScoringEngine, windows: torch.Tensor) -> tuple[float, int]:
     """exp(mean negative log-likelihood) over every next-token prediction in the windows."""
     nll, count = 0.0, 0
     for window in windows.tolist():
@@ -51,7 +48,7 @@ async def perplexity(engine: Any, windows: torch.Tensor) -> tuple[float, int]:
     return math.exp(nll / count), count
 
 
-async def _run_stream(engine: Any, name: str, prompt: list[int], params: SamplingParams) -> list:
+async def _run_stream(engine: Engine, name: str, prompt: list[int], params: SamplingParams) -> list:
     """(time, tokens) of each delta event of one request."""
     stamps = []
     async for event in engine.generate(name, prompt, params):
@@ -62,7 +59,7 @@ async def _run_stream(engine: Any, name: str, prompt: list[int], params: Samplin
     return stamps
 
 
-async def prefill_rate(engine: Any, prompts: list[list[int]]) -> float:
+async def prefill_rate(engine: Engine, prompts: list[list[int]]) -> float:
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     started = time.perf_counter()
     await asyncio.gather(
@@ -71,7 +68,7 @@ async def prefill_rate(engine: Any, prompts: list[list[int]]) -> float:
     return sum(map(len, prompts)) / (time.perf_counter() - started)
 
 
-async def decode_rate(engine: Any, prompts: list[list[int]], tokens: int) -> float:
+async def decode_rate(engine: Engine, prompts: list[list[int]], tokens: int) -> float:
     """Tokens/s once every stream has its first token. An engine may hand a caller several
     steps' tokens as one delta when the caller lags behind; if every token came before that
     point (a fast engine, a busy loop), the rate is taken over the whole requests instead,
@@ -95,17 +92,17 @@ def _prompts(ids: torch.Tensor, count: int, length: int) -> list[list[int]]:
 
 
 async def run_self_bench(
-    engine: Any, tokenizer: Any, options: SelfBenchOptions, max_model_len: int, max_num_seqs: int
+    engine: Engine, tokenizer: Any, options: SelfBenchOptions, max_model_len: int, max_num_seqs: int
 ) -> SelfBenchResult:
     started = time.perf_counter()
     result = SelfBenchResult(text=options.text)
     text = load_text(options.text, "evaluation")
     window = min(options.window_tokens, max_model_len)
-    if options.perplexity_windows and hasattr(engine, "target_logprobs"):
+    if options.perplexity_windows and isinstance(engine, ScoringEngine):
         windows = token_windows(tokenizer, text, window, options.perplexity_windows)
         result.perplexity, result.perplexity_tokens = await perplexity(engine, windows)
     elif options.perplexity_windows:
-        result.unavailable.append("perplexity: this engine has no target_logprobs()")
+        result.unavailable.append("perplexity: this engine does not score")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     prefill_len = min(options.prefill_tokens, max_model_len - 1)
     decode_len = min(options.decode_tokens, max_model_len - DECODE_PROMPT_TOKENS - 1)

@@ -18,6 +18,7 @@ from slimserve.kernels.dispatch import chosen_backends, merged_backends
 
 from ..config import SlimserveConfig
 from ..engine.factory import build_engine
+from ..engine.protocol import Engine
 from ..engine.types import EngineEvent, ErrorInfo, GenerateRequest
 from ..logs import configure_logging
 from ..observability.memory import memory_stats
@@ -37,7 +38,8 @@ class VariantServer:
         torch.set_num_threads(options.intra_op_threads())
         model_name = cfg.model_for(variant)
         built = build_engine(cfg, variant)
-        self.engine, self.tokenizer, self.report = built.engine, built.tokenizer, built.report
+        self.engine: Engine = built.engine
+        self.tokenizer, self.report = built.tokenizer, built.report
         self.cache_status = built.cache_status
         self.engine.start()
         self.engine_name = options.name

@@ -4,7 +4,7 @@ After a source request has finished (the caller already has its answer), a sampl
 runs on the target as a fire-and-forget task. Copies are bounded (`shadow.max_concurrency` in
 flight) and dropped when the gateway is busy (`shadow.max_gateway_in_flight` caller requests in
 flight), and each one is counted as shadowed, dropped or failed. A finished copy is scored: both
-variants score the prompt + the source's completion (teacher-forced), and serve.shadow_scores
+variants score the prompt + the source's completion (teacher-forced), and routing.shadow_scores
 turns the two into exact match, token agreement, next-token KL and reference perplexities.
 """
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import uuid
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from ..api.protocol import new_id
 from ..config import ShadowOptions, ShadowRule
 from ..engine.types import GenerateRequest
 from ..observability.flops import score_work
@@ -114,7 +114,7 @@ class ShadowManager:
             self._in_flight -= 1
 
     async def _replay(self, variant: str, request: GenerateRequest) -> str:
-        copy = request.model_copy(update={"request_id": new_id("shadow")})
+        copy = request.model_copy(update={"request_id": f"shadow-{uuid.uuid4().hex}"})
         work = RequestWork()
         parts: list[str] = []
         events = self.backends[variant].generate(copy)

@@ -156,7 +156,7 @@ def test_dispatch_chooses_by_batch_size_on_cpu() -> None:
 
     exact_int8 = "cpu-int-mm" if cpu_paths.int8_gemms_exact() else "reference"
     assert select_w8a8_backend(_x(64, k, torch.bfloat16)) == exact_int8
-    assert select_sparse24_backend(_x(1, k, torch.bfloat16), None) == "reference"
+    assert select_sparse24_backend(_x(1, k, torch.bfloat16)) == "reference"
 
 
 def test_ops_record_the_backend_they_ran() -> None:

@@ -17,6 +17,7 @@ from slimserve.kernels import (
     cpu_paths,
     quantize_int8_absmax,
 )
+from slimserve.kernels.base import CompressedLinear, pack_model_for_cpu
 from slimserve.kernels.dispatch import chosen_backends
 from slimserve.kernels.reference import quantize_per_token_int8
 
@@ -134,6 +135,24 @@ def test_w8a8_without_onednn_int8_stays_on_int_mm(monkeypatch) -> None:
     assert module.pack_for_cpu() == 0
     assert module.cpu_pack is None and torch.equal(module.qweight, qweight)
     torch.testing.assert_close(module(x), before, rtol=0, atol=0)
+
+
+def test_pack_model_for_cpu_reaches_nested_modules() -> None:
+    qweight, wscale = quantize_int8_absmax(torch.randn(24, 64))
+    nested = W8A8Linear.from_quantized(qweight, wscale, None, torch.bfloat16)
+    wrapper = torch.nn.Module()
+    wrapper.inner = nested  # as LLM.int8's mixed module holds its int8 part
+    model = torch.nn.Sequential(
+        wrapper, Int8Linear(qweight, wscale.to(torch.bfloat16), None, torch.bfloat16)
+    )
+    expected = W8A8Linear.from_quantized(qweight, wscale, None, torch.bfloat16).pack_for_cpu()
+    assert pack_model_for_cpu(model) == expected  # Int8Linear has nothing to pack
+    assert (nested.cpu_pack is not None or nested.cpu_native_pack is not None) == (expected > 0)
+
+
+def test_every_compressed_linear_shares_the_base() -> None:
+    linears = [cls for cls in COMPRESSED_MODULES if cls is not Int8Embedding]
+    assert all(issubclass(cls, CompressedLinear) for cls in linears)
 
 
 def test_w8a8_rejects_bad_input() -> None:

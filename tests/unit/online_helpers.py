@@ -11,7 +11,8 @@ from typing import Any
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from slimserve.serve.api.gateway import GatewayCore, InProcessBackend, create_api
+from slimserve.serve.api.backends import InProcessBackend
+from slimserve.serve.api.gateway import GatewayCore, create_api
 from slimserve.serve.config import SlimserveConfig, parse_config
 from slimserve.serve.replica.server import VariantServer
 

@@ -12,7 +12,12 @@ import torch
 from pydantic import TypeAdapter
 
 from slimserve.compression import artifact_cache
-from slimserve.compression.artifact_cache import artifact_identity, artifact_key, load_or_compress
+from slimserve.compression.artifact_cache import (
+    artifact_identity,
+    artifact_key,
+    compression_key,
+    load_or_compress,
+)
 from slimserve.compression.lowrank import LowRankLinear
 from slimserve.compression.specs import CompressionSpec
 from slimserve.kernels import Int8Embedding, Int8Linear, SparseLinear
@@ -129,6 +134,24 @@ def test_key_changes_with_specs_dtype_model_and_versions(tiny_model_dir, tmp_pat
     versions = artifact_cache.library_versions()
     monkeypatch.setattr(artifact_cache, "library_versions", lambda: {**versions, "torch": "9"})
     assert key(int8) != base
+
+
+def test_compression_key_names_the_artifact_and_follows_the_code(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    specs = [{"method": "int8-weight-only"}]
+
+    def key():
+        return compression_key(
+            str(tiny_model_dir), SPECS.validate_python(specs), "bfloat16", tmp_path
+        )
+
+    before = key()
+    run(tiny_model_dir, tmp_path, specs)
+    assert [p.name for p in artifact_dirs(tmp_path)] == [before[:32]]
+    # An injected change, on purpose: the digest of slimserve's compression and kernel sources.
+    monkeypatch.setattr(artifact_cache, "_code_digest", lambda: "edited")
+    assert key() != before
 
 
 def test_no_specs_loads_the_plain_model_and_writes_nothing(tiny_model_dir, tmp_path):

@@ -15,6 +15,7 @@ import torch
 
 from slimserve.serve.engine.engine_process import EngineProcess, EngineStartError
 from slimserve.serve.engine.factory import build_torch_engine
+from slimserve.serve.engine.protocol import ScoringEngine
 from slimserve.serve.engine.types import SamplingParams
 
 from .online_helpers import online_config
@@ -44,6 +45,7 @@ def _text(events):
 
 def test_the_engine_process_answers_like_the_in_process_engine(config, process_engine):
     local = build_torch_engine(config, "full").engine
+    assert isinstance(process_engine, ScoringEngine) and isinstance(local, ScoringEngine)
     local.start()
     prompts = [[1, 5, 9, 200, 31], [7, 7, 7], [300, 2, 45, 8, 1, 90, 14]]
     try:

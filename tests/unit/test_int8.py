@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from slimserve.compression import apply_compression, resident_weight_bytes
-from slimserve.compression.quant_specs import Int8WeightOnlySpec
+from slimserve.compression.methods.int8_weight_only import Int8WeightOnlySpec
 from slimserve.kernels import Int8Embedding, Int8Linear, quantize_int8_absmax
 from slimserve.kernels.int8 import int8_weight_matmul_reference
 

@@ -97,7 +97,7 @@ def _to_w8a8(model) -> None:
 
 def _to_int8_weight_only(model) -> None:
     from slimserve.compression import apply_compression
-    from slimserve.compression.quant_specs import Int8WeightOnlySpec
+    from slimserve.compression.specs import Int8WeightOnlySpec
 
     apply_compression(model, [Int8WeightOnlySpec(method="int8-weight-only")])
 

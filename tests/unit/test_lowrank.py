@@ -10,7 +10,7 @@ from pydantic import TypeAdapter
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimserve.compression.activations import calibration_override
+from slimserve.compression.calib_data import calibration_override
 from slimserve.compression.lowrank import LowRankLinear, choose_rank, factorize, low_rank_linear
 from slimserve.compression.registry import apply_compression
 from slimserve.compression.specs import CompressionSpec

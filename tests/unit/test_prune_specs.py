@@ -6,14 +6,12 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 from transformers import LlamaConfig
 
-from slimserve.compression.prune_specs import (
-    FFNPruneSpec,
-    HeadPruneSpec,
-    LayerPruneSpec,
-    LowRankSpec,
-    WandaSpec,
-    parse_nm,
-)
+from slimserve.compression.methods.low_rank import LowRankSpec
+from slimserve.compression.methods.prune_ffn import FFNPruneSpec
+from slimserve.compression.methods.prune_heads import HeadPruneSpec
+from slimserve.compression.methods.prune_layers import LayerPruneSpec
+from slimserve.compression.methods.sparsity import parse_nm
+from slimserve.compression.methods.wanda import WandaSpec
 from slimserve.compression.specs import CompressionSpec
 from slimserve.serve.config import ConfigError, parse_config
 

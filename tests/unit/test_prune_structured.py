@@ -9,7 +9,7 @@ import torch
 from pydantic import TypeAdapter
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimserve.compression.activations import calibration_override
+from slimserve.compression.calib_data import calibration_override
 from slimserve.compression.registry import apply_compression
 from slimserve.compression.specs import CompressionSpec
 from slimserve.models.llama_runner import LlamaRunner
@@ -199,8 +199,8 @@ def test_head_importance_equals_each_heads_output_energy():
     o_proj = torch.nn.Linear(4 * HEAD_DIM, 64, bias=False)
     x = torch.randn(50, 4 * HEAD_DIM)
     importance = HeadImportance(o_proj, 4, HEAD_DIM)
-    importance(x[:20])
-    importance(x[20:])
+    importance.add(x[:20])
+    importance.add(x[20:])
     w = o_proj.weight.detach()
     cols = [slice(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in range(4)]
     direct = [float((x[:, c] @ w[:, c].t()).pow(2).sum()) for c in cols]

@@ -9,12 +9,11 @@ import torch
 from pydantic import TypeAdapter
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimserve.compression.activations import calibration_override
+from slimserve.compression.calib_data import calibration_override
 from slimserve.compression.nm_sparsity import holds_nm, nm_mask, row_mask
-from slimserve.compression.prune_methods import PRUNE_METHODS
 from slimserve.compression.registry import apply_compression
 from slimserve.compression.sparsegpt import sparsegpt_solve
-from slimserve.compression.specs import CompressionSpec
+from slimserve.compression.specs import METHODS, CompressionSpec
 from slimserve.compression.wanda import wanda_scores
 from slimserve.kernels import SparseLinear
 from slimserve.models.llama_runner import LlamaRunner
@@ -233,4 +232,4 @@ def test_prune_then_quantize_composes(base, calib):
 
 
 def test_methods_are_registered():
-    assert {"magnitude", "wanda", "sparsegpt"} <= set(PRUNE_METHODS)
+    assert {"magnitude", "wanda", "sparsegpt"} <= set(METHODS)

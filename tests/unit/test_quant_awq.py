@@ -9,7 +9,7 @@ from slimserve.compression.arch import decoder_layers, input_groups
 from slimserve.compression.awq import apply_awq, search_clip, search_scale
 from slimserve.compression.grid import fake_quantize_groups
 from slimserve.compression.lowbit import output_error
-from slimserve.compression.quant_specs import AWQSpec
+from slimserve.compression.methods.awq import AWQSpec
 from slimserve.compression.smoothing import InputScaled, apply_input_scale
 from slimserve.kernels import LowBitLinear
 

@@ -10,7 +10,8 @@ from slimserve.compression.calib_data import calibration_ids
 from slimserve.compression.gptq import apply_gptq, gptq_quantize
 from slimserve.compression.grid import quantize_groups
 from slimserve.compression.lowbit import relative_output_error
-from slimserve.compression.quant_specs import CalibrationSpec, GPTQSpec
+from slimserve.compression.methods.gptq import GPTQSpec
+from slimserve.compression.spec_base import CalibrationSpec
 from slimserve.kernels import LowBitLinear
 
 from .conftest import tiny_llama

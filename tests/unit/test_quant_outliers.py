@@ -11,8 +11,10 @@ from slimserve.compression.composite import inner_from_meta, inner_meta
 from slimserve.compression.gobo import OutlierSparseLinear, apply_gobo, gobo_linear, outlier_mask
 from slimserve.compression.grid import quantize_groups
 from slimserve.compression.llm_int8 import MixedInt8Linear, apply_llm_int8
-from slimserve.compression.quant_specs import GoboSpec, LLMInt8Spec
+from slimserve.compression.methods.gobo import GoboSpec
+from slimserve.compression.methods.llm_int8 import LLMInt8Spec
 from slimserve.kernels import Int8Linear, LowBitLinear, W8A8Linear
+from slimserve.models.llama_runner import LlamaRunner
 
 from .conftest import tiny_llama
 
@@ -78,6 +80,27 @@ def test_apply_llm_int8_finds_outliers_on_calibration_data():
     with torch.no_grad():
         out, ref = model(IDS).logits, reference(IDS).logits
     assert (out - ref).pow(2).mean() < 1e-3 * ref.pow(2).mean()
+
+
+def test_serving_packs_the_w8a8_inside_llm_int8_modules():
+    probe = W8A8Linear.from_quantized(
+        torch.ones(16, 64, dtype=torch.int8), torch.ones(16), None, torch.float32
+    )
+    if probe.pack_for_cpu() == 0:
+        pytest.skip("neither oneDNN int8 nor the native int8 GEMM packs on this CPU")
+    model = tiny_llama(vocab_size=256)
+    with torch.no_grad():
+        for layer in model.model.layers:  # outliers into q/k/v and gate/up
+            layer.input_layernorm.weight[:2] = 50.0
+            layer.post_attention_layernorm.weight[:2] = 50.0
+    apply_llm_int8(model, LLMInt8Spec(method="llm-int8", threshold=6.0), calibration=IDS)
+    inner = [m.inner for m in model.modules() if isinstance(m, MixedInt8Linear)]
+    assert inner and all(isinstance(m, W8A8Linear) for m in inner)
+    runner = LlamaRunner(model, max_slots=1, max_len=32, pack_dense=True)
+    # Nested under MixedInt8Linear, each W8A8 still got its CPU copy (q/k/v and gate/up too,
+    # which the runner cannot fuse).
+    assert all(m.cpu_pack is not None or m.cpu_native_pack is not None for m in inner)
+    assert runner.packed_weight_bytes >= sum(m.out_features * m.in_features for m in inner)
 
 
 def _heavy_tailed(rows: int = 64, cols: int = 128) -> torch.Tensor:

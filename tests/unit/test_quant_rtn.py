@@ -7,9 +7,8 @@ import torch
 
 from slimserve.compression.grid import dequantize, quantize_groups
 from slimserve.compression.lowbit import lowbit_linear
-from slimserve.compression.quant_specs import RTNSpec
+from slimserve.compression.methods.rtn import RTNSpec
 from slimserve.compression.report import resident_weight_bytes
-from slimserve.compression.rtn import apply_rtn
 from slimserve.kernels import LowBitLinear
 
 from .conftest import tiny_llama
@@ -58,7 +57,7 @@ def test_lowbit_linear_computes_with_the_dequantized_weight():
 def test_apply_rtn_replaces_linears_and_shrinks_the_model():
     model = tiny_llama(vocab_size=256)
     reference = copy.deepcopy(model)
-    report = apply_rtn(model, RTNSpec(method="rtn", bits=4, group_size=32, skip=["*.0.mlp.*"]))
+    report = RTNSpec(method="rtn", bits=4, group_size=32, skip=["*.0.mlp.*"]).apply(model)
     layers = model.model.layers
     assert isinstance(layers[1].mlp.down_proj, LowBitLinear)
     assert isinstance(layers[0].mlp.down_proj, torch.nn.Linear)  # skipped
@@ -96,5 +95,5 @@ def test_a_weight_already_on_a_4bit_grid_is_recovered_with_float_zeros():
 def test_apply_refuses_a_group_size_that_does_not_divide_before_any_work():
     model = tiny_llama(vocab_size=256)  # in-features 64 and 128
     with pytest.raises(ValueError, match="group_size 256 does not divide"):
-        apply_rtn(model, RTNSpec(method="rtn", group_size=256))
+        RTNSpec(method="rtn", group_size=256).apply(model)
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slimserve.compression.arch import decoder_layers, input_groups
-from slimserve.compression.quant_specs import SmoothQuantSpec
+from slimserve.compression.methods.smoothquant_w8a8 import SmoothQuantSpec
 from slimserve.compression.smoothing import apply_input_scale
 from slimserve.compression.smoothquant import (
     apply_smoothquant,

@@ -4,7 +4,10 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 from transformers import LlamaConfig
 
-from slimserve.compression.quant_specs import AWQSpec, GoboSpec, GPTQSpec, RTNSpec
+from slimserve.compression.methods.awq import AWQSpec
+from slimserve.compression.methods.gobo import GoboSpec
+from slimserve.compression.methods.gptq import GPTQSpec
+from slimserve.compression.methods.rtn import RTNSpec
 from slimserve.compression.specs import CompressionSpec
 
 SPEC = TypeAdapter(CompressionSpec)

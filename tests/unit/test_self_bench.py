@@ -11,8 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimserve.compression.calibration import load_text, token_windows
+from slimserve.serve.config import SelfBenchOptions
+from slimserve.serve.engine.limits import EngineLimits
+from slimserve.serve.engine.protocol import Engine, ScoringEngine
 from slimserve.serve.engine.types import EngineEvent
-from slimserve.serve.replica.self_bench import decode_rate
+from slimserve.serve.engine.vllm_engine import VllmEngine
+from slimserve.serve.replica.scoring import score_reference
+from slimserve.serve.replica.self_bench import decode_rate, run_self_bench
 from slimserve.serve.replica.server import VariantServer
 
 from .online_helpers import FAST_SELF_BENCH, online_config
@@ -75,3 +80,39 @@ class _OneDeltaEngine:
 def test_decode_rate_of_coalesced_deltas_is_not_zero():
     rate = asyncio.run(decode_rate(_OneDeltaEngine(), [[1, 2, 3]] * 2, tokens=31))
     assert 2 * 32 / 0.2 < rate < 2 * 32 / 0.04  # whole requests of ~50 ms, in parallel
+
+
+class _StreamOnlyEngine(_OneDeltaEngine):
+    """An engine that generates but does not score, as engine "vllm"."""
+
+    serves_any_loop = True
+
+    def start(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return True
+
+    def stats(self) -> dict:
+        return {}
+
+
+def test_every_engine_declares_whether_it_scores(server):
+    assert isinstance(server.engine, ScoringEngine)
+    vllm = VllmEngine("unused", "bfloat16", EngineLimits(1, 16, 1, 16))  # never started
+    assert isinstance(vllm, Engine) and not isinstance(vllm, ScoringEngine)
+
+
+def test_an_engine_that_does_not_score_is_benchmarked_for_speed_only(server):
+    engine = _StreamOnlyEngine()
+    assert isinstance(engine, Engine) and not isinstance(engine, ScoringEngine)
+    options = SelfBenchOptions(**{**FAST_SELF_BENCH, "batch_sizes": [1]})
+    result = asyncio.run(run_self_bench(engine, server.tokenizer, options, 128, 4))
+    assert result.perplexity is None and result.perplexity_tokens == 0
+    assert result.unavailable == ["perplexity: this engine does not score"]
+    assert result.decode_tokens_per_second["1"] > 0
+    with pytest.raises(NotImplementedError, match="does not score"):
+        asyncio.run(score_reference(engine, [1, 2, 3], [4, 5], limit=16))

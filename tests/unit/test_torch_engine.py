@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from slimserve.serve.engine.limits import EngineLimits
+from slimserve.serve.engine.protocol import ScoringEngine
 from slimserve.serve.engine.torch_engine import TorchEngine
 from slimserve.serve.engine.types import SamplingParams
 
@@ -58,6 +59,7 @@ def test_concurrent_requests_share_batches_and_match_hf_generate(engine, tokeniz
             )[0, len(prompt) :]
         assert text == tokenizer.decode(expected, skip_special_tokens=True)
     assert engine.stats()["peak_batch"] > 1  # they really decoded together
+    assert isinstance(engine, ScoringEngine)
 
 
 def test_waiting_requests_join_together_within_the_prefill_budget(tokenizer):

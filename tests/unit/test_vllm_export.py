@@ -1,6 +1,7 @@
 """The compressed-tensors export: what vLLM reads (loading it in vLLM is an integration test)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +46,11 @@ def test_w8a8_export_writes_int8_weights_and_the_scheme(tmp_path, tokenizer):
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
     group = config["config_groups"]["group_w8a8"]
-    assert group["input_activations"]["dynamic"] and group["weights"]["strategy"] == "channel"
+    # What W8A8Linear computes: per-channel symmetric int8 weights, dynamic per-token activations.
+    weights, inputs = group["weights"], group["input_activations"]
+    assert (weights["num_bits"], weights["strategy"], weights["symmetric"]) == (8, "channel", True)
+    assert (inputs["num_bits"], inputs["strategy"], inputs["symmetric"]) == (8, "token", True)
+    assert inputs["dynamic"] is True and weights["dynamic"] is False
     assert len(group["targets"]) == 2 * 7  # every projection of both layers
     tensors = load_file(out / "model.safetensors")
     q_proj = model.model.layers[0].self_attn.q_proj
@@ -60,6 +65,11 @@ def test_w4a16_export_round_trips_through_compressed_tensors_unpacking(tmp_path,
 
     model = _swap(tiny_llama(vocab_size=512), _rtn4)
     out = export_for_vllm(model, tokenizer, tmp_path / "w4")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    weights = config["config_groups"]["group_w4a16"]["weights"]
+    assert (weights["num_bits"], weights["strategy"], weights["group_size"]) == (4, "group", 32)
+    assert weights["symmetric"] is False  # integer zero points travel with the weights
     tensors = load_file(out / "model.safetensors")
     module = model.model.layers[1].mlp.down_proj
     prefix = "model.layers.1.mlp.down_proj"
@@ -105,3 +115,53 @@ def test_config_accepts_only_what_vllm_can_run(spec, ok):
     else:
         with pytest.raises(ConfigError, match=r"variants\.v\.compression\.0"):
             parse_config(data)
+
+
+def test_vllm_export_comes_from_the_artifact_cache_and_is_reused(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Compressor runs and exports are counted: a repeat build runs neither; a changed spec or
+    compression code re-runs both; a changed exporter re-exports the cached artifact."""
+    from slimserve.compression import artifact_cache
+    from slimserve.serve.engine import factory, vllm_export
+
+    monkeypatch.setenv("SLIMSERVE_CACHE", str(tmp_path))
+    compressions, exports = [], []
+    real_apply, real_export = artifact_cache.apply_compression, vllm_export.export_for_vllm
+    identity = vllm_export.exporter_identity()
+
+    def counted_apply(*args, **kwargs):
+        compressions.append(args[1])
+        return real_apply(*args, **kwargs)
+
+    def counted_export(*args, **kwargs):
+        exports.append(args[2])
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(artifact_cache, "apply_compression", counted_apply)
+    monkeypatch.setattr(vllm_export, "export_for_vllm", counted_export)
+
+    def build(group_size=64):
+        spec = {"method": "rtn", "bits": 4, "group_size": group_size}
+        variant = {"engine": {"name": "vllm", "dtype": "bfloat16"}, "compression": [spec]}
+        cfg = parse_config({"model": str(tiny_model_dir), "variants": {"v": variant}})
+        path, _, report, _, compress_s = factory._compressed_checkpoint(cfg, "v")
+        config = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+        assert config["config_groups"]["group_w4a16"]["weights"]["group_size"] == group_size
+        assert report.weight_bytes_after < report.weight_bytes_before
+        return path, compress_s, (len(compressions), len(exports))
+
+    first, compress_s, counts = build()
+    assert counts == (1, 1) and compress_s > 0
+    again, compress_s, counts = build()
+    assert (again, compress_s, counts) == (first, 0.0, (1, 1))
+    regrouped, _, counts = build(group_size=32)
+    assert regrouped != first and counts == (2, 2)
+    # Injected code changes: the hashes of source files that cannot be edited inside a test.
+    monkeypatch.setattr(vllm_export, "exporter_identity", lambda: {**identity, "code": "edited"})
+    re_exported, _, counts = build()
+    assert re_exported not in (first, regrouped) and counts == (2, 3)  # artifact reused
+    monkeypatch.setattr(artifact_cache, "_code_digest", lambda: "edited")
+    recompressed, _, counts = build()
+    assert recompressed not in (first, regrouped, re_exported) and counts == (3, 4)
+    assert not list((tmp_path / "vllm-exports").glob(".tmp-*"))

@@ -1,0 +1,257 @@
+"""slimserve next to what CPU users would run instead (llama.cpp's llama-server, vLLM for CPU).
+
+    python -m slimserve.loadtests.cpu_servers_bench \\
+        --servers llamacpp-f32 llamacpp-q8_0 llamacpp-q4_1 slimserve --concurrency 1 8 32
+
+One server after another on the same machine, the same load for each (OpenAI chat completions,
+streaming, --tokens greedy tokens per request with ignore_eos, closed loop), and the perplexity
+of each row's weights on slimserve's held-out evaluation text. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from slimserve.loadtests.cpu_servers import (
+    CMAKE_FLAGS,
+    LlamaCpp,
+    ensure_gguf,
+    ensure_llamacpp,
+    llama_server_spec,
+    running,
+    slimserve_spec,
+    vllm_spec,
+)
+from slimserve.loadtests.decode_bench import BenchRow, bench_variant
+from slimserve.models.paths import cache_root
+from slimserve.serve.logs import configure_logging
+
+log = logging.getLogger("slimserve.loadtests.cpu_servers_bench")
+
+MODEL = "smollm2-135m-instruct"
+LLAMACPP_SERVERS = {f"llamacpp-{kind}": kind for kind in ("f32", "q8_0", "q4_1")}
+SERVERS = [*LLAMACPP_SERVERS, "slimserve", "vllm"]
+
+
+class Entry(BaseModel):
+    """One table row: a served model, its load results per concurrency, its perplexity."""
+
+    label: str
+    request_model: str
+    results: list[BenchRow] = []
+    perplexity: float | None = None
+
+
+# Perplexity -------------------------------------------------------------------------------------
+
+
+def evaluation_text_file() -> Path:
+    """slimserve's held-out evaluation text (pydoc, evaluation split) as a file for llama.cpp."""
+    from slimserve.compression.calibration import load_text
+
+    path = cache_root() / "llama.cpp" / "pydoc-evaluation.txt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(load_text("pydoc", "evaluation"))
+    return path
+
+
+def llamacpp_perplexity(llamacpp: LlamaCpp, gguf: Path, args: argparse.Namespace) -> float:
+    """llama-perplexity over the first --ppl-tokens tokens: --ppl-context token chunks, each
+    scored on its second half."""
+    command = [
+        str(llamacpp.binary("llama-perplexity")),
+        *("-m", str(gguf), "-f", str(evaluation_text_file()), "-t", str(args.threads)),
+        *("-c", str(args.ppl_context), "--chunks", str(args.ppl_tokens // args.ppl_context)),
+    ]
+    log.info("perplexity of %s with llama-perplexity", gguf.name)
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", result.stdout + result.stderr)
+    if found is None:
+        raise RuntimeError(f"no final PPL in llama-perplexity's output:\n{result.stderr[-2000:]}")
+    return float(found.group(1))
+
+
+def slimserve_perplexity(config: str, variant: str, args: argparse.Namespace) -> float:
+    """slimserve's own evaluation of a config's variant, as served (dtype, compression), over
+    the same first --ppl-tokens tokens, windows of --ppl-context every half window."""
+    from slimserve.compression.artifact_cache import load_or_compress
+    from slimserve.compression.evaluation import evaluation_ids, perplexity
+    from slimserve.serve.offline_cli import load_targets
+
+    _, (target,) = load_targets(config, [variant])
+    log.info("perplexity of slimserve %s with slimserve's evaluation", variant)
+    model, tokenizer, _, _ = load_or_compress(target.model, target.specs, target.dtype)
+    ids = evaluation_ids(tokenizer, max_tokens=args.ppl_tokens)
+    return perplexity(model, ids, context=args.ppl_context, stride=args.ppl_context // 2)
+
+
+# Load -------------------------------------------------------------------------------------------
+
+
+async def load_entries(url: str, entries: list[Entry], args: argparse.Namespace) -> None:
+    """The closed-loop load at each concurrency, for each entry, against one running server."""
+    for entry in entries:
+        for concurrency in args.concurrency:
+            requests = args.requests_per_stream * concurrency
+            row = await bench_variant(
+                url, entry.request_model, entry.label, concurrency, requests, args.tokens
+            )
+            log.info("%s", row.model_dump_json())
+            entry.results.append(row)
+
+
+def measure_llamacpp(kind: str, args: argparse.Namespace) -> list[Entry]:
+    llamacpp = ensure_llamacpp(args.jobs)
+    gguf = ensure_gguf(llamacpp, MODEL, kind)
+    entry = Entry(label=f"llama.cpp {kind.upper()}", request_model=MODEL)
+    slots = max(args.concurrency)
+    spec = llama_server_spec(llamacpp, gguf, f"llamacpp-{kind}", args.port, slots, args.threads)
+    with running(spec, args.log_dir) as url:
+        asyncio.run(load_entries(url, [entry], args))
+    entry.perplexity = llamacpp_perplexity(llamacpp, gguf, args)
+    return [entry]
+
+
+def measure_slimserve(args: argparse.Namespace) -> list[Entry]:
+    entries = [
+        Entry(label=f"slimserve {variant}", request_model=f"{MODEL}:{variant}")
+        for variant in args.slimserve_variants
+    ]
+    with running(slimserve_spec(args.slimserve_config, args.port), args.log_dir) as url:
+        asyncio.run(load_entries(url, entries, args))
+    for entry, variant in zip(entries, args.slimserve_variants, strict=True):
+        entry.perplexity = slimserve_perplexity(args.slimserve_config, variant, args)
+    return entries
+
+
+def measure_vllm(args: argparse.Namespace) -> list[Entry]:
+    """vLLM serves the same bf16 weights as slimserve's full variant: no perplexity of its own."""
+    from slimserve.models.store import resolve_model
+
+    entry = Entry(label="vLLM (bf16)", request_model=MODEL)
+    spec = vllm_spec(resolve_model(MODEL), MODEL, args.port, max(args.concurrency))
+    with running(spec, args.log_dir) as url:
+        asyncio.run(load_entries(url, [entry], args))
+    return [entry]
+
+
+def measure(server: str, args: argparse.Namespace) -> list[Entry]:
+    if server in LLAMACPP_SERVERS:
+        return measure_llamacpp(LLAMACPP_SERVERS[server], args)
+    if server == "slimserve":
+        return measure_slimserve(args)
+    return measure_vllm(args)
+
+
+# Table ------------------------------------------------------------------------------------------
+
+
+def cpu_description() -> str:
+    """/proc/cpuinfo's model name and AVX-512 / AMX flags."""
+    info = Path("/proc/cpuinfo").read_text()
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+    flags_line = re.search(r"^flags\s*:\s*(.+)$", info, re.MULTILINE)
+    flags = sorted(
+        set(
+            re.findall(r"avx512[a-z0-9_]*|amx[a-z0-9_]*", flags_line.group(1) if flags_line else "")
+        )
+    )
+    model = name.group(1).strip() if name else "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores; flags: {' '.join(flags) or 'no AVX-512 / AMX'}"
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render(entries: list[Entry], concurrency: list[int]) -> str:
+    top = max(concurrency)
+    head = [
+        "server",
+        *(f"output tok/s c={c}" for c in concurrency),
+        f"per-stream tok/s c={top}",
+        f"TTFT p50 ms c={top}",
+        "PPL",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for entry in entries:
+        by_concurrency = {row.concurrency: row for row in entry.results}
+        last = by_concurrency[top]
+        cells = [
+            entry.label,
+            *(_cell(by_concurrency[c].output_tokens_per_s) for c in concurrency),
+            _cell(last.per_stream_tokens_per_s),
+            _cell(last.ttft_p50_ms),
+            "-" if entry.perplexity is None else f"{entry.perplexity:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def header(args: argparse.Namespace, load_before: str, load_after: str) -> str:
+    command = "python -m slimserve.loadtests.cpu_servers_bench " + " ".join(sys.argv[1:])
+    top = max(args.concurrency)
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join(
+        [
+            f"Command: `{command}`",
+            f"CPU: {cpu_description()}. Date: {now}. Load average (1/5/15 min) before: "
+            f"{load_before}, after: {load_after}.",
+            f"Load: {args.tokens} output tokens per request (ignore_eos, greedy), streaming chat "
+            f"completions, {args.requests_per_stream} requests per stream, closed loop. "
+            f"llama-server: `-np {top} -t {args.threads} -c {top * 128}`, built with "
+            f"{' '.join(CMAKE_FLAGS)}.",
+            f"PPL: the first {args.ppl_tokens} tokens of slimserve's held-out text (pydoc, "
+            f"evaluation split), context {args.ppl_context}. llama-perplexity scores the second "
+            f"half of each non-overlapping {args.ppl_context}-token chunk; slimserve's evaluation "
+            f"slides a {args.ppl_context}-token window by {args.ppl_context // 2} and scores every "
+            "token once (the first window's early tokens with less context).",
+        ]
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS[:4])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--port", type=int, default=8091, help="every server, one at a time")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel jobs building llama.cpp")
+    parser.add_argument("--slimserve-config", default="deploy/configs/default.yaml")
+    parser.add_argument("--slimserve-variants", nargs="+", default=["full", "int8"])
+    parser.add_argument("--ppl-tokens", type=int, default=16384)
+    parser.add_argument("--ppl-context", type=int, default=512)
+    parser.add_argument("--log-dir", type=Path, default=cache_root() / "llama.cpp" / "logs")
+    return parser.parse_args()
+
+
+def main() -> None:
+    configure_logging()
+    args = parse_args()
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    load_before = load_average()
+    entries = [entry for server in args.servers for entry in measure(server, args)]
+    print(header(args, load_before, load_average()))
+    print()
+    print(render(entries, args.concurrency))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The gateway's view of a variant: generate, stats and score, wherever the variant runs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any, Protocol
+
+from ..engine.types import EngineEvent, GenerateRequest
+
+
+class VariantBackend(Protocol):
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[EngineEvent, None]: ...
+    async def stats(self) -> dict[str, Any]: ...
+    async def score(self, request: GenerateRequest, reference: str, limit: int) -> dict: ...
+
+
+class InProcessBackend:
+    """A VariantServer in this process (tests, tools)."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[EngineEvent, None]:
+        async for item in self.server.generate(request.model_dump()):
+            yield EngineEvent.model_validate(item)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.server.stats()
+
+    async def score(self, request: GenerateRequest, reference: str, limit: int) -> dict:
+        return await self.server.score(request.model_dump(), reference, limit)
+
+
+class RayBackend:
+    """A VariantServer deployment behind a Ray Serve DeploymentHandle."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self._stream = handle.options(stream=True)
+
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[EngineEvent, None]:
+        response = self._stream.generate.remote(request.model_dump())
+        try:
+            async for item in response:
+                yield EngineEvent.model_validate(item)
+        finally:
+            response.cancel()  # frees the replica's batch slot when the caller went away
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.handle.stats.remote()
+
+    async def score(self, request: GenerateRequest, reference: str, limit: int) -> dict:
+        return await self.handle.score.remote(request.model_dump(), reference, limit)

@@ -1,0 +1,47 @@
+"""The gateway as a Ray Serve ingress deployment, with live routing changes from user_config."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI
+
+from ..config import RoutingConfig, SlimserveConfig
+from .backends import RayBackend
+from .gateway import GatewayCore, create_api
+
+log = logging.getLogger(__name__)
+
+
+class GatewayDeployment:
+    """Ray Serve ingress: built with the variants' handles, serves the gateway's FastAPI app."""
+
+    def __init__(self, config: dict[str, Any], variants: dict[str, Any]) -> None:
+        from ..logs import configure_logging
+
+        configure_logging()
+        backends = {name: RayBackend(handle) for name, handle in variants.items()}
+        self.core = GatewayCore(SlimserveConfig.model_validate(config), backends)
+        self._user_config = routing_user_config(self.core.config.routing)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self.core)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Ray Serve calls this with the deployment's user_config: at start, and live whenever
+        `serve deploy` brings a new one. It takes the routing section (bare or under
+        "routing"). The one it was built with is skipped, so a running canary keeps its split.
+        """
+        routing = RoutingConfig.model_validate(user_config.get("routing", user_config))
+        as_dict = routing_user_config(routing)
+        if as_dict == self._user_config:
+            return
+        self.core.apply_routing_section(routing, RoutingConfig.model_validate(self._user_config))
+        self._user_config = as_dict
+        log.info("reconfigured routing: %s", as_dict)
+
+
+def routing_user_config(routing: RoutingConfig) -> dict[str, Any]:
+    """The gateway deployment's user_config: the routing section as JSON."""
+    return routing.model_dump(mode="json")
