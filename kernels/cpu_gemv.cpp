@@ -1,4 +1,4 @@
-// One- and two-row W8A16 matmul (decode at batch 1-2) for x86-64 CPUs with AVX-512 VNNI, loaded
+// W8A16 matmul for decode batches (1-2 rows on AVX-512 VNNI, 1-32 on AVX2), loaded
 // through ctypes (kernels/native.py builds it once per machine with the system C++ compiler).
 //
 // Why not torch._weight_int8pack_mm: at 1-8 rows a decode step only streams the int8 weights, and
@@ -23,7 +23,12 @@ enum SlimDtype { SLIM_F32 = 0, SLIM_BF16 = 1, SLIM_F16 = 2 };
 static const int64_t CODE_LIMIT = 32767;
 // Each byte sum is at most 255 * 127 * K: it fits an int32 up to this K.
 static const int64_t MAX_K = INT32_MAX / (255 * 127);
+#if defined(SLIM_ISA_AVX2)
+// AVX2: rows in groups of four, each group reading the weights once (kernels/README.md).
+static const int64_t MAX_ROWS = 32;
+#else
 static const int64_t MAX_ROWS = 2;  // from 3 rows torch's int8pack is faster (kernels/README.md)
+#endif
 // Distance (bytes of weight rows) the loads run ahead of the products.
 static const int64_t PREFETCH_BYTES = 12288;
 
@@ -44,26 +49,16 @@ extern "C" int64_t slim_w8a16_max_k(void) { return MAX_K; }
 
 extern "C" int slim_cpu_supported(void) { return slim_build_runs_here(); }
 
-// Whether this build's GEMV beats torch's int8pack and so serves: not the AVX2 build, whose
-// VPDPBUSD comes from SIMDe (exact, but ~15x slower than int8pack); its calls stay correct.
-extern "C" int slim_w8a16_gemv_served(void) {
-#if defined(SLIM_ISA_AVX2)
-  return 0;
-#else
-  return 1;
-#endif
-}
 
-// Row m of x -> int16 code c = 256 * (hi - 128) + lo as two unsigned bytes lo[m, :kp] and
-// hi[m, :kp] (padding: code 0, i.e. lo 0, hi 128), and scale[m]. A non-finite row gets a NaN
-// scale and zero codes.
-SLIM_AVX512 static void quantize_rows(const void *x, int dtype, int64_t rows, int64_t k, int64_t kp,
-                                      uint8_t *lo, uint8_t *hi, double *scales) {
+// Row m of x -> int16 codes c (|c| <= CODE_LIMIT, a step of the row's absmax / CODE_LIMIT) handed
+// to store(m, i, c), and scale[m]. A non-finite row gets a NaN scale and no codes (callers
+// prefill code 0).
+template <class Store>
+SLIM_AVX512 static void quantize_rows(const void *x, int dtype, int64_t rows, int64_t k,
+                                      double *scales, Store store) {
   for (int64_t m = 0; m < rows; m++) {
     float absmax = 0.0f;
     for (int64_t i = 0; i < k; i++) absmax = fmaxf(absmax, fabsf(load_scalar(x, dtype, m * k + i)));
-    memset(lo + m * kp, 0, (size_t)kp);
-    memset(hi + m * kp, 128, (size_t)kp);
     if (!isfinite(absmax)) {
       scales[m] = NAN;
       continue;
@@ -71,11 +66,8 @@ SLIM_AVX512 static void quantize_rows(const void *x, int dtype, int64_t rows, in
     scales[m] = (double)absmax / (double)CODE_LIMIT;
     if (absmax == 0.0f) continue;
     float inv = (float)CODE_LIMIT / absmax;
-    for (int64_t i = 0; i < k; i++) {
-      int32_t code = (int32_t)lrintf(load_scalar(x, dtype, m * k + i) * inv);
-      lo[m * kp + i] = (uint8_t)(code & 0xff);
-      hi[m * kp + i] = (uint8_t)((code >> 8) + 128);
-    }
+    for (int64_t i = 0; i < k; i++)
+      store(m, i, (int32_t)lrintf(load_scalar(x, dtype, m * k + i) * inv));
   }
 }
 
@@ -140,20 +132,146 @@ SLIM_AVX512 static void gemv_block(const uint8_t *lo, const uint8_t *hi, const d
   }
 }
 
-// out[M, N] = (x[M, K] @ w[N, K]^T) * wscale[N], x and out contiguous in xdtype; M <= 2.
+#if defined(SLIM_ISA_AVX2)
+// AVX2 has no VPDPBUSD: the int16 codes meet the int8 weights widened to int16 through
+// VPMADDWD. A pair sums to at most 2 * 32767 * 127, so an int32 lane takes 256 of them (K blocks
+// of 4096) before the block's sums move to int64: the same exact sums as the AVX-512 kernel, so
+// both builds return the same bits.
+static const int64_t AVX2_K_BLOCK = 256 * 16;
+static const int GROUP_ROWS = 4;  // code rows per group: 4 x 2 accumulators + 4 codes in 16 YMM
+
+static inline int64_t sum_lanes(__m256i v) {
+  int32_t lanes[8];
+  _mm256_storeu_si256((__m256i *)lanes, v);
+  int64_t total = 0;
+  for (int i = 0; i < 8; i++) total += lanes[i];  // int64: eight full lanes overflow int32
+  return total;
+}
+
+// sums[r][m] += the int64 dot products of ROWS code rows with WR weight rows (row r of w0, or
+// row 0 again past rows_here).
+template <int ROWS, int WR>
+static inline void dot_group_avx2(const int16_t *codes, int64_t kp, const int8_t *w0,
+                                  int rows_here, int64_t k, int64_t ahead,
+                                  int64_t (*sums)[GROUP_ROWS]) {
+  for (int64_t block = 0; block < k; block += AVX2_K_BLOCK) {
+    const int64_t end = block + AVX2_K_BLOCK < k ? block + AVX2_K_BLOCK : k;
+    __m256i acc[WR][ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < WR; r++)
+#pragma GCC unroll 4
+      for (int m = 0; m < ROWS; m++) acc[r][m] = _mm256_setzero_si256();
+    // Whole 16-weight steps, then the row's last < 16 weights from a zero-padded copy (codes
+    // are padded with zeros to kp): never a read past a weight row's end.
+    const int64_t whole = block + ((end - block) & ~(int64_t)15);
+    const int8_t *rows[WR];
+#pragma GCC unroll 4
+    for (int r = 0; r < WR; r++) rows[r] = w0 + (r < rows_here ? r : 0) * k;
+    for (int64_t i = block; i < whole; i += 16) {
+      __m256i xv[ROWS];
+#pragma GCC unroll 4
+      for (int m = 0; m < ROWS; m++)
+        xv[m] = _mm256_loadu_si256((const __m256i *)(codes + m * kp + i));
+#pragma GCC unroll 4
+      for (int r = 0; r < WR; r++) {
+        _mm_prefetch((const char *)(rows[r] + ahead * k + i), _MM_HINT_T0);
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[r] + i)));
+#pragma GCC unroll 4
+        for (int m = 0; m < ROWS; m++)
+          acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(xv[m], wv));
+      }
+    }
+    if (whole < end) {
+      for (int r = 0; r < WR; r++) {
+        int8_t tail[16] = {0};
+        memcpy(tail, rows[r] + whole, (size_t)(end - whole));
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)tail));
+        for (int m = 0; m < ROWS; m++) {
+          const __m256i xv = _mm256_loadu_si256((const __m256i *)(codes + m * kp + whole));
+          acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(xv, wv));
+        }
+      }
+    }
+    for (int r = 0; r < WR; r++)
+      for (int m = 0; m < ROWS; m++) sums[r][m] += sum_lanes(acc[r][m]);
+  }
+}
+
+// Every activation row against WR weight rows per pass: the pass's weight rows come from memory
+// once and stay in L1 while each group of up to GROUP_ROWS code rows meets them.
+static void gemv_avx2(const int16_t *codes, const double *xscale, int64_t m_total, int64_t kp,
+                      const int8_t *w, const void *wscale, int wdtype, int64_t n_total, int64_t k,
+                      void *out, int odtype) {
+  constexpr int WR = 2;
+  int64_t ahead = PREFETCH_BYTES / k;
+  ahead = ahead < WR ? WR : ahead;
+  for (int64_t n = 0; n < n_total; n += WR) {
+    // The last n_total % WR weight rows go through the same code as rows already done, then
+    // only the new ones are written: no separate remainder loop.
+    const int64_t first = n + WR <= n_total ? n : (n_total >= WR ? n_total - WR : 0);
+    const int rows_here = n_total >= WR ? WR : (int)n_total;
+    const int8_t *w0 = w + first * k;
+    for (int64_t row0 = 0; row0 < m_total; row0 += GROUP_ROWS) {
+      const int64_t rows = m_total - row0 < GROUP_ROWS ? m_total - row0 : GROUP_ROWS;
+      const int16_t *c = codes + row0 * kp;
+      int64_t sums[WR][GROUP_ROWS] = {};
+      if (rows == 1) dot_group_avx2<1, WR>(c, kp, w0, rows_here, k, ahead, sums);
+      else if (rows == 2) dot_group_avx2<2, WR>(c, kp, w0, rows_here, k, ahead, sums);
+      else if (rows == 3) dot_group_avx2<3, WR>(c, kp, w0, rows_here, k, ahead, sums);
+      else dot_group_avx2<4, WR>(c, kp, w0, rows_here, k, ahead, sums);
+      for (int r = 0; r < rows_here; r++) {
+        const int64_t index = first + r;
+        if (index < n) continue;  // written by the previous pass
+        const double ws = (double)load_scalar(wscale, wdtype, index);
+        for (int64_t m = 0; m < rows; m++)
+          store_scalar(out, odtype, (row0 + m) * n_total + index,
+                       (float)((double)sums[r][m] * xscale[row0 + m] * ws));
+      }
+    }
+  }
+}
+
+static void w8a16_gemv_avx2(const void *x, int xdtype, int64_t m, int64_t k, const int8_t *w,
+                            const void *wscale, int wdtype, int64_t n, void *out,
+                            int16_t *codes, double *scales) {
+  const int64_t kp = (k + 15) & ~(int64_t)15;
+  memset(codes, 0, (size_t)(m * kp) * sizeof(int16_t));
+  quantize_rows(x, xdtype, m, k, scales,
+                [&](int64_t row, int64_t i, int32_t code) { codes[row * kp + i] = (int16_t)code; });
+  gemv_avx2(codes, scales, m, kp, w, wscale, wdtype, n, k, out, xdtype);
+}
+#endif
+
+extern "C" int64_t slim_w8a16_max_rows(void) { return MAX_ROWS; }
+
+// out[M, N] = (x[M, K] @ w[N, K]^T) * wscale[N], x and out contiguous in xdtype; M <= MAX_ROWS.
 // Returns 0, or -1 for arguments outside the kernel's limits (checked first in Python).
 extern "C" int slim_w8a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, const int8_t *w,
                                const void *wscale, int wdtype, int64_t n, void *out) {
   if (m < 1 || m > MAX_ROWS || k < 1 || k > MAX_K || n < 1) return -1;
+  double scales[MAX_ROWS] = {0};
+#if defined(SLIM_ISA_AVX2)
+  const int64_t kp = (k + 15) & ~(int64_t)15;
+  int16_t *codes = (int16_t *)aligned_alloc(32, (size_t)(m * kp) * sizeof(int16_t));
+  if (codes == NULL) return -1;
+  w8a16_gemv_avx2(x, xdtype, m, k, w, wscale, wdtype, n, out, codes, scales);
+  free(codes);
+#else
   const int64_t kp = (k + 63) & ~(int64_t)63;
   uint8_t *bytes = (uint8_t *)aligned_alloc(64, (size_t)(2 * m * kp));
   if (bytes == NULL) return -1;
   uint8_t *lo = bytes, *hi = bytes + m * kp;
-  double scales[MAX_ROWS] = {0};
-  quantize_rows(x, xdtype, m, k, kp, lo, hi, scales);
+  // code c = 256 * (hi - 128) + lo; padding and zero rows: code 0 (lo 0, hi 128)
+  memset(lo, 0, (size_t)(m * kp));
+  memset(hi, 128, (size_t)(m * kp));
+  quantize_rows(x, xdtype, m, k, scales, [&](int64_t row, int64_t i, int32_t code) {
+    lo[row * kp + i] = (uint8_t)(code & 0xff);
+    hi[row * kp + i] = (uint8_t)((code >> 8) + 128);
+  });
   // One row: eight weight rows per pass (more loads in flight); two rows: four (registers).
   if (m == 1) gemv_block<1, 8>(lo, hi, scales, kp, w, wscale, wdtype, n, k, out, xdtype);
   else gemv_block<2, 4>(lo, hi, scales, kp, w, wscale, wdtype, n, k, out, xdtype);
   free(bytes);
+#endif
   return 0;
 }

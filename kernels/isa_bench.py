@@ -1,8 +1,14 @@
-"""W8A8 per call at every ISA level this CPU executes, against the fp32 dense matmul (what a full
-variant runs where `engine.dtype: auto` is fp32) and the exact fp32-chunk reference, one thread,
-best of `--rounds` calls (kernels/README.md, "Every CPU").
+"""Per call, at every ISA level this CPU executes, one thread, best of `--rounds` passes
+(kernels/README.md, "Every CPU"):
 
-    python -m slimserve.kernels.isa_bench --rows 1 8 32 128
+    python -m slimserve.kernels.isa_bench --op w8a8 --rows 1 8 32 128
+    python -m slimserve.kernels.isa_bench --op w8a16 --rows 1 2 4 8 16 32
+
+W8A8 runs against the fp32 dense matmul (what a full variant runs where `engine.dtype: auto` is
+fp32) and the exact fp32-chunk reference. W8A16 (fp32 activations) runs against torch's int8pack
+and the fp32 dense matmul. A pass cycles through `--copies` distinct weight matrices, as a decode
+step goes through a model's layers, so the weights come from memory and not from the caches;
+the figure is per matrix.
 """
 
 from __future__ import annotations
@@ -10,62 +16,117 @@ from __future__ import annotations
 import argparse
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from . import cpu_isa, native
+from . import cpu_isa, cpu_paths, native
 from .bench import format_table
+from .cpu_isa import Isa
 from .reference import int8_int8_matmul_reference, quantize_per_token_int8
 
 SHAPES = ((1536, 576), (576, 1536))
 
 
-def best_us(call: Callable[[], object], rounds: int) -> float:
-    call()
+def best_us(calls: Sequence[Callable[[], object]], rounds: int) -> float:
+    """Best time of one pass over `calls`, per call."""
+    for call in calls:
+        call()
     best = float("inf")
     for _ in range(rounds):
         started = time.perf_counter()
-        call()
+        for call in calls:
+            call()
         best = min(best, time.perf_counter() - started)
-    return best * 1e6
+    return best / len(calls) * 1e6
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--rounds", type=int, default=20)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    levels = cpu_isa.runnable()
-    header = ["N x K", "rows", *(f"W8A8 {level.label} us" for level in levels)]
-    header += ["fp32 dense us", "W8A8 reference us"]
+def _weights(n: int, k: int, copies: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    qweights = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(copies)]
+    scales = [torch.rand(n) * 1e-2 for _ in range(copies)]
+    return qweights, scales
+
+
+def w8a8_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> list[list[str]]:
     cells = []
     for n, k in SHAPES:
-        qweight = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-        wscale = torch.rand(n) * 1e-2
-        dense = torch.randn(n, k)
+        qweights, scales = _weights(n, k, copies)
+        dense = [torch.randn(n, k) for _ in range(copies)]
         packs = {}
         for level in levels:
             kernels = native.kernels_for(level)
             if kernels is not None:
-                packs[level] = (kernels, kernels.w8a8_pack(qweight))
-        for rows in args.rows:
-            x = torch.randn(rows, k)
-            row = [f"{n} x {k}", str(rows)]
+                packs[level] = (kernels, [kernels.w8a8_pack(q) for q in qweights])
+        for count in rows:
+            x = torch.randn(count, k)
+            row = [f"{n} x {k}", str(count)]
             for level in levels:
                 if level not in packs:
                     row.append("-")
                     continue
                 kernels, packed = packs[level]
-                call = functools.partial(kernels.w8a8_gemm, x, packed, wscale)
-                row.append(f"{best_us(call, args.rounds):.0f}")
-            row.append(f"{best_us(functools.partial(F.linear, x, dense), args.rounds):.0f}")
+                calls = [
+                    functools.partial(kernels.w8a8_gemm, x, p, s)
+                    for p, s in zip(packed, scales, strict=True)
+                ]
+                row.append(f"{best_us(calls, rounds):.0f}")
+            row.append(f"{best_us([functools.partial(F.linear, x, d) for d in dense], rounds):.0f}")
             codes = quantize_per_token_int8(x)[0]
-            reference = functools.partial(int8_int8_matmul_reference, codes, qweight)
-            row.append(f"{best_us(reference, max(args.rounds // 4, 1)):.0f}")
+            reference = functools.partial(int8_int8_matmul_reference, codes, qweights[0])
+            row.append(f"{best_us([reference], max(rounds // 4, 1)):.0f}")
             cells.append(row)
+    return cells
+
+
+def w8a16_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> list[list[str]]:
+    cells = []
+    for n, k in SHAPES:
+        qweights, scales = _weights(n, k, copies)
+        dense = [torch.randn(n, k) for _ in range(copies)]
+        for count in rows:
+            x = torch.randn(count, k)
+            row = [f"{n} x {k}", str(count)]
+            for level in levels:
+                kernels = native.kernels_for(level)
+                if kernels is None or count > kernels.w8a16_max_rows:
+                    row.append("-")
+                    continue
+                calls = [
+                    functools.partial(kernels.w8a16_gemv, x, q, s)
+                    for q, s in zip(qweights, scales, strict=True)
+                ]
+                row.append(f"{best_us(calls, rounds):.0f}")
+            if cpu_paths.int8pack_supported(x, k):
+                calls = [
+                    functools.partial(cpu_paths.int8pack_matmul, x, q, s)
+                    for q, s in zip(qweights, scales, strict=True)
+                ]
+                row.append(f"{best_us(calls, rounds):.0f}")
+            else:
+                row.append("-")
+            row.append(f"{best_us([functools.partial(F.linear, x, d) for d in dense], rounds):.0f}")
+            cells.append(row)
+    return cells
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--op", choices=["w8a8", "w8a16"], default="w8a8")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--copies", type=int, default=32, help="distinct weights per pass")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    levels = cpu_isa.runnable()
+    if args.op == "w8a8":
+        header = ["N x K", "rows", *(f"W8A8 {level.label} us" for level in levels)]
+        header += ["fp32 dense us", "W8A8 reference us"]
+        cells = w8a8_rows(levels, args.rows, args.rounds, args.copies)
+    else:
+        header = ["N x K", "rows", *(f"W8A16 {level.label} us" for level in levels)]
+        header += ["torch int8pack us", "fp32 dense us"]
+        cells = w8a16_rows(levels, args.rows, args.rounds, args.copies)
     print(f"CPU kernels at levels {[level.label for level in levels]}, one thread")
     print(format_table(header, cells))
 

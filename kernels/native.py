@@ -54,9 +54,6 @@ ISA_FLAGS = {
     Isa.AVX2: ("-mavx2", "-mfma", "-mf16c", "-DSLIM_ISA_AVX2", "-Wno-psabi"),
     Isa.AVX512: (),
 }
-# Rows (tokens) one call handles: a whole int8 decode step at batch 1 / 2 was 1.46x / 1.14x
-# faster than on torch's int8pack, 0.8-0.9x at 3-8 (kernels/README.md).
-W8A16_GEMV_MAX_M = 2
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -134,9 +131,10 @@ class NativeKernels:
         return int(self.library.slim_w8a16_code_limit())
 
     @functools.cached_property
-    def w8a16_gemv_served(self) -> bool:
-        """False for the avx2 build (emulated VPDPBUSD: torch's int8pack is faster there)."""
-        return bool(self.library.slim_w8a16_gemv_served())
+    def w8a16_max_rows(self) -> int:
+        """Rows one GEMV call takes: 2 on avx512 (from 3 torch's int8pack is faster there), 32
+        on avx2 (rows in groups of four, each group reading the weights once)."""
+        return int(self.library.slim_w8a16_max_rows())
 
     @functools.cached_property
     def w8a16_max_k(self) -> int:
@@ -149,8 +147,8 @@ class NativeKernels:
     def w8a16_gemv(
         self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     ) -> torch.Tensor:
-        """x [M <= 2, K] (fp32 / bf16 / fp16) @ (qweight [N, K] int8 * scale [N]).T -> [M, N] in
-        x's dtype. Called per projection per decode step: kept lean."""
+        """x [M <= w8a16_max_rows, K] (fp32 / bf16 / fp16) @ (qweight [N, K] int8 * scale [N]).T
+        -> [M, N] in x's dtype. Called per projection per decode step: kept lean."""
         x = x.contiguous()
         m, k = x.shape
         n = qweight.shape[0]
@@ -354,7 +352,7 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
         "slim_w8a8_gemm_max_rows",
         "slim_w8a8_gemm_max_k",
         "slim_bf16_gemm_max_rows",
-        "slim_w8a16_gemv_served",
+        "slim_w8a16_max_rows",
     )
     for name in limits:
         getattr(library, name).restype = i64
@@ -436,7 +434,7 @@ def serving_kernels() -> NativeKernels | None:
 
 def w8a16_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> bool:
     """A CPU call the kernel takes: few rows, contiguous weights, dtypes it reads."""
-    if x.device.type != "cpu" or x.dim() != 2 or not 1 <= x.shape[0] <= W8A16_GEMV_MAX_M:
+    if x.device.type != "cpu" or x.dim() != 2:
         return False
     if qweight.dtype != torch.int8 or x.dtype not in _DTYPE_CODES:
         return False
@@ -445,7 +443,9 @@ def w8a16_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
     if not (qweight.is_contiguous() and scale.is_contiguous()):
         return False
     native = serving_kernels()
-    return native is not None and native.w8a16_gemv_served and x.shape[1] <= native.w8a16_max_k
+    if native is None or not 1 <= x.shape[0] <= native.w8a16_max_rows:
+        return False
+    return x.shape[1] <= native.w8a16_max_k
 
 
 def decode_attention_supported(

@@ -272,6 +272,14 @@ class SlimserveConfig(_Strict):
         for name, variant in self.variants.items():
             if self.engine_for(name).name != "vllm":
                 continue
+            for index, spec in enumerate(variant.compression):
+                if not spec.runs_on("vllm"):
+                    raise ValueError(
+                        f"variants.{name}.compression.{index}: {spec.method} has no kernel in "
+                        "vLLM's CPU build; engine 'vllm' takes smoothquant-w8a8 (with "
+                        "include_embeddings: false) or 4-bit rtn / gptq / awq (or serve this "
+                        "variant on engine 'torch')"
+                    )
             level = cpu_isa.active()
             needed = max((s.cpu_isa_needed("vllm") for s in variant.compression), default=None)
             if needed is not None and level < needed:
@@ -281,14 +289,6 @@ class SlimserveConfig(_Strict):
                     "dies on the 4-bit export there, and int8 GEMMs without VNNI saturate); "
                     "serve this variant on engine 'torch'"
                 )
-            for index, spec in enumerate(variant.compression):
-                if not spec.runs_on("vllm"):
-                    raise ValueError(
-                        f"variants.{name}.compression.{index}: {spec.method} has no kernel in "
-                        "vLLM's CPU build; engine 'vllm' takes smoothquant-w8a8 (with "
-                        "include_embeddings: false) or 4-bit rtn / gptq / awq (or serve this "
-                        "variant on engine 'torch')"
-                    )
         return self
 
     @model_validator(mode="after")

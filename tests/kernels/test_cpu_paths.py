@@ -15,7 +15,6 @@ from slimserve.kernels import (
     LowBitLinear,
     SparseLinear,
     W8A8Linear,
-    cpu_isa,
     cpu_paths,
     int8_weight_matmul,
     lowbit_weight_matmul,
@@ -24,17 +23,29 @@ from slimserve.kernels import (
     quantize_per_token_int8,
     w8a8_matmul,
 )
-from slimserve.kernels.cpu_isa import Isa
 from slimserve.kernels.dispatch import chosen_backends
 from slimserve.kernels.int8 import select_w8a16_backend
 from slimserve.kernels.lowbit import select_lowbit_backend
 from slimserve.kernels.sparse24 import select_sparse24_backend
 from slimserve.kernels.w8a8 import select_w8a8_backend
 
-from .helpers import cpu_has, lowbit_weight_fp64, random_24, random_lowbit, rel_error
+from .helpers import lowbit_weight_fp64, random_24, random_lowbit, rel_error
 
-# slimserve's own GEMV serves W8A16 at 1-2 rows at the avx512 level (at avx2, int8pack).
-NATIVE_GEMV = cpu_has("avx512bw", "avx512vl", "avx512_vnni") and cpu_isa.active() == Isa.AVX512
+
+def native_gemv_rows() -> int:
+    """Rows slimserve's own W8A16 GEMV takes at the active level (2 at avx512, 32 at avx2)."""
+    loaded = native.serving_kernels()
+    return 0 if loaded is None else loaded.w8a16_max_rows
+
+
+def expected_w8a16(rows: int, k: int) -> str:
+    if rows <= native_gemv_rows():
+        return "cpu-native-gemv"
+    if k % 16 == 0 and rows <= cpu_paths.W8A16_INT8PACK_MAX_M:
+        return "cpu-int8pack"
+    return "cpu-dequant-matmul"
+
+
 # oneDNN's int8 GEMMs saturate 16-bit pair sums without VNNI: slimserve never calls them there
 # (test_native_build.py shows both the saturation and the exact paths that replace them).
 needs_exact_onednn_int8 = pytest.mark.skipif(
@@ -132,18 +143,14 @@ def test_dispatch_chooses_by_batch_size_on_cpu() -> None:
     k = 576
     qweight, scale = quantize_int8_absmax(torch.randn(48, k))
     scale = scale.to(torch.bfloat16)
-    few = _x(native.W8A16_GEMV_MAX_M, k, torch.bfloat16)
-    small = _x(cpu_paths.W8A16_INT8PACK_MAX_M, k, torch.bfloat16)
-    large = _x(cpu_paths.W8A16_INT8PACK_MAX_M + 1, k, torch.bfloat16)
-    ours = "cpu-native-gemv" if NATIVE_GEMV else "cpu-int8pack"  # else: torch's kernel
-    assert select_w8a16_backend(few, qweight, scale) == ours
-    assert select_w8a16_backend(_x(1, k, torch.float32), qweight, scale) == "cpu-int8pack"
-    assert select_w8a16_backend(small, qweight, scale) == "cpu-int8pack"
-    assert select_w8a16_backend(large, qweight, scale) == "cpu-dequant-matmul"
+    for rows in (1, 2, 3, 8, cpu_paths.W8A16_INT8PACK_MAX_M, 32, 33):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = _x(rows, k, dtype)
+            assert select_w8a16_backend(x, qweight, scale) == expected_w8a16(rows, k), (rows, dtype)
     q72, s72 = quantize_int8_absmax(torch.randn(48, 72))
-    ours72 = "cpu-native-gemv" if NATIVE_GEMV else "cpu-dequant-matmul"  # K % 16
-    assert select_w8a16_backend(_x(1, 72, torch.bfloat16), q72, s72) == ours72
-    assert select_w8a16_backend(_x(9, 72, torch.bfloat16), q72, s72) == "cpu-dequant-matmul"
+    for rows in (1, 9):  # K % 16 != 0: no int8pack
+        x = _x(rows, 72, torch.bfloat16)
+        assert select_w8a16_backend(x, q72, s72) == expected_w8a16(rows, 72)
 
     codes, scales, zeros = random_lowbit(64, k, 4, 64)
     module = LowBitLinear.from_codes(codes, scales, zeros, 64, 4, None, torch.bfloat16)
@@ -169,8 +176,7 @@ def test_ops_record_the_backend_they_ran() -> None:
     module = LowBitLinear.from_codes(codes, scales, zeros, 32, 3, None, torch.bfloat16)
     module(_x(1, k, torch.bfloat16))
     backends = chosen_backends()
-    assert "cpu-int8pack" in backends["w8a16"]
-    assert "cpu-native-gemv" in backends["w8a16"] or not NATIVE_GEMV
+    assert expected_w8a16(1, k) in backends["w8a16"]
     assert ("cpu-int-mm" if cpu_paths.int8_gemms_exact() else "reference") in backends["w8a8"]
     assert "cpu-int4pack" in backends["w3a16"]
 

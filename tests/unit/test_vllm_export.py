@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slimserve.compression.int8 import set_submodule
-from slimserve.kernels import Int8Linear, LowBitLinear, W8A8Linear, quantize_int8_absmax
+from slimserve.kernels import Int8Linear, LowBitLinear, W8A8Linear, cpu_isa, quantize_int8_absmax
+from slimserve.kernels.cpu_isa import Isa
 from slimserve.serve.config import ConfigError, parse_config
 from slimserve.serve.engine.vllm_export import ExportError, export_for_vllm
 
@@ -110,8 +111,11 @@ def test_modules_vllm_cannot_run_are_refused_by_name(tmp_path, tokenizer):
 )
 def test_config_accepts_only_what_vllm_can_run(spec, ok):
     data = {"model": "m", "variants": {"v": {"engine": {"name": "vllm"}, "compression": [spec]}}}
-    if ok:
+    if ok and cpu_isa.active() >= Isa.AVX512:
         parse_config(data)
+    elif ok:  # below AVX-512 vLLM serves no compressed checkpoint: refused, saying why
+        with pytest.raises(ConfigError, match=r"variants\.v: engine 'vllm' .* AVX-512 VNNI"):
+            parse_config(data)
     else:
         with pytest.raises(ConfigError, match=r"variants\.v\.compression\.0"):
             parse_config(data)
@@ -143,7 +147,10 @@ def test_vllm_export_comes_from_the_artifact_cache_and_is_reused(
 
     def build(group_size=64):
         spec = {"method": "rtn", "bits": 4, "group_size": group_size}
-        variant = {"engine": {"name": "vllm", "dtype": "bfloat16"}, "compression": [spec]}
+        # The export runs on any CPU; the config refuses compressed vLLM variants below
+        # AVX-512, so the variant names the torch engine (the export reads only model, specs,
+        # dtype).
+        variant = {"engine": {"name": "torch", "dtype": "bfloat16"}, "compression": [spec]}
         cfg = parse_config({"model": str(tiny_model_dir), "variants": {"v": variant}})
         path, _, report, _, compress_s = factory._compressed_checkpoint(cfg, "v")
         config = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
