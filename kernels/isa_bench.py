@@ -3,12 +3,13 @@
 
     python -m slimserve.kernels.isa_bench --op w8a8 --rows 1 8 32 128
     python -m slimserve.kernels.isa_bench --op w8a16 --rows 1 2 4 8 16 32
+    python -m slimserve.kernels.isa_bench --op w4a16 --rows 1 8 32
 
 W8A8 runs against the fp32 dense matmul (what a full variant runs where `engine.dtype: auto` is
-fp32) and the exact fp32-chunk reference. W8A16 (fp32 activations) runs against torch's int8pack
-and the fp32 dense matmul. A pass cycles through `--copies` distinct weight matrices, as a decode
-step goes through a model's layers, so the weights come from memory and not from the caches;
-the figure is per matrix.
+fp32) and the exact fp32-chunk reference. W8A16 and W4A16 (group 64; fp32 activations) run
+against torch's int8pack / int4pack and the fp32 dense matmul. A pass cycles through `--copies`
+distinct weight matrices, as a decode step goes through a model's layers, so the weights come
+from memory and not from the caches; the figure is per matrix.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from . import cpu_isa, cpu_paths, native
 from .bench import format_table
 from .cpu_isa import Isa
+from .lowbit import LowBitLinear
 from .reference import int8_int8_matmul_reference, quantize_per_token_int8
 
 SHAPES = ((1536, 576), (576, 1536))
@@ -110,9 +112,51 @@ def w8a16_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> 
     return cells
 
 
+def w4a16_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> list[list[str]]:
+    group = 64
+    cells = []
+    for n, k in SHAPES:
+        modules = []
+        for _ in range(copies):
+            codes = torch.randint(0, 16, (n, k))
+            scales = torch.rand(n, k // group) * 1e-2
+            zeros = torch.rand(n, k // group) * 15
+            modules.append(
+                LowBitLinear.from_codes(codes, scales, zeros, group, 4, None, torch.float32)
+            )
+        dense = [torch.randn(n, k) for _ in range(copies)]
+        for count in rows:
+            x = torch.randn(count, k)
+            row = [f"{n} x {k}", str(count)]
+            for level in levels:
+                kernels = native.kernels_for(level)
+                if kernels is None or count > kernels.w4a16_max_rows:
+                    row.append("-")
+                    continue
+                calls = [
+                    functools.partial(
+                        kernels.w4a16_gemv, x, mod.qweight, mod.scales, mod.zeros, group
+                    )
+                    for mod in modules
+                ]
+                row.append(f"{best_us(calls, rounds):.0f}")
+            packs = [(mod.cpu_qweight, mod.cpu_scales_zeros) for mod in modules]
+            if packs[0][0] is not None and count <= cpu_paths.LOWBIT_INT4PACK_MAX_M:
+                calls = [
+                    functools.partial(cpu_paths.int4pack_matmul, x, packed, group, sz)
+                    for packed, sz in packs
+                ]
+                row.append(f"{best_us(calls, rounds):.0f}")
+            else:
+                row.append("-")
+            row.append(f"{best_us([functools.partial(F.linear, x, d) for d in dense], rounds):.0f}")
+            cells.append(row)
+    return cells
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--op", choices=["w8a8", "w8a16"], default="w8a8")
+    parser.add_argument("--op", choices=["w8a8", "w8a16", "w4a16"], default="w8a8")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--copies", type=int, default=32, help="distinct weights per pass")
@@ -123,10 +167,14 @@ def main(argv: list[str] | None = None) -> None:
         header = ["N x K", "rows", *(f"W8A8 {level.label} us" for level in levels)]
         header += ["fp32 dense us", "W8A8 reference us"]
         cells = w8a8_rows(levels, args.rows, args.rounds, args.copies)
-    else:
+    elif args.op == "w8a16":
         header = ["N x K", "rows", *(f"W8A16 {level.label} us" for level in levels)]
         header += ["torch int8pack us", "fp32 dense us"]
         cells = w8a16_rows(levels, args.rows, args.rounds, args.copies)
+    else:
+        header = ["N x K", "rows", *(f"W4A16 {level.label} us" for level in levels)]
+        header += ["torch int4pack us", "fp32 dense us"]
+        cells = w4a16_rows(levels, args.rows, args.rounds, args.copies)
     print(f"CPU kernels at levels {[level.label for level in levels]}, one thread")
     print(format_table(header, cells))
 

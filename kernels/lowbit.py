@@ -15,7 +15,7 @@ from typing import Any, Self
 
 import torch
 
-from . import cpu_paths
+from . import cpu_paths, native
 from .artifact import dtype_from_name, require_keys
 from .base import CompressedLinear
 from .dispatch import record_backend
@@ -27,10 +27,15 @@ SUPPORTED_BITS = (3, 4)
 
 
 def select_lowbit_backend(
-    x: torch.Tensor, cpu_pack: tuple[torch.Tensor, torch.Tensor] | None
+    x: torch.Tensor,
+    cpu_pack: tuple[torch.Tensor, torch.Tensor] | None,
+    native_4bit: bool = False,
 ) -> str:
+    """`native_4bit`: our 4-bit GEMV takes this call (`native.w4a16_gemv_supported`)."""
     if triton_runs_on(x) and x.dtype in TRITON_DTYPES:
         return "triton-gemv" if x.shape[0] <= LOWBIT_GEMV_MAX_M else "triton-gemm"
+    if native_4bit:
+        return "cpu-native-gemv"
     if (
         cpu_pack is not None
         and x.device.type == "cpu"
@@ -55,7 +60,8 @@ def lowbit_weight_matmul(
 ) -> torch.Tensor:
     """x [M, K] @ dequant(codes).T -> [M, N] in x.dtype. `cpu_pack` is the (packed weight,
     scales_and_zeros) pair from `cpu_paths.int4pack_prepare` for the same weights, if any."""
-    backend = select_lowbit_backend(x, cpu_pack)
+    native_4bit = bits == 4 and native.w4a16_gemv_supported(x, qweight, scales, zeros, group_size)
+    backend = select_lowbit_backend(x, cpu_pack, native_4bit)
     record_backend(f"w{bits}a16", backend)
     if backend.startswith("triton"):
         from . import triton_lowbit
@@ -64,6 +70,8 @@ def lowbit_weight_matmul(
             triton_lowbit.lowbit_gemv if backend == "triton-gemv" else triton_lowbit.lowbit_gemm
         )
         return launch(x.contiguous(), qweight, qweight_hi, scales, zeros, bits, group_size)
+    if backend == "cpu-native-gemv":
+        return native.kernels().w4a16_gemv(x, qweight, scales, zeros, group_size)
     if backend == "cpu-int4pack":
         assert cpu_pack is not None
         return cpu_paths.int4pack_matmul(x, cpu_pack[0], group_size, cpu_pack[1])

@@ -137,6 +137,34 @@ class NativeKernels:
         return int(self.library.slim_w8a16_max_rows())
 
     @functools.cached_property
+    def w4a16_max_rows(self) -> int:
+        """Rows the 4-bit GEMV takes: 32 on avx2, 0 on avx512 (torch's int4pack serves there)."""
+        return int(self.library.slim_w4a16_max_rows())
+
+    def w4a16_gemv(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group_size: int,
+    ) -> torch.Tensor:
+        """x [M, K] (fp32 / bf16 / fp16) @ dequant(qweight [N, K/2] (LowBitLinear's 4-bit
+        layout), scales, zeros [N, K/G]).T -> [M, N] in x's dtype. Callers check
+        `w4a16_gemv_supported` first."""
+        x = x.contiguous()
+        m, k = x.shape
+        n = qweight.shape[0]
+        out = torch.empty(m, n, dtype=x.dtype)
+        status = self.library.slim_w4a16_gemv(
+            x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, qweight.data_ptr(), scales.data_ptr(),
+            zeros.data_ptr(), _DTYPE_CODES[scales.dtype], group_size, n, out.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"slim_w4a16_gemv refused M={m} K={k} N={n} G={group_size}")
+        return out
+
+    @functools.cached_property
     def w8a16_max_k(self) -> int:
         return int(self.library.slim_w8a16_max_k())
 
@@ -353,12 +381,15 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
         "slim_w8a8_gemm_max_k",
         "slim_bf16_gemm_max_rows",
         "slim_w8a16_max_rows",
+        "slim_w4a16_max_rows",
     )
     for name in limits:
         getattr(library, name).restype = i64
         getattr(library, name).argtypes = []
     library.slim_w8a16_gemv.restype = cint
     library.slim_w8a16_gemv.argtypes = [ptr, cint, i64, i64, ptr, ptr, cint, i64, ptr]
+    library.slim_w4a16_gemv.restype = cint
+    library.slim_w4a16_gemv.argtypes = [ptr, cint, i64, i64, ptr, ptr, ptr, cint, i64, i64, ptr]
     library.slim_add_rms_norm_bf16.restype = None
     library.slim_add_rms_norm_bf16.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
     library.slim_silu_mul_bf16.restype = None
@@ -446,6 +477,26 @@ def w8a16_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
     if native is None or not 1 <= x.shape[0] <= native.w8a16_max_rows:
         return False
     return x.shape[1] <= native.w8a16_max_k
+
+
+def w4a16_gemv_supported(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int
+) -> bool:
+    """A CPU call the 4-bit kernel takes: rows within its limit, K and the group in multiples of
+    32 (one 16-byte load = 32 codes), group <= 256, contiguous buffers, dtypes it reads."""
+    if x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPE_CODES:
+        return False
+    k = x.shape[1]
+    if k % 32 or group % 32 or group > 256 or k % group or qweight.shape[1] * 2 != k:
+        return False
+    if qweight.dtype != torch.uint8 or scales.dtype not in _DTYPE_CODES:
+        return False
+    if zeros.dtype != scales.dtype or not all(
+        t.is_contiguous() and t.device.type == "cpu" for t in (qweight, scales, zeros)
+    ):
+        return False
+    native = serving_kernels()
+    return native is not None and 1 <= x.shape[0] <= native.w4a16_max_rows
 
 
 def decode_attention_supported(
