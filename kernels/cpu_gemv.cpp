@@ -24,11 +24,12 @@ static const int64_t CODE_LIMIT = 32767;
 // Each byte sum is at most 255 * 127 * K: it fits an int32 up to this K.
 static const int64_t MAX_K = INT32_MAX / (255 * 127);
 #if defined(SLIM_ISA_AVX2)
-// AVX2: rows in groups of four, each group reading the weights once (kernels/README.md).
-static const int64_t MAX_ROWS = 32;
+static const int64_t MAX_ROWS = 32;  // past it the dense fp32 matmul is faster (kernels/README.md)
 #else
-static const int64_t MAX_ROWS = 2;  // from 3 rows torch's int8pack is faster (kernels/README.md)
+// 1-2 rows on VPDPBUSD, 3-8 on VPMADDWD; from 16 rows torch's kernels are as fast.
+static const int64_t MAX_ROWS = 8;
 #endif
+static const int64_t VNNI_MAX_ROWS = 2;
 // Distance (bytes of weight rows) the loads run ahead of the products.
 static const int64_t PREFETCH_BYTES = 12288;
 
@@ -132,15 +133,14 @@ SLIM_AVX512 static void gemv_block(const uint8_t *lo, const uint8_t *hi, const d
   }
 }
 
-#if defined(SLIM_ISA_AVX2)
-// AVX2 has no VPDPBUSD: the int16 codes meet the int8 weights widened to int16 through
-// VPMADDWD. A pair sums to at most 2 * 32767 * 127, so an int32 lane takes 256 of them (K blocks
+// The VPMADDWD kernel: the int16 codes meet the int8 weights widened to int16 (AVX2 has no
+// VPDPBUSD; on AVX-512 it serves 3-8 rows, where it beat torch's int8pack 1.5-2x). A pair sums to at most 2 * 32767 * 127, so an int32 lane takes 256 of them (K blocks
 // of 4096) before the block's sums move to int64: the same exact sums as the AVX-512 kernel, so
 // both builds return the same bits.
 static const int64_t AVX2_K_BLOCK = 256 * 16;
 static const int GROUP_ROWS = 4;  // code rows per group: 4 x 2 accumulators + 4 codes in 16 YMM
 
-static inline int64_t sum_lanes(__m256i v) {
+SLIM_AVX512 static inline int64_t sum_lanes(__m256i v) {
   int32_t lanes[8];
   _mm256_storeu_si256((__m256i *)lanes, v);
   int64_t total = 0;
@@ -151,7 +151,7 @@ static inline int64_t sum_lanes(__m256i v) {
 // sums[r][m] += the int64 dot products of ROWS code rows with WR weight rows (row r of w0, or
 // row 0 again past rows_here).
 template <int ROWS, int WR>
-static inline void dot_group_avx2(const int16_t *codes, int64_t kp, const int8_t *w0,
+SLIM_AVX512 static inline void dot_group_avx2(const int16_t *codes, int64_t kp, const int8_t *w0,
                                   int rows_here, int64_t k, int64_t ahead,
                                   int64_t (*sums)[GROUP_ROWS]) {
   for (int64_t block = 0; block < k; block += AVX2_K_BLOCK) {
@@ -199,7 +199,7 @@ static inline void dot_group_avx2(const int16_t *codes, int64_t kp, const int8_t
 
 // Every activation row against WR weight rows per pass: the pass's weight rows come from memory
 // once and stay in L1 while each group of up to GROUP_ROWS code rows meets them.
-static void gemv_avx2(const int16_t *codes, const double *xscale, int64_t m_total, int64_t kp,
+SLIM_AVX512 static void gemv_avx2(const int16_t *codes, const double *xscale, int64_t m_total, int64_t kp,
                       const int8_t *w, const void *wscale, int wdtype, int64_t n_total, int64_t k,
                       void *out, int odtype) {
   constexpr int WR = 2;
@@ -231,7 +231,7 @@ static void gemv_avx2(const int16_t *codes, const double *xscale, int64_t m_tota
   }
 }
 
-static void w8a16_gemv_avx2(const void *x, int xdtype, int64_t m, int64_t k, const int8_t *w,
+SLIM_AVX512 static void w8a16_gemv_avx2(const void *x, int xdtype, int64_t m, int64_t k, const int8_t *w,
                             const void *wscale, int wdtype, int64_t n, void *out,
                             int16_t *codes, double *scales) {
   const int64_t kp = (k + 15) & ~(int64_t)15;
@@ -239,6 +239,29 @@ static void w8a16_gemv_avx2(const void *x, int xdtype, int64_t m, int64_t k, con
   quantize_rows(x, xdtype, m, k, scales,
                 [&](int64_t row, int64_t i, int32_t code) { codes[row * kp + i] = (int16_t)code; });
   gemv_avx2(codes, scales, m, kp, w, wscale, wdtype, n, k, out, xdtype);
+}
+
+#if !defined(SLIM_ISA_AVX2)
+// 1-2 rows on VPDPBUSD: both bytes of each code meet the weights as stored.
+SLIM_AVX512 static int w8a16_gemv_vnni(const void *x, int xdtype, int64_t m, int64_t k,
+                                       const int8_t *w, const void *wscale, int wdtype, int64_t n,
+                                       void *out, double *scales) {
+  const int64_t kp = (k + 63) & ~(int64_t)63;
+  uint8_t *bytes = (uint8_t *)aligned_alloc(64, (size_t)(2 * m * kp));
+  if (bytes == NULL) return -1;
+  uint8_t *lo = bytes, *hi = bytes + m * kp;
+  // code c = 256 * (hi - 128) + lo; padding and zero rows: code 0 (lo 0, hi 128)
+  memset(lo, 0, (size_t)(m * kp));
+  memset(hi, 128, (size_t)(m * kp));
+  quantize_rows(x, xdtype, m, k, scales, [&](int64_t row, int64_t i, int32_t code) {
+    lo[row * kp + i] = (uint8_t)(code & 0xff);
+    hi[row * kp + i] = (uint8_t)((code >> 8) + 128);
+  });
+  // One row: eight weight rows per pass (more loads in flight); two rows: four (registers).
+  if (m == 1) gemv_block<1, 8>(lo, hi, scales, kp, w, wscale, wdtype, n, k, out, xdtype);
+  else gemv_block<2, 4>(lo, hi, scales, kp, w, wscale, wdtype, n, k, out, xdtype);
+  free(bytes);
+  return 0;
 }
 #endif
 
@@ -385,28 +408,13 @@ extern "C" int slim_w8a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, 
                                const void *wscale, int wdtype, int64_t n, void *out) {
   if (m < 1 || m > MAX_ROWS || k < 1 || k > MAX_K || n < 1) return -1;
   double scales[MAX_ROWS] = {0};
-#if defined(SLIM_ISA_AVX2)
+#if !defined(SLIM_ISA_AVX2)
+  if (m <= VNNI_MAX_ROWS) return w8a16_gemv_vnni(x, xdtype, m, k, w, wscale, wdtype, n, out, scales);
+#endif
   const int64_t kp = (k + 15) & ~(int64_t)15;
   int16_t *codes = (int16_t *)aligned_alloc(32, (size_t)(m * kp) * sizeof(int16_t));
   if (codes == NULL) return -1;
   w8a16_gemv_avx2(x, xdtype, m, k, w, wscale, wdtype, n, out, codes, scales);
   free(codes);
-#else
-  const int64_t kp = (k + 63) & ~(int64_t)63;
-  uint8_t *bytes = (uint8_t *)aligned_alloc(64, (size_t)(2 * m * kp));
-  if (bytes == NULL) return -1;
-  uint8_t *lo = bytes, *hi = bytes + m * kp;
-  // code c = 256 * (hi - 128) + lo; padding and zero rows: code 0 (lo 0, hi 128)
-  memset(lo, 0, (size_t)(m * kp));
-  memset(hi, 128, (size_t)(m * kp));
-  quantize_rows(x, xdtype, m, k, scales, [&](int64_t row, int64_t i, int32_t code) {
-    lo[row * kp + i] = (uint8_t)(code & 0xff);
-    hi[row * kp + i] = (uint8_t)((code >> 8) + 128);
-  });
-  // One row: eight weight rows per pass (more loads in flight); two rows: four (registers).
-  if (m == 1) gemv_block<1, 8>(lo, hi, scales, kp, w, wscale, wdtype, n, k, out, xdtype);
-  else gemv_block<2, 4>(lo, hi, scales, kp, w, wscale, wdtype, n, k, out, xdtype);
-  free(bytes);
-#endif
   return 0;
 }

@@ -124,14 +124,14 @@ def test_limits_are_checked_before_the_call() -> None:
         kernels.w8a16_gemv(too_many, qweight, scale)
 
 
-@pytest.mark.parametrize("m", [1, 2, 5])
+@pytest.mark.parametrize("m", [1, 2, 5, 12])
 def test_int8_linear_runs_it_through_the_dispatch(m: int, each_isa: Isa) -> None:
     qweight, scale = quantize_int8_absmax(torch.randn(200, 576))
     bias = torch.randn(200)
     module = Int8Linear(qweight, scale, bias, torch.bfloat16)
     x = _x(m, 576, torch.bfloat16, seed=m).reshape(1, m, 576)
-    # avx512: two rows (from three torch's int8pack is faster); avx2: up to 32.
-    ours = "cpu-native-gemv" if m <= (2 if each_isa == Isa.AVX512 else 32) else "cpu-int8pack"
+    # avx512: up to eight rows (VPDPBUSD at 1-2, VPMADDWD at 3-8); avx2: up to 32.
+    ours = "cpu-native-gemv" if m <= (8 if each_isa == Isa.AVX512 else 32) else "cpu-int8pack"
     assert select_w8a16_backend(x[0], module.qweight, module.scale) == ours
     ref = x[0].double() @ (qweight.double() * module.scale.double()[:, None]).t()
     ref += module.bias.double()
