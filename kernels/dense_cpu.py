@@ -45,23 +45,36 @@ class PackedLinear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     def with_native_gemm(self, weight: torch.Tensor) -> int:
-        """Also serve 1-32 bf16 rows from our own GEMM's copy of `weight` (the one this module
-        was packed from), where this CPU has AVX-512 BF16 and the native kernels load; returns
-        the copy's bytes (0 where it does not apply). The engine does it for the lm_head: read
-        whole by every decode step, it streamed at ~20 GB/s through oneDNN's copy in a step
-        (kernels/README.md)."""
+        """Also serve decode rows from our own GEMM's copy of `weight` (the one this module was
+        packed from): bf16 at 1-32 rows where this CPU has AVX-512 BF16, fp32 at 1-4 rows,
+        where the native kernels load; returns the copy's bytes (0 where it does not apply).
+        The engine does it for the lm_head: read whole by every decode step, it streamed at
+        ~20 GB/s (bf16) and ~11 GB/s (fp32) through oneDNN's copy (kernels/README.md)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight {tuple(weight.shape)} is not this module's")
         kernels = native.kernels()
-        if weight.dtype != torch.bfloat16 or kernels is None or kernels.bf16_gemm_max_rows == 0:
+        if kernels is None:
             return 0
-        self.native_packed = kernels.bf16_pack(weight)
+        if weight.dtype == torch.bfloat16 and kernels.bf16_gemm_max_rows > 0:
+            self.native_packed = kernels.bf16_pack(weight)
+        elif weight.dtype == torch.float32:
+            self.native_packed = kernels.f32_pack(weight)
+        else:
+            return 0
         return self.native_packed.numel() * self.native_packed.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native_packed is not None and native.bf16_gemm_supported(x, self.in_features):
-            record_backend("dense", "cpu-native-bf16-gemm")
-            return native.kernels().bf16_gemm(x, self.native_packed, self.out_features, self.bias)
+        if self.native_packed is not None:
+            if native.bf16_gemm_supported(x, self.in_features):
+                record_backend("dense", "cpu-native-bf16-gemm")
+                return native.kernels().bf16_gemm(
+                    x, self.native_packed, self.out_features, self.bias
+                )
+            if native.f32_gemm_supported(x, self.in_features):
+                record_backend("dense", "cpu-native-f32-gemm")
+                return native.kernels().f32_gemm(
+                    x, self.native_packed, self.out_features, self.bias
+                )
         record_backend("dense", "cpu-onednn-packed")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 

@@ -44,6 +44,7 @@ SOURCES = tuple(
         "cpu_decode_attention.cpp",
         "cpu_w8a8.cpp",
         "cpu_bf16_gemm.cpp",
+        "cpu_f32_gemm.cpp",
         "cpu_sampling.cpp",
     )
 )
@@ -307,6 +308,33 @@ class NativeKernels:
             return 0
         return int(self.library.slim_bf16_gemm_max_rows())
 
+    @functools.cached_property
+    def f32_gemm_max_rows(self) -> int:
+        return int(self.library.slim_f32_gemm_max_rows())
+
+    def f32_pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """fp32 [N, K] -> the fp32 GEMM's own layout (blocks of 8 channels, cpu_f32_gemm.cpp)."""
+        weight = weight.detach().contiguous()
+        n, k = weight.shape
+        packed = torch.empty(int(self.library.slim_f32_packed_elements(n, k)), dtype=torch.float32)
+        self.library.slim_f32_pack(weight.data_ptr(), n, k, packed.data_ptr())
+        return packed
+
+    def f32_gemm(
+        self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """fp32 x [M, K] (unit column stride) @ weight.T + bias -> fp32 [M, N], the weight
+        `f32_pack`ed. Callers check `f32_gemm_supported` first."""
+        m, k = x.shape
+        out = torch.empty(m, n, dtype=torch.float32)
+        status = self.library.slim_f32_gemm(
+            x.data_ptr(), m, k, x.stride(0), packed.data_ptr(),
+            None if bias is None else bias.data_ptr(), n, out.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"slim_f32_gemm refused M={m} K={k} N={n}")
+        return out
+
     def bf16_pack(self, weight: torch.Tensor) -> torch.Tensor:
         """bf16 [N, K] -> the bf16 GEMM's own layout (see cpu_bf16_gemm.cpp)."""
         n, k = weight.shape
@@ -382,12 +410,19 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
         "slim_bf16_gemm_max_rows",
         "slim_w8a16_max_rows",
         "slim_w4a16_max_rows",
+        "slim_f32_gemm_max_rows",
     )
     for name in limits:
         getattr(library, name).restype = i64
         getattr(library, name).argtypes = []
     library.slim_w8a16_gemv.restype = cint
     library.slim_w8a16_gemv.argtypes = [ptr, cint, i64, i64, ptr, ptr, cint, i64, ptr]
+    library.slim_f32_packed_elements.restype = i64
+    library.slim_f32_packed_elements.argtypes = [i64, i64]
+    library.slim_f32_pack.restype = None
+    library.slim_f32_pack.argtypes = [ptr, i64, i64, ptr]
+    library.slim_f32_gemm.restype = cint
+    library.slim_f32_gemm.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
     library.slim_w4a16_gemv.restype = cint
     library.slim_w4a16_gemv.argtypes = [ptr, cint, i64, i64, ptr, ptr, ptr, cint, i64, i64, ptr]
     library.slim_add_rms_norm_bf16.restype = None
@@ -554,6 +589,16 @@ def argmax_rows_supported(logits: torch.Tensor) -> bool:
         and logits.stride(1) == 1
         and serving_kernels() is not None
     )
+
+
+def f32_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
+    """fp32 CPU rows [M <= 4, K] with unit column stride, while our kernels serve."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
+        return False
+    if x.shape[1] != in_features or x.stride(1) != 1:
+        return False
+    native = serving_kernels()
+    return native is not None and 1 <= x.shape[0] <= native.f32_gemm_max_rows
 
 
 def bf16_gemm_supported(x: torch.Tensor, in_features: int) -> bool:

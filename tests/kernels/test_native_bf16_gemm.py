@@ -62,8 +62,8 @@ def test_rows_past_the_limit_and_other_dtypes_take_onednn() -> None:
     assert not native.bf16_gemm_supported(x[:4].t(), 4)  # column stride
     out = module(x)
     torch.testing.assert_close(out, PackedLinear(weight, None)(x), rtol=0, atol=0)
-    fp32 = PackedLinear(weight.float(), None)
-    assert fp32.with_native_gemm(weight.float()) == 0  # bf16 only
+    fp16 = PackedLinear(weight.float(), None)
+    assert fp16.with_native_gemm(weight.half()) == 0  # bf16 and fp32 only
     with pytest.raises(ValueError, match="not this module"):
         module.with_native_gemm(weight[:10])
 
