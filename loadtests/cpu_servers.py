@@ -93,10 +93,10 @@ def _extract_llamacpp(sdist: Path, target: Path) -> None:
     shutil.rmtree(unpacked)
 
 
-def _run_logged(command: list[str], log_path: Path) -> None:
+def _run_logged(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
     """Run a build step with its (long, noisy) output appended to `log_path`."""
     with log_path.open("a") as output:
-        result = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{command[:3]} failed ({result.returncode}):\n{_log_tail(log_path)}")
 
@@ -116,7 +116,7 @@ def _cmake_build(llamacpp: LlamaCpp, jobs: int) -> None:
 
 
 def ensure_llamacpp(jobs: int = 2) -> LlamaCpp:
-    """llama.cpp's server, quantizer and perplexity tool, built once per sdist version."""
+    """llama.cpp's server, quantizer and perplexity program, built once per sdist version."""
     sdist = _sdist()
     version = _sdist_version(sdist)
     llamacpp = LlamaCpp(version=version, root=_llamacpp_cache() / version)
@@ -145,7 +145,7 @@ def _convert_hf_to_f32(llamacpp: LlamaCpp, hf_dir: str, target: Path) -> None:
     script = str(llamacpp.source / "convert_hf_to_gguf.py")
     command = [sys.executable, script, hf_dir, "--outtype", "f32", "--outfile", str(staging)]
     env = {**os.environ, "PYTHONPATH": str(llamacpp.source / "gguf-py")}
-    subprocess.run(command, check=True, env=env)
+    _run_logged(command, target.parent / "convert.log", env)
     staging.rename(target)
 
 
@@ -153,7 +153,7 @@ def _quantize(llamacpp: LlamaCpp, source: Path, target: Path, kind: str) -> None
     log.info("quantizing %s to %s", source.name, kind.upper())
     staging = target.with_suffix(".partial")
     quantize = str(llamacpp.binary("llama-quantize"))
-    subprocess.run([quantize, str(source), str(staging), kind.upper()], check=True)
+    _run_logged([quantize, str(source), str(staging), kind.upper()], target.parent / "quantize.log")
     staging.rename(target)
 
 
@@ -248,8 +248,7 @@ def _await_ready(
 
 
 def _stop(process: subprocess.Popen, spec: ServerSpec, grace: float = 60) -> None:
-    """Its stop signal, wait, then SIGKILL the server's process group (it leads its own
-    session)."""
+    """Its stop signal, wait, then SIGKILL the server's process group (started as its leader)."""
     process.send_signal(spec.stop_signal)
     try:
         process.wait(grace)

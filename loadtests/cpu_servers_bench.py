@@ -16,14 +16,18 @@ import datetime
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 from pydantic import BaseModel
 
 from slimserve.loadtests.cpu_servers import (
     CMAKE_FLAGS,
+    GGUF_TYPES,
     LlamaCpp,
     ensure_gguf,
     ensure_llamacpp,
@@ -32,14 +36,14 @@ from slimserve.loadtests.cpu_servers import (
     slimserve_spec,
     vllm_spec,
 )
-from slimserve.loadtests.decode_bench import BenchRow, bench_variant
+from slimserve.loadtests.decode_bench import PROMPTS, BenchRow, _one, closed_loop
 from slimserve.models.paths import cache_root
 from slimserve.serve.logs import configure_logging
 
 log = logging.getLogger("slimserve.loadtests.cpu_servers_bench")
 
 MODEL = "smollm2-135m-instruct"
-LLAMACPP_SERVERS = {f"llamacpp-{kind}": kind for kind in ("f32", "q8_0", "q4_1")}
+LLAMACPP_SERVERS = {f"llamacpp-{kind}": kind for kind in GGUF_TYPES}
 SERVERS = [*LLAMACPP_SERVERS, "slimserve", "vllm"]
 
 
@@ -50,6 +54,7 @@ class Entry(BaseModel):
     request_model: str
     results: list[BenchRow] = []
     perplexity: float | None = None
+    load_average: str = "-"  # 1-minute load average right after its load
 
 
 # Perplexity -------------------------------------------------------------------------------------
@@ -99,16 +104,59 @@ def slimserve_perplexity(config: str, variant: str, args: argparse.Namespace) ->
 # Load -------------------------------------------------------------------------------------------
 
 
+async def bench_entry(
+    entry: Entry, url: str, concurrency: int, args: argparse.Namespace
+) -> BenchRow:
+    """decode_bench's warm-up and closed loop, on a client that opens a new connection per
+    request: llama-server may close a streamed response's connection that the client would
+    otherwise reuse ("Server disconnected without sending a response")."""
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await _one(client, url, entry.request_model, PROMPTS[0], 4)  # warm-up
+        return await closed_loop(
+            lambda index: _one(
+                client, url, entry.request_model, PROMPTS[index % len(PROMPTS)], args.tokens
+            ),
+            entry.label,
+            concurrency,
+            args.requests_per_stream * concurrency,
+        )
+
+
 async def load_entries(url: str, entries: list[Entry], args: argparse.Namespace) -> None:
     """The closed-loop load at each concurrency, for each entry, against one running server."""
     for entry in entries:
         for concurrency in args.concurrency:
-            requests = args.requests_per_stream * concurrency
-            row = await bench_variant(
-                url, entry.request_model, entry.label, concurrency, requests, args.tokens
-            )
+            row = await bench_entry(entry, url, concurrency, args)
             log.info("%s", row.model_dump_json())
             entry.results.append(row)
+        entry.load_average = load_average().split()[0]
+
+
+def cpu_busy(seconds: float = 3.0) -> float:
+    """The fraction of all CPUs' time spent busy over the next `seconds` (/proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split()[1:9]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields), idle
+
+    total_before, idle_before = sample()
+    time.sleep(seconds)
+    total_after, idle_after = sample()
+    return 1 - (idle_after - idle_before) / max(1, total_after - total_before)
+
+
+def wait_for_quiet(args: argparse.Namespace) -> None:
+    """Before a server starts: wait (up to --quiet-timeout s) until other processes keep the CPUs
+    less than --quiet-busy busy; llama.cpp's threads, one per core, slow down many times over
+    when another process takes a core."""
+    deadline = time.monotonic() + args.quiet_timeout
+    while (busy := cpu_busy()) > args.quiet_busy:
+        if time.monotonic() > deadline:
+            log.warning("CPUs still %.0f%% busy with other work; measuring anyway", 100 * busy)
+            return
+        log.info("CPUs %.0f%% busy with other work; waiting", 100 * busy)
 
 
 def measure_llamacpp(kind: str, args: argparse.Namespace) -> list[Entry]:
@@ -147,6 +195,7 @@ def measure_vllm(args: argparse.Namespace) -> list[Entry]:
 
 
 def measure(server: str, args: argparse.Namespace) -> list[Entry]:
+    wait_for_quiet(args)
     if server in LLAMACPP_SERVERS:
         return measure_llamacpp(LLAMACPP_SERVERS[server], args)
     if server == "slimserve":
@@ -187,6 +236,7 @@ def render(entries: list[Entry], concurrency: list[int]) -> str:
         f"per-stream tok/s c={top}",
         f"TTFT p50 ms c={top}",
         "PPL",
+        "load avg",
     ]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for entry in entries:
@@ -198,6 +248,7 @@ def render(entries: list[Entry], concurrency: list[int]) -> str:
             _cell(last.per_stream_tokens_per_s),
             _cell(last.ttft_p50_ms),
             "-" if entry.perplexity is None else f"{entry.perplexity:.3f}",
+            entry.load_average,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -216,6 +267,13 @@ def header(args: argparse.Namespace, load_before: str, load_after: str) -> str:
             f"completions, {args.requests_per_stream} requests per stream, closed loop. "
             f"llama-server: `-np {top} -t {args.threads} -c {top * 128}`, built with "
             f"{' '.join(CMAKE_FLAGS)}.",
+            "Weights: llama.cpp F32 converted (convert_hf_to_gguf.py) from the HF directory "
+            "slimserve materializes (bf16), Q8_0 quantized from it (llama-quantize), Q4_1 the "
+            "GGUF the model ships as (token embeddings Q8_0), which slimserve de-quantizes; "
+            "slimserve variants as its config serves them (dtype auto: bf16 where the CPU has "
+            "native bf16). Before each server the run waits until other processes keep the CPUs "
+            f"under {args.quiet_busy:.0%} busy; load avg: the 1-minute load average right after "
+            "the row's load.",
             f"PPL: the first {args.ppl_tokens} tokens of slimserve's held-out text (pydoc, "
             f"evaluation split), context {args.ppl_context}. llama-perplexity scores the second "
             f"half of each non-overlapping {args.ppl_context}-token chunk; slimserve's evaluation "
@@ -225,17 +283,28 @@ def header(args: argparse.Namespace, load_before: str, load_after: str) -> str:
     )
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS[:4])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--requests-per-stream", type=int, default=2)
-    parser.add_argument("--port", type=int, default=8091, help="every server, one at a time")
+    parser.add_argument(
+        "--port", type=int, default=free_port(), help="every server, one at a time (default: free)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--jobs", type=int, default=2, help="parallel jobs building llama.cpp")
     parser.add_argument("--slimserve-config", default="deploy/configs/default.yaml")
     parser.add_argument("--slimserve-variants", nargs="+", default=["full", "int8"])
+    parser.add_argument("--quiet-busy", type=float, default=0.2, help="see wait_for_quiet")
+    parser.add_argument("--quiet-timeout", type=float, default=300)
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--ppl-context", type=int, default=512)
     parser.add_argument("--log-dir", type=Path, default=cache_root() / "llama.cpp" / "logs")

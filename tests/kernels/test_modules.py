@@ -15,6 +15,7 @@ from slimserve.kernels import (
     SparseLinear,
     W8A8Linear,
     cpu_paths,
+    native,
     quantize_int8_absmax,
 )
 from slimserve.kernels.base import CompressedLinear, pack_model_for_cpu
@@ -46,7 +47,13 @@ def test_lowbit_linear_matches_fp64(bits: int, dtype: torch.dtype) -> None:
     ref = x.double() @ w.t() + module.bias.double()
     out = module(x)
     assert out.shape == (2, 3, n) and out.dtype == dtype
-    assert rel_error(out, ref) < TOL[dtype]
+    tol = TOL[dtype]
+    flat = x.reshape(-1, k)
+    if native.w4a16_gemv_supported(flat, module.qweight, module.scales, module.zeros, g):
+        # The native 4-bit GEMV (AVX2) meets int16 activation codes: half a step (row absmax /
+        # 32767) per input, ~1e-4 of the output scale, far below the 4-bit weights' own error.
+        tol = max(tol, 2e-4)
+    assert rel_error(out, ref) < tol
 
 
 def test_lowbit_packed_size_is_bits_per_weight() -> None:
