@@ -81,77 +81,84 @@ def w8a8_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> l
     return cells
 
 
-def w8a16_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> list[list[str]]:
+Calls = list[Callable[[], object]] | None  # None: the path does not take this call
+
+
+def weight_only_rows(
+    levels: list[Isa],
+    rows: list[int],
+    rounds: int,
+    make_weights: Callable[[int, int], object],
+    native_calls: Callable[[native.NativeKernels, torch.Tensor, list], Calls],
+    torch_calls: Callable[[torch.Tensor, list], Calls],
+    copies: int,
+) -> list[list[str]]:
+    """One row per shape and row count: our kernel at each level, torch's kernel, fp32 dense."""
+
+    def cell(calls: Calls) -> str:
+        return "-" if calls is None else f"{best_us(calls, rounds):.0f}"
+
     cells = []
     for n, k in SHAPES:
-        qweights, scales = _weights(n, k, copies)
+        weights = [make_weights(n, k) for _ in range(copies)]
         dense = [torch.randn(n, k) for _ in range(copies)]
         for count in rows:
             x = torch.randn(count, k)
             row = [f"{n} x {k}", str(count)]
             for level in levels:
                 kernels = native.kernels_for(level)
-                if kernels is None or count > kernels.w8a16_max_rows:
-                    row.append("-")
-                    continue
-                calls = [
-                    functools.partial(kernels.w8a16_gemv, x, q, s)
-                    for q, s in zip(qweights, scales, strict=True)
-                ]
-                row.append(f"{best_us(calls, rounds):.0f}")
-            if cpu_paths.int8pack_supported(x, k):
-                calls = [
-                    functools.partial(cpu_paths.int8pack_matmul, x, q, s)
-                    for q, s in zip(qweights, scales, strict=True)
-                ]
-                row.append(f"{best_us(calls, rounds):.0f}")
-            else:
-                row.append("-")
-            row.append(f"{best_us([functools.partial(F.linear, x, d) for d in dense], rounds):.0f}")
+                row.append(cell(None if kernels is None else native_calls(kernels, x, weights)))
+            row.append(cell(torch_calls(x, weights)))
+            row.append(cell([functools.partial(F.linear, x, d) for d in dense]))
             cells.append(row)
     return cells
+
+
+def w8a16_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> list[list[str]]:
+    def make(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 1e-2
+
+    def ours(kernels: native.NativeKernels, x: torch.Tensor, weights: list) -> Calls:
+        if x.shape[0] > kernels.w8a16_max_rows:
+            return None
+        return [functools.partial(kernels.w8a16_gemv, x, q, s) for q, s in weights]
+
+    def torchs(x: torch.Tensor, weights: list) -> Calls:
+        if not cpu_paths.int8pack_supported(x, x.shape[1]):
+            return None
+        return [functools.partial(cpu_paths.int8pack_matmul, x, q, s) for q, s in weights]
+
+    return weight_only_rows(levels, rows, rounds, make, ours, torchs, copies)
 
 
 def w4a16_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> list[list[str]]:
     group = 64
-    cells = []
-    for n, k in SHAPES:
-        modules = []
-        for _ in range(copies):
-            codes = torch.randint(0, 16, (n, k))
-            scales = torch.rand(n, k // group) * 1e-2
-            zeros = torch.rand(n, k // group) * 15
-            modules.append(
-                LowBitLinear.from_codes(codes, scales, zeros, group, 4, None, torch.float32)
+
+    def make(n: int, k: int) -> LowBitLinear:
+        codes = torch.randint(0, 16, (n, k))
+        scales = torch.rand(n, k // group) * 1e-2
+        zeros = torch.rand(n, k // group) * 15
+        return LowBitLinear.from_codes(codes, scales, zeros, group, 4, None, torch.float32)
+
+    def ours(kernels: native.NativeKernels, x: torch.Tensor, modules: list) -> Calls:
+        if x.shape[0] > kernels.w4a16_max_rows:
+            return None
+        gemv = kernels.w4a16_gemv
+        return [
+            functools.partial(gemv, x, mod.qweight, mod.scales, mod.zeros, group) for mod in modules
+        ]
+
+    def torchs(x: torch.Tensor, modules: list) -> Calls:
+        if modules[0].cpu_qweight is None or x.shape[0] > cpu_paths.LOWBIT_INT4PACK_MAX_M:
+            return None
+        return [
+            functools.partial(
+                cpu_paths.int4pack_matmul, x, mod.cpu_qweight, group, mod.cpu_scales_zeros
             )
-        dense = [torch.randn(n, k) for _ in range(copies)]
-        for count in rows:
-            x = torch.randn(count, k)
-            row = [f"{n} x {k}", str(count)]
-            for level in levels:
-                kernels = native.kernels_for(level)
-                if kernels is None or count > kernels.w4a16_max_rows:
-                    row.append("-")
-                    continue
-                calls = [
-                    functools.partial(
-                        kernels.w4a16_gemv, x, mod.qweight, mod.scales, mod.zeros, group
-                    )
-                    for mod in modules
-                ]
-                row.append(f"{best_us(calls, rounds):.0f}")
-            packs = [(mod.cpu_qweight, mod.cpu_scales_zeros) for mod in modules]
-            if packs[0][0] is not None and count <= cpu_paths.LOWBIT_INT4PACK_MAX_M:
-                calls = [
-                    functools.partial(cpu_paths.int4pack_matmul, x, packed, group, sz)
-                    for packed, sz in packs
-                ]
-                row.append(f"{best_us(calls, rounds):.0f}")
-            else:
-                row.append("-")
-            row.append(f"{best_us([functools.partial(F.linear, x, d) for d in dense], rounds):.0f}")
-            cells.append(row)
-    return cells
+            for mod in modules
+        ]
+
+    return weight_only_rows(levels, rows, rounds, make, ours, torchs, copies)
 
 
 def main(argv: list[str] | None = None) -> None:
