@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "cpu_simd.h"
+#include "cpu_threads.h"
 
 #if defined(SLIM_ISA_AVX2)
 #define SLIM_F32
@@ -99,12 +100,15 @@ extern "C" SLIM_F32 int slim_f32_gemm(const float *x, int64_t m, int64_t k, int6
   static const F32Tile singles[F32_ROW_GROUP] = {f32_tile<1, 1>, f32_tile<2, 1>, f32_tile<3, 1>,
                                                  f32_tile<4, 1>};
   const int64_t blocks = (n + F32_BLOCK - 1) / F32_BLOCK;
-  for (int64_t block = 0; block < blocks; block += 2) {
-    const F32Tile *tiles = blocks - block >= 2 ? pairs : singles;
-    for (int64_t row0 = 0; row0 < m; row0 += F32_ROW_GROUP) {
-      const int64_t rows = m - row0 < F32_ROW_GROUP ? m - row0 : F32_ROW_GROUP;
-      tiles[rows - 1](x, stride, k, packed, block, bias, n, out, row0);
+  // Pairs of blocks shared out across the kernels' threads (cpu_threads.h).
+  slim_parallel((blocks + 1) / 2, [&](int64_t first_pair, int64_t end_pair) {
+    for (int64_t block = 2 * first_pair; block < 2 * end_pair && block < blocks; block += 2) {
+      const F32Tile *tiles = blocks - block >= 2 ? pairs : singles;
+      for (int64_t row0 = 0; row0 < m; row0 += F32_ROW_GROUP) {
+        const int64_t rows = m - row0 < F32_ROW_GROUP ? m - row0 : F32_ROW_GROUP;
+        tiles[rows - 1](x, stride, k, packed, block, bias, n, out, row0);
+      }
     }
-  }
+  });
   return 0;
 }

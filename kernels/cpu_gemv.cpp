@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "cpu_bf16.h"
+#include "cpu_threads.h"
 
 #define SLIM_AVX512 SLIM_TARGET_VNNI_F16C
 
@@ -75,21 +76,23 @@ SLIM_AVX512 static void quantize_rows(const void *x, int dtype, int64_t rows, in
 // ROWS activation rows against every weight row, WR weight rows per pass, each 64-byte weight
 // vector loaded once for all ROWS. Per weight row: sum(lo * w), sum(hi * w) and sum(w) (the last
 // undoes the +128 of the high bytes).
+// Weight rows [n_begin, n_end) of n_total (one thread's share).
 template <int ROWS, int WR>
 SLIM_AVX512 static void gemv_block(const uint8_t *lo, const uint8_t *hi, const double *xscale,
                                    int64_t kp, const int8_t *w, const void *wscale, int wdtype,
-                                   int64_t n_total, int64_t k, void *out, int odtype) {
+                                   int64_t n_begin, int64_t n_end, int64_t n_total, int64_t k,
+                                   void *out, int odtype) {
   const int64_t kmain = k & ~(int64_t)63;
   const __mmask64 tail = k > kmain ? (__mmask64)(~0ull >> (64 - (k - kmain))) : 0;
   const __m512i ones = _mm512_set1_epi8(1);
   int64_t ahead = PREFETCH_BYTES / k;
   ahead = ahead < WR ? WR : ahead;
-  int64_t n = 0;
-  // The last n_total % WR weight rows go through the same code as rows already done, then only
+  const int64_t span = n_end - n_begin;
+  // The last span % WR weight rows go through the same code as rows already done, then only
   // the new ones are written: no separate remainder loop.
-  for (; n < n_total; n += WR) {
-    const int64_t first = n + WR <= n_total ? n : (n_total >= WR ? n_total - WR : 0);
-    const int rows_here = n_total >= WR ? WR : (int)n_total;
+  for (int64_t n = n_begin; n < n_end; n += WR) {
+    const int64_t first = n + WR <= n_end ? n : (span >= WR ? n_end - WR : n_begin);
+    const int rows_here = span >= WR ? WR : (int)span;
     const int8_t *w0 = w + first * k;
     __m512i acc_lo[WR][ROWS], acc_hi[WR][ROWS], acc_w[WR];
 #pragma GCC unroll 8
@@ -199,17 +202,20 @@ SLIM_AVX512 static inline void dot_group_avx2(const int16_t *codes, int64_t kp, 
 
 // Every activation row against WR weight rows per pass: the pass's weight rows come from memory
 // once and stay in L1 while each group of up to GROUP_ROWS code rows meets them.
-SLIM_AVX512 static void gemv_avx2(const int16_t *codes, const double *xscale, int64_t m_total, int64_t kp,
-                      const int8_t *w, const void *wscale, int wdtype, int64_t n_total, int64_t k,
-                      void *out, int odtype) {
+// Weight rows [n_begin, n_end) of n_total (one thread's share).
+SLIM_AVX512 static void gemv_avx2(const int16_t *codes, const double *xscale, int64_t m_total,
+                                  int64_t kp, const int8_t *w, const void *wscale, int wdtype,
+                                  int64_t n_begin, int64_t n_end, int64_t n_total, int64_t k,
+                                  void *out, int odtype) {
   constexpr int WR = 2;
   int64_t ahead = PREFETCH_BYTES / k;
   ahead = ahead < WR ? WR : ahead;
-  for (int64_t n = 0; n < n_total; n += WR) {
-    // The last n_total % WR weight rows go through the same code as rows already done, then
+  const int64_t span = n_end - n_begin;
+  for (int64_t n = n_begin; n < n_end; n += WR) {
+    // The last span % WR weight rows go through the same code as rows already done, then
     // only the new ones are written: no separate remainder loop.
-    const int64_t first = n + WR <= n_total ? n : (n_total >= WR ? n_total - WR : 0);
-    const int rows_here = n_total >= WR ? WR : (int)n_total;
+    const int64_t first = n + WR <= n_end ? n : (span >= WR ? n_end - WR : n_begin);
+    const int rows_here = span >= WR ? WR : (int)span;
     const int8_t *w0 = w + first * k;
     for (int64_t row0 = 0; row0 < m_total; row0 += GROUP_ROWS) {
       const int64_t rows = m_total - row0 < GROUP_ROWS ? m_total - row0 : GROUP_ROWS;
@@ -238,7 +244,10 @@ SLIM_AVX512 static void w8a16_gemv_avx2(const void *x, int xdtype, int64_t m, in
   memset(codes, 0, (size_t)(m * kp) * sizeof(int16_t));
   quantize_rows(x, xdtype, m, k, scales,
                 [&](int64_t row, int64_t i, int32_t code) { codes[row * kp + i] = (int16_t)code; });
-  gemv_avx2(codes, scales, m, kp, w, wscale, wdtype, n, k, out, xdtype);
+  // Weight rows shared out across the kernels' threads (cpu_threads.h).
+  slim_parallel(n, [&](int64_t begin, int64_t end) {
+    gemv_avx2(codes, scales, m, kp, w, wscale, wdtype, begin, end, n, k, out, xdtype);
+  });
 }
 
 #if !defined(SLIM_ISA_AVX2)
@@ -258,8 +267,10 @@ SLIM_AVX512 static int w8a16_gemv_vnni(const void *x, int xdtype, int64_t m, int
     hi[row * kp + i] = (uint8_t)((code >> 8) + 128);
   });
   // One row: eight weight rows per pass (more loads in flight); two rows: four (registers).
-  if (m == 1) gemv_block<1, 8>(lo, hi, scales, kp, w, wscale, wdtype, n, k, out, xdtype);
-  else gemv_block<2, 4>(lo, hi, scales, kp, w, wscale, wdtype, n, k, out, xdtype);
+  slim_parallel(n, [&](int64_t begin, int64_t end) {
+    if (m == 1) gemv_block<1, 8>(lo, hi, scales, kp, w, wscale, wdtype, begin, end, n, k, out, xdtype);
+    else gemv_block<2, 4>(lo, hi, scales, kp, w, wscale, wdtype, begin, end, n, k, out, xdtype);
+  });
   free(bytes);
   return 0;
 }
@@ -369,8 +380,9 @@ extern "C" int slim_w4a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, 
     group_sums[row * groups + i / group] += (float)code;  // integers below 2^24: exact
   });
   // Each weight row (K/2 bytes) comes from memory once and stays in L1 while every group of up
-  // to four activation rows meets it.
-  for (int64_t j = 0; j < n; j++) {
+  // to four activation rows meets it; the rows are shared out across the kernels' threads.
+  slim_parallel(n, [&](int64_t j_begin, int64_t j_end) {
+  for (int64_t j = j_begin; j < j_end; j++) {
     for (int64_t row0 = 0; row0 < m; row0 += 4) {
       const int64_t rows = m - row0 < 4 ? m - row0 : 4;
       const int16_t *c = codes + row0 * k;
@@ -390,6 +402,7 @@ extern "C" int slim_w4a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, 
                          xdtype, row0);
     }
   }
+  });
   free(codes);
   free(group_sums);
   return 0;

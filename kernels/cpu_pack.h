@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_threads.h"
+
 static inline int64_t slim_channel_blocks(int64_t n) { return (n + 15) / 16; }
 static inline int64_t slim_input_groups(int64_t k, int64_t group) { return (k + group - 1) / group; }
 
@@ -28,17 +30,19 @@ static void slim_pack_channel_blocks(const In *w, int64_t n, int64_t k, Out *pac
 // visit(w0, w1, pair, first channel, first row, rows) for each pair of 16-channel blocks (w0 and
 // w1: element offsets of the two blocks in the packed weight, each block_elements long; a lone
 // last block is visited with pair false and w1 == w0) and each group of up to row_block
-// activation rows.
+// activation rows. The pairs are shared out across the kernels' threads (cpu_threads.h).
 template <typename Visit>
 static void slim_for_each_tile(int64_t n, int64_t m, int64_t block_elements, int64_t row_block,
                                Visit visit) {
   const int64_t blocks = slim_channel_blocks(n);
-  for (int64_t block = 0; block < blocks; block += 2) {
-    const bool pair = block + 1 < blocks;
-    const int64_t w0 = block * block_elements, w1 = pair ? w0 + block_elements : w0;
-    for (int64_t r0 = 0; r0 < m; r0 += row_block)
-      visit(w0, w1, pair, 16 * block, r0, m - r0 < row_block ? m - r0 : row_block);
-  }
+  slim_parallel((blocks + 1) / 2, [&](int64_t first_pair, int64_t end_pair) {
+    for (int64_t block = 2 * first_pair; block < 2 * end_pair; block += 2) {
+      const bool pair = block + 1 < blocks;
+      const int64_t w0 = block * block_elements, w1 = pair ? w0 + block_elements : w0;
+      for (int64_t r0 = 0; r0 < m; r0 += row_block)
+        visit(w0, w1, pair, 16 * block, r0, m - r0 < row_block ? m - r0 : row_block);
+    }
+  });
 }
 
 // The inner step of both GEMMs' tiles (ROWS <= 8 activation rows x two 16-channel weight blocks

@@ -1,8 +1,14 @@
-"""Dense 16/32-bit Linear on CPU with the weight prepacked once for oneDNN.
+"""Dense 16/32-bit Linear on CPU with the weight packed once at load time.
 
-`F.linear` on CPU hands oneDNN a plain row-major weight, which it re-lays out on every call; at
-decode sizes that costs more than the matmul. Packing once at load time was measured 1.3-3.6x
-faster at this model's shapes, with bit-identical results (kernels/README.md).
+bf16, where this CPU has AVX-512 BF16: our own GEMM's layout only (`cpu_bf16_gemm.cpp`), which
+serves every row count, decode and prompt alike, on the kernels' own threads (`cpu_threads.h`);
+it beat oneDNN's prepacked bf16 matmul 1.1-3.5x per call at decode rows on one thread and
+matched it at 512 rows (kernels/README.md).
+
+fp32 (and bf16 elsewhere): `F.linear` on CPU hands oneDNN a plain row-major weight, which it
+re-lays out on every call; at decode sizes that costs more than the matmul. Packing once for
+oneDNN was measured 1.3-3.6x faster at this model's shapes, with bit-identical results. The
+lm_head may also keep our fp32 GEMM's copy for decode rows (`with_native_gemm`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,17 @@ from .dispatch import record_backend
 PACK_BATCH_HINT = 8
 
 
+def _native_bf16(weight: torch.Tensor) -> native.NativeKernels | None:
+    """Our kernels where they take this weight's bf16 GEMM, else None."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+        return None
+    kernels = native.kernels()
+    return kernels if kernels is not None and kernels.bf16_gemm_available else None
+
+
 def can_pack(weight: torch.Tensor) -> bool:
+    if _native_bf16(weight) is not None:
+        return True
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if weight.dtype == torch.bfloat16:
@@ -27,59 +43,68 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """Inference-only: the packed weight is an opaque oneDNN tensor, not a saveable buffer."""
+    """Inference-only: the packed weight is an opaque layout, not a saveable buffer."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         if not can_pack(weight):
             raise ValueError(f"cannot prepack a {weight.dtype} weight on {weight.device}")
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
         self.bias = None if bias is None else bias.detach().clone()
         self.packed_bytes = weight.numel() * weight.element_size()
-        # Our own bf16 GEMM's copy (`with_native_gemm`), for decode batches.
+        self._bf16 = _native_bf16(weight)
+        # Our own GEMM's copy: the only one for bf16 (any rows); for fp32 the lm_head's, for
+        # decode rows (`with_native_gemm`).
         self.native_packed: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None
+        if self._bf16 is not None:
+            self.native_packed = self._bf16.bf16_pack(weight.detach())
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
         return cls(linear.weight, linear.bias)
 
+    @property
+    def backend(self) -> str:
+        return "cpu-native-bf16-gemm" if self._bf16 is not None else "cpu-onednn-packed"
+
     def with_native_gemm(self, weight: torch.Tensor) -> int:
-        """Also serve decode rows from our own GEMM's copy of `weight` (the one this module was
-        packed from): bf16 at 1-32 rows where this CPU has AVX-512 BF16, fp32 at 1-4 rows,
-        where the native kernels load; returns the copy's bytes (0 where it does not apply).
+        """Also serve fp32 decode rows (1-4) from our own fp32 GEMM's copy of `weight` (the one
+        this module was packed from), where the native kernels load; returns the copy's bytes
+        (0 where it does not apply: other dtypes, or bf16, which has only our copy already).
         The engine does it for the lm_head: read whole by every decode step, it streamed at
-        ~20 GB/s (bf16) and ~11 GB/s (fp32) through oneDNN's copy (kernels/README.md)."""
+        ~11 GB/s through oneDNN's copy (kernels/README.md)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight {tuple(weight.shape)} is not this module's")
         kernels = native.kernels()
-        if kernels is None:
+        if kernels is None or self._bf16 is not None or weight.dtype != torch.float32:
             return 0
-        if weight.dtype == torch.bfloat16 and kernels.bf16_gemm_max_rows > 0:
-            self.native_packed = kernels.bf16_pack(weight)
-        elif weight.dtype == torch.float32:
-            self.native_packed = kernels.f32_pack(weight)
-        else:
-            return 0
+        self.native_packed = kernels.f32_pack(weight)
         return self.native_packed.numel() * self.native_packed.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native_packed is not None:
-            if native.bf16_gemm_supported(x, self.in_features):
-                record_backend("dense", "cpu-native-bf16-gemm")
-                return native.kernels().bf16_gemm(
-                    x, self.native_packed, self.out_features, self.bias
-                )
-            if native.f32_gemm_supported(x, self.in_features):
-                record_backend("dense", "cpu-native-f32-gemm")
-                return native.kernels().f32_gemm(
-                    x, self.native_packed, self.out_features, self.bias
-                )
+        if self._bf16 is not None:
+            record_backend("dense", "cpu-native-bf16-gemm")
+            rows = x.reshape(-1, self.in_features)
+            if rows.stride(1) != 1:
+                rows = rows.contiguous()
+            out = self._bf16.bf16_gemm(
+                rows.to(torch.bfloat16), self.native_packed, self.out_features, self.bias
+            )
+            return out.reshape(*x.shape[:-1], self.out_features)
+        if self.native_packed is not None and native.f32_gemm_supported(x, self.in_features):
+            record_backend("dense", "cpu-native-f32-gemm")
+            return native.kernels().f32_gemm(x, self.native_packed, self.out_features, self.bias)
         record_backend("dense", "cpu-onednn-packed")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"packed for {self.backend}"
+        )
 
 
 def fuse_dense(linears: list[nn.Module]) -> nn.Module | None:

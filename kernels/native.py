@@ -46,6 +46,7 @@ SOURCES = tuple(
         "cpu_bf16_gemm.cpp",
         "cpu_f32_gemm.cpp",
         "cpu_sampling.cpp",
+        "cpu_threads.cpp",
     )
 )
 FLAGS = ("-O3", "-std=c++17", "-fno-math-errno")
@@ -125,6 +126,19 @@ def build(isa: Isa | None = None) -> Path:
 class NativeKernels:
     library: ctypes.CDLL
     isa: Isa
+
+    @property
+    def threads(self) -> int:
+        """Threads each matmul kernel call shares its output channels across (1 by default)."""
+        return int(self.library.slim_threads())
+
+    def set_threads(self, threads: int) -> None:
+        """Threads for every later matmul call of this process (the W8A16, W4A16, W8A8, bf16 and
+        fp32 kernels; cpu_threads.h): the calling thread plus threads - 1 workers, which poll
+        briefly between calls and then sleep."""
+        if threads < 1:
+            raise ValueError(f"kernel threads must be >= 1, not {threads}")
+        self.library.slim_set_threads(threads)
 
     @functools.cached_property
     def w8a16_code_limit(self) -> int:
@@ -302,11 +316,9 @@ class NativeKernels:
         return out
 
     @functools.cached_property
-    def bf16_gemm_max_rows(self) -> int:
-        """0 where this CPU lacks AVX-512 BF16 (the GEMM is then never called)."""
-        if not self.library.slim_bf16_gemm_cpu_supported():
-            return 0
-        return int(self.library.slim_bf16_gemm_max_rows())
+    def bf16_gemm_available(self) -> bool:
+        """False where this CPU lacks AVX-512 BF16 or in the avx2 build (never called then)."""
+        return bool(self.library.slim_bf16_gemm_cpu_supported())
 
     @functools.cached_property
     def f32_gemm_max_rows(self) -> int:
@@ -347,8 +359,8 @@ class NativeKernels:
     def bf16_gemm(
         self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        """bf16 x [M, K] (unit column stride) @ weight.T + bias -> bf16 [M, N], the weight
-        `bf16_pack`ed; fp32 sums. Callers check `bf16_gemm_supported` first."""
+        """bf16 x [M >= 1, K] (unit column stride) @ weight.T + bias -> bf16 [M, N], the weight
+        `bf16_pack`ed; fp32 sums. Callers check `bf16_gemm_available` first."""
         m, k = x.shape
         out = torch.empty(m, n, dtype=torch.bfloat16)
         status = self.library.slim_bf16_gemm(
@@ -407,7 +419,6 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
         "slim_decode_attention_max_head_dim",
         "slim_w8a8_gemm_max_rows",
         "slim_w8a8_gemm_max_k",
-        "slim_bf16_gemm_max_rows",
         "slim_w8a16_max_rows",
         "slim_w4a16_max_rows",
         "slim_f32_gemm_max_rows",
@@ -415,6 +426,10 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
     for name in limits:
         getattr(library, name).restype = i64
         getattr(library, name).argtypes = []
+    library.slim_set_threads.restype = None
+    library.slim_set_threads.argtypes = [cint]
+    library.slim_threads.restype = cint
+    library.slim_threads.argtypes = []
     library.slim_w8a16_gemv.restype = cint
     library.slim_w8a16_gemv.argtypes = [ptr, cint, i64, i64, ptr, ptr, cint, i64, ptr]
     library.slim_f32_packed_elements.restype = i64
@@ -599,13 +614,3 @@ def f32_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
         return False
     native = serving_kernels()
     return native is not None and 1 <= x.shape[0] <= native.f32_gemm_max_rows
-
-
-def bf16_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
-    """bf16 CPU rows [M <= 32, K] with unit column stride, on a CPU with AVX-512 BF16."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 2:
-        return False
-    if x.stride(1) != 1 or x.shape[1] != in_features:
-        return False
-    native = serving_kernels()
-    return native is not None and 1 <= x.shape[0] <= native.bf16_gemm_max_rows

@@ -131,7 +131,8 @@ def ensure_llamacpp(jobs: int = 2) -> LlamaCpp:
 
 # GGUF files -------------------------------------------------------------------------------------
 
-GGUF_TYPES = ("f32", "q8_0", "q4_1")
+# bf16: what a bf16 CPU user runs at full precision (llama.cpp computes it natively there).
+GGUF_TYPES = ("f32", "bf16", "q8_0", "q4_1")
 
 
 def _gguf_path(llamacpp: LlamaCpp, model: str, kind: str) -> Path:
@@ -159,7 +160,8 @@ def _quantize(llamacpp: LlamaCpp, source: Path, target: Path, kind: str) -> None
 
 def ensure_gguf(llamacpp: LlamaCpp, model: str, kind: str) -> Path:
     """The model as a GGUF of `kind`: F32 converted from slimserve's materialized HF directory,
-    Q8_0 quantized from it, Q4_1 the file the model ships as (what slimserve de-quantizes)."""
+    BF16 and Q8_0 made from it by llama-quantize, Q4_1 the file the model ships as (what
+    slimserve de-quantizes)."""
     from slimserve.models.store import _embedded_gguf, resolve_model
 
     if kind == "q4_1":

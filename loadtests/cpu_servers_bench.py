@@ -1,7 +1,8 @@
 """slimserve next to what CPU users would run instead (llama.cpp's llama-server, vLLM for CPU).
 
     python -m slimserve.loadtests.cpu_servers_bench \\
-        --servers llamacpp-f32 llamacpp-q8_0 llamacpp-q4_1 slimserve --concurrency 1 8 32
+        --servers llamacpp-f32 llamacpp-bf16 llamacpp-q8_0 llamacpp-q4_1 slimserve \\
+        --concurrency 1 8 32
 
 One server after another on the same machine, the same load for each (OpenAI chat completions,
 streaming, --tokens greedy tokens per request with ignore_eos, closed loop), and the perplexity
@@ -268,7 +269,7 @@ def header(args: argparse.Namespace, load_before: str, load_after: str) -> str:
             f"llama-server: `-np {top} -t {args.threads} -c {top * 128}`, built with "
             f"{' '.join(CMAKE_FLAGS)}.",
             "Weights: llama.cpp F32 converted (convert_hf_to_gguf.py) from the HF directory "
-            "slimserve materializes (bf16), Q8_0 quantized from it (llama-quantize), Q4_1 the "
+            "slimserve materializes (bf16), BF16 and Q8_0 made from it (llama-quantize), Q4_1 the "
             "GGUF the model ships as (token embeddings Q8_0), which slimserve de-quantizes; "
             "slimserve variants as its config serves them (dtype auto: bf16 where the CPU has "
             "native bf16). Before each server the run waits until other processes keep the CPUs "
@@ -292,7 +293,9 @@ def free_port() -> int:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS[:4])
+    parser.add_argument(
+        "--servers", nargs="+", choices=SERVERS, default=[*LLAMACPP_SERVERS, "slimserve"]
+    )
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--requests-per-stream", type=int, default=2)

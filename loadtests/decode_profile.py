@@ -47,7 +47,7 @@ from slimserve.compression.evaluation import evaluation_ids
 from slimserve.compression.registry import apply_compression
 from slimserve.compression.report import resident_weight_bytes
 from slimserve.compression.specs import CompressionSpec
-from slimserve.kernels import cpu_isa, dense_cpu, dispatch, w8a8
+from slimserve.kernels import cpu_isa, dense_cpu, dispatch, native, w8a8
 from slimserve.kernels import int8 as w8a16
 from slimserve.kernels.dense_cpu import PackedLinear
 from slimserve.kernels.w8a8 import W8A8Linear
@@ -545,7 +545,8 @@ def caption(args: argparse.Namespace, dtype: str, bandwidth: float, prompt_len: 
     return (
         f"{args.model}, {dtype}; CPU {cpu_name()} ({platform.machine()}), ISA level "
         f"{isa['isa']} (native bf16: {isa['native_bf16']}), forced: {forced or 'none'}; torch "
-        f"{torch.__version__}, {torch.get_num_threads()} thread; single-thread read bandwidth "
+        f"{torch.__version__}, {torch.get_num_threads()} thread, {args.kernel_threads} kernel "
+        f"thread(s); single-thread read bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s (best of 7 sums of {BANDWIDTH_MIB} MiB float32); "
         f"{prompt_len}-token prompt in every slot, {args.steps} decode steps per batch after "
         f"{WARMUP_STEPS} warm-up steps, each run plain and timed; {now:%Y-%m-%d %H:%M} UTC, load "
@@ -561,9 +562,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per batch")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="cached tokens per slot")
+    parser.add_argument(
+        "--kernel-threads",
+        type=int,
+        default=1,
+        help="threads of our own matmul kernels (engine.kernel_threads; its default is every "
+        "core); the op times are the decoding thread's, which waits for the others",
+    )
     args = parser.parse_args(argv)
     configure_logging()
     torch.set_num_threads(1)  # the engine's default on 2 cores; our kernels serve only then
+    if (kernels := native.kernels()) is not None:
+        kernels.set_threads(args.kernel_threads)
     dtype = resolve_dtype(args.dtype)
     log.info("load average %s; dtype %s; %s", load_average(), dtype, cpu_isa.describe())
     bandwidth = read_bandwidth()

@@ -57,6 +57,12 @@ class EngineOptions(_Strict):
         description="intra-op threads; default: all cores, less one for serving when the engine "
         "has its own process",
     )
+    kernel_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch: threads each call of slimserve's own CPU matmul kernels is shared "
+        "across (they poll briefly between calls, then sleep); default: every core",
+    )
     separate_process: bool = Field(
         True,
         description="torch: run the engine loop in its own process, so the replica's Python "
@@ -79,10 +85,17 @@ class EngineOptions(_Strict):
         through the gateway than 2 (loadtests/README.md)."""
         if self.torch_threads is not None:
             return self.torch_threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        cores = cores or os.cpu_count() or 1
         spare = 1 if self.name == "torch" and self.separate_process else 0
-        return max(1, cores - spare)
+        return max(1, _cores() - spare)
+
+    def native_kernel_threads(self) -> int:
+        return self.kernel_threads if self.kernel_threads is not None else _cores()
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return cores or os.cpu_count() or 1
 
 
 class DeploymentOptions(_Strict):

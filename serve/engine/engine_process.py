@@ -32,6 +32,7 @@ from slimserve.compression import CompressionReport
 from ..config import SlimserveConfig
 from ..observability.flops import FlopModel
 from .limits import check_score_length, server_error
+from .threads import configure_threads
 from .torch_engine import (
     LoopSink,
     TorchEngine,
@@ -104,7 +105,7 @@ def _child_main(conn: Connection, config: dict[str, Any], variant: str) -> None:
     configure_logging()
     cfg = SlimserveConfig.model_validate(config)
     options = cfg.engine_for(variant)
-    torch.set_num_threads(options.intra_op_threads())
+    configure_threads(options)
     try:
         built = build_torch_engine(cfg, variant)
         engine = built.engine

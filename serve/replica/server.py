@@ -11,14 +11,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import torch
-
 from slimserve.kernels import cpu_isa
 from slimserve.kernels.dispatch import chosen_backends, merged_backends
 
 from ..config import SlimserveConfig
 from ..engine.factory import build_engine
 from ..engine.protocol import Engine
+from ..engine.threads import configure_threads
 from ..engine.types import EngineEvent, ErrorInfo, GenerateRequest
 from ..logs import configure_logging
 from ..observability.memory import memory_stats
@@ -35,7 +34,7 @@ class VariantServer:
         self.variant = variant
         cfg = SlimserveConfig.model_validate(config)
         options = cfg.engine_for(variant)
-        torch.set_num_threads(options.intra_op_threads())
+        configure_threads(options)
         model_name = cfg.model_for(variant)
         built = build_engine(cfg, variant)
         self.engine: Engine = built.engine

@@ -1,6 +1,7 @@
-"""slimserve's own bf16 GEMM for few rows (kernels/cpu_bf16_gemm.cpp): against fp64 at 1-32 rows,
-ragged N (lone last 16-channel blocks) and odd K, with and without bias, within the bf16 rounding
-of the output that oneDNN's path also has; the packed module's dispatch by rows and CPU."""
+"""slimserve's own bf16 GEMM (kernels/cpu_bf16_gemm.cpp): against fp64 at decode and prompt row
+counts, ragged N (lone last 16-channel blocks) and odd K, with and without bias, within the bf16
+rounding of the output that oneDNN's path also has; the packed module serving every row count
+from it where the CPU has AVX-512 BF16, and oneDNN's copy elsewhere."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from slimserve.kernels import cpu_isa, native
-from slimserve.kernels.dense_cpu import PackedLinear, can_pack
+from slimserve.kernels.dense_cpu import PACK_BATCH_HINT, PackedLinear, can_pack
 from slimserve.kernels.dispatch import chosen_backends
 
 from .helpers import AVX512_VNNI, cpu_has, rel_error
@@ -16,8 +17,17 @@ from .helpers import AVX512_VNNI, cpu_has, rel_error
 BF16_CPU = cpu_has(*AVX512_VNNI, "avx512_bf16") and cpu_isa.active() == cpu_isa.Isa.AVX512
 needs_bf16 = pytest.mark.skipif(not BF16_CPU, reason="no AVX-512 BF16 at this ISA level")
 
-# (rows, N, K): the default model's lm_head at 1 and 32 rows, lone last blocks, odd K, tiny.
-SHAPES = [(1, 49152, 576), (32, 1000, 576), (9, 33, 3), (3, 7, 101), (17, 16, 64), (8, 50, 130)]
+# (rows, N, K): the default model's lm_head at 1 row, a prompt chunk, lone last blocks, odd K,
+# tiny.
+SHAPES = [
+    (1, 49152, 576),
+    (32, 1000, 576),
+    (300, 96, 64),
+    (9, 33, 3),
+    (3, 7, 101),
+    (17, 16, 64),
+    (8, 50, 130),
+]
 
 
 def _case(rows: int, n: int, k: int, bias: bool, seed: int):
@@ -28,16 +38,21 @@ def _case(rows: int, n: int, k: int, bias: bool, seed: int):
     return weight, b, x
 
 
+def _onednn(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 @needs_bf16
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(("rows", "n", "k"), SHAPES)
 def test_matches_fp64_as_closely_as_onednn(rows: int, n: int, k: int, bias: bool) -> None:
     weight, b, x = _case(rows, n, k, bias, seed=rows * n + k)
+    theirs = _onednn(weight, b, x)
     module = PackedLinear(weight, b)
-    theirs = module(x)  # oneDNN's path, before our copy exists
     padded = -(-n // 16) * 16 * -(-k // 2) * 2  # 16-channel blocks, pairs of inputs
-    assert module.with_native_gemm(weight) == padded * 2
-    assert native.bf16_gemm_supported(x, k)
+    assert module.native_packed is not None and module.native_packed.numel() == padded
+    assert module.packed is None  # one copy of the weights: ours
     ours = module(x)
     assert "cpu-native-bf16-gemm" in chosen_backends()["dense"]
     assert ours.shape == (rows, n) and ours.dtype == torch.bfloat16
@@ -51,35 +66,34 @@ def test_matches_fp64_as_closely_as_onednn(rows: int, n: int, k: int, bias: bool
 
 
 @needs_bf16
-def test_rows_past_the_limit_and_other_dtypes_take_onednn() -> None:
-    weight, _, x = _case(33, 64, 64, False, seed=1)
+def test_the_module_takes_any_leading_shape_and_strided_rows() -> None:
+    weight, _, x = _case(12, 64, 64, False, seed=1)
     module = PackedLinear(weight, None)
-    module.with_native_gemm(weight)
-    assert native.kernels().bf16_gemm_max_rows == 32
-    assert not native.bf16_gemm_supported(x, 64)  # 33 rows: a prompt chunk, say
-    assert native.bf16_gemm_supported(x[:32], 64)
-    assert not native.bf16_gemm_supported(x[:4].float(), 64)
-    assert not native.bf16_gemm_supported(x[:4].t(), 4)  # column stride
-    out = module(x)
-    torch.testing.assert_close(out, PackedLinear(weight, None)(x), rtol=0, atol=0)
-    fp16 = PackedLinear(weight.float(), None)
-    assert fp16.with_native_gemm(weight.half()) == 0  # bf16 and fp32 only
+    flat = module(x)
+    torch.testing.assert_close(module(x.reshape(3, 4, 64)), flat.reshape(3, 4, 64), rtol=0, atol=0)
+    wide = torch.cat([x, x], dim=1)[:, :64]  # rows 128 elements apart
+    torch.testing.assert_close(module(wide), flat, rtol=0, atol=0)
+    assert module.with_native_gemm(weight) == 0  # bf16 already has only our copy
     with pytest.raises(ValueError, match="not this module"):
         module.with_native_gemm(weight[:10])
+    fp32 = PackedLinear(weight.float(), None)
+    assert fp32.backend == "cpu-onednn-packed"
+    assert fp32.with_native_gemm(weight.half()) == 0  # bf16 and fp32 only
 
 
 @pytest.mark.skipif(not cpu_has("avx2", "fma", "f16c"), reason="this CPU has no AVX2 + FMA + F16C")
 def test_the_avx2_build_never_serves_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without BF16 instructions oneDNN's matmul keeps the lm_head (and engine.dtype auto
+    """Without BF16 instructions oneDNN's matmul keeps every dense projection (and engine.dtype auto
     computes in fp32 there anyway)."""
     monkeypatch.setenv(cpu_isa.ISA_ENV, "avx2")
     cpu_isa.active.cache_clear()
     try:
-        assert native.kernels().bf16_gemm_max_rows == 0
-        weight, _, x = _case(4, 64, 64, False, seed=2)
-        assert not native.bf16_gemm_supported(x, 64)
+        assert not native.kernels().bf16_gemm_available
+        weight, _, _ = _case(4, 64, 64, False, seed=2)
         if can_pack(weight):  # oneDNN packs bf16 only where it has bf16 kernels
-            assert PackedLinear(weight, None).with_native_gemm(weight) == 0
+            module = PackedLinear(weight, None)
+            assert module.backend == "cpu-onednn-packed" and module.native_packed is None
+            assert module.with_native_gemm(weight) == 0
     finally:
         monkeypatch.undo()
         cpu_isa.active.cache_clear()

@@ -1,10 +1,13 @@
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from slimserve.kernels import cpu_isa
+from slimserve.kernels import cpu_isa, native
 from slimserve.kernels.cpu_isa import Isa
 from slimserve.serve.config import ConfigError, load_config, parse_config
+from slimserve.serve.engine.threads import configure_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,6 +54,7 @@ def test_every_shipped_config_loads(path):
         (_base(routing={"sticky_key": "cookie:x"}), "routing.sticky_key"),
         (_base(engine={"max_num_seqs": 0}), "engine.max_num_seqs"),
         (_base(engine={"dtype": "int7"}), "engine.dtype"),
+        (_base(engine={"kernel_threads": 0}), "engine.kernel_threads"),
         (_base(server={"port": 70000}), "server.port"),
         (
             _base(variants={"q": {"compression": [{"method": "int8-weight-only", "bits": 3}]}}),
@@ -150,3 +154,23 @@ def test_compressed_vllm_variants_are_refused_below_avx512(forced_isa):
         parse_config(data)
     del data["variants"]["w4"]
     assert parse_config(data).engine_for("full").name == "vllm"  # full precision still runs
+
+
+def test_kernel_threads_reach_the_native_kernels():
+    """The engine process's thread set-up hands `engine.kernel_threads` (default: every core
+    this process may use) to slimserve's own kernels, and torch keeps its own count."""
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("slimserve's native CPU kernels do not load here")
+    torch_threads = torch.get_num_threads()
+    try:
+        configure_threads(parse_config(_base(engine={"kernel_threads": 3})).engine)
+        assert kernels.threads == 3
+        cores = len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == max(1, cores - 1)  # one left for serving
+        options = parse_config(_base()).engine
+        configure_threads(options)
+        assert kernels.threads == options.native_kernel_threads() == cores
+    finally:
+        kernels.set_threads(1)
+        torch.set_num_threads(torch_threads)

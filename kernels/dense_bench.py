@@ -1,0 +1,88 @@
+"""Per call, a dense projection at the default model's shapes: oneDNN's prepacked matmul (one
+torch thread) against our own GEMM's copy (`PackedLinear`'s native path) at 1 and 2 kernel
+threads (kernels/README.md, "Our own bf16 GEMM for every dense projection"):
+
+    python -m slimserve.kernels.dense_bench --dtype bfloat16 --rows 1 8 32 --copies 30
+
+A pass cycles through `--copies` distinct weights (one for the lm_head, whose single copy is
+already far larger than the caches), as a decode step goes through a model's layers, so the
+weights come from memory; the figure is per call, best of `--rounds` passes. Our bf16 GEMM
+needs AVX-512 BF16; our fp32 GEMM takes 1-4 rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+
+from . import native
+from .bench import format_table
+from .dense_cpu import PACK_BATCH_HINT
+from .isa_bench import best_us
+
+# qkv, o, gate_up, down, lm_head of SmolLM2-135M (N x K).
+SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576))
+LARGE = 10_000_000  # weights of more elements than this get one copy
+
+
+def onednn_calls(x: torch.Tensor, weights: list[torch.Tensor]) -> list:
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT) for w in weights]
+    return [
+        functools.partial(torch.ops.mkldnn._linear_pointwise, x, p, None, "none", [], "")
+        for p in packed
+    ]
+
+
+def native_calls(kernels: native.NativeKernels, x: torch.Tensor, weights: list) -> list | None:
+    n = weights[0].shape[0]
+    if x.dtype == torch.bfloat16:
+        if not kernels.bf16_gemm_available:
+            return None
+        return [
+            functools.partial(kernels.bf16_gemm, x, kernels.bf16_pack(w), n, None) for w in weights
+        ]
+    if x.shape[0] > kernels.f32_gemm_max_rows:
+        return None
+    packed = [kernels.f32_pack(w) for w in weights]
+    return [functools.partial(kernels.f32_gemm, x, p, n, None) for p in packed]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--copies", type=int, default=30, help="distinct weights per pass")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="kernel threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    kernels = native.kernels()
+    if kernels is None:
+        raise SystemExit("slimserve's native CPU kernels do not load here (see the log)")
+    dtype = getattr(torch, args.dtype)
+    cells = []
+    for count in args.rows:
+        for n, k in SHAPES:
+            copies = 1 if n * k > LARGE else args.copies
+            weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
+            x = torch.randn(count, k).to(dtype)
+            row = [
+                str(count),
+                f"{n} x {k}",
+                f"{best_us(onednn_calls(x, weights), args.rounds):.0f}",
+            ]
+            ours = native_calls(kernels, x, weights)
+            for threads in args.threads:
+                kernels.set_threads(threads)
+                row.append("-" if ours is None else f"{best_us(ours, args.rounds):.0f}")
+            kernels.set_threads(1)
+            cells.append(row)
+    header = ["rows", "N x K", "oneDNN prepacked us", *(f"ours {t} thr us" for t in args.threads)]
+    print(f"{args.dtype}, ISA level {kernels.isa.label}")
+    print(format_table(header, cells))
+
+
+if __name__ == "__main__":
+    main()
