@@ -62,7 +62,7 @@ def test_packed_linear_serves_decode_rows_from_it() -> None:
         pytest.skip("oneDNN cannot prepack here")
     module = PackedLinear(weight, bias)
     packed_bytes = module.with_native_gemm(weight)
-    assert packed_bytes == 104 * 64 * 4  # N padded to the 8-channel block
+    assert packed_bytes == 120 * 64 * 4  # N padded to the 24-channel panel
     out = module(x[:2])
     assert "cpu-native-f32-gemm" in chosen_backends()["dense"]
     torch.testing.assert_close(out, x[:2] @ weight.t() + bias, rtol=1e-5, atol=1e-4)

@@ -30,9 +30,7 @@ def kernels() -> Iterator[native.NativeKernels]:
     loaded.set_threads(1)
 
 
-def _same_at_every_count(
-    kernels: native.NativeKernels, call: Callable[[], torch.Tensor]
-) -> None:
+def _same_at_every_count(kernels: native.NativeKernels, call: Callable[[], torch.Tensor]) -> None:
     results = []
     for threads in THREADS:
         kernels.set_threads(threads)
