@@ -86,13 +86,14 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._bf16 is not None:
+            # The kernel reads raw bf16: another dtype would be misread, not converted.
+            if x.dtype != torch.bfloat16:
+                raise TypeError(f"a bf16 PackedLinear takes bf16 inputs, not {x.dtype}")
             record_backend("dense", "cpu-native-bf16-gemm")
             rows = x.reshape(-1, self.in_features)
             if rows.stride(1) != 1:
                 rows = rows.contiguous()
-            out = self._bf16.bf16_gemm(
-                rows.to(torch.bfloat16), self.native_packed, self.out_features, self.bias
-            )
+            out = self._bf16.bf16_gemm(rows, self.native_packed, self.out_features, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         if self.native_packed is not None and native.f32_gemm_supported(x, self.in_features):
             record_backend("dense", "cpu-native-f32-gemm")

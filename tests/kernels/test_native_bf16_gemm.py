@@ -73,6 +73,8 @@ def test_the_module_takes_any_leading_shape_and_strided_rows() -> None:
     torch.testing.assert_close(module(x.reshape(3, 4, 64)), flat.reshape(3, 4, 64), rtol=0, atol=0)
     wide = torch.cat([x, x], dim=1)[:, :64]  # rows 128 elements apart
     torch.testing.assert_close(module(wide), flat, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="takes bf16 inputs"):
+        module(x.float())  # never misread as bf16
     assert module.with_native_gemm(weight) == 0  # bf16 already has only our copy
     with pytest.raises(ValueError, match="not this module"):
         module.with_native_gemm(weight[:10])
