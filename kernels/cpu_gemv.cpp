@@ -268,8 +268,10 @@ SLIM_AVX512 static int w8a16_gemv_vnni(const void *x, int xdtype, int64_t m, int
   });
   // One row: eight weight rows per pass (more loads in flight); two rows: four (registers).
   slim_parallel(n, [&](int64_t begin, int64_t end) {
-    if (m == 1) gemv_block<1, 8>(lo, hi, scales, kp, w, wscale, wdtype, begin, end, n, k, out, xdtype);
-    else gemv_block<2, 4>(lo, hi, scales, kp, w, wscale, wdtype, begin, end, n, k, out, xdtype);
+    if (m == 1)
+      gemv_block<1, 8>(lo, hi, scales, kp, w, wscale, wdtype, begin, end, n, k, out, xdtype);
+    else
+      gemv_block<2, 4>(lo, hi, scales, kp, w, wscale, wdtype, begin, end, n, k, out, xdtype);
   });
   free(bytes);
   return 0;
@@ -382,26 +384,26 @@ extern "C" int slim_w4a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, 
   // Each weight row (K/2 bytes) comes from memory once and stays in L1 while every group of up
   // to four activation rows meets it; the rows are shared out across the kernels' threads.
   slim_parallel(n, [&](int64_t j_begin, int64_t j_end) {
-  for (int64_t j = j_begin; j < j_end; j++) {
-    for (int64_t row0 = 0; row0 < m; row0 += 4) {
-      const int64_t rows = m - row0 < 4 ? m - row0 : 4;
-      const int16_t *c = codes + row0 * k;
-      const float *gs = group_sums + row0 * groups;
-      const double *xs = xscale + row0;
-      if (rows == 1)
-        w4_group_rows<1>(c, k, xs, gs, groups, w, scales, zeros, sdtype, group, j, n, k, out,
-                         xdtype, row0);
-      else if (rows == 2)
-        w4_group_rows<2>(c, k, xs, gs, groups, w, scales, zeros, sdtype, group, j, n, k, out,
-                         xdtype, row0);
-      else if (rows == 3)
-        w4_group_rows<3>(c, k, xs, gs, groups, w, scales, zeros, sdtype, group, j, n, k, out,
-                         xdtype, row0);
-      else
-        w4_group_rows<4>(c, k, xs, gs, groups, w, scales, zeros, sdtype, group, j, n, k, out,
-                         xdtype, row0);
+    for (int64_t j = j_begin; j < j_end; j++) {
+      for (int64_t row0 = 0; row0 < m; row0 += 4) {
+        const int64_t rows = m - row0 < 4 ? m - row0 : 4;
+        const int16_t *c = codes + row0 * k;
+        const float *gs = group_sums + row0 * groups;
+        const double *xs = xscale + row0;
+        if (rows == 1)
+          w4_group_rows<1>(c, k, xs, gs, groups, w, scales, zeros, sdtype, group, j, n, k, out,
+                           xdtype, row0);
+        else if (rows == 2)
+          w4_group_rows<2>(c, k, xs, gs, groups, w, scales, zeros, sdtype, group, j, n, k, out,
+                           xdtype, row0);
+        else if (rows == 3)
+          w4_group_rows<3>(c, k, xs, gs, groups, w, scales, zeros, sdtype, group, j, n, k, out,
+                           xdtype, row0);
+        else
+          w4_group_rows<4>(c, k, xs, gs, groups, w, scales, zeros, sdtype, group, j, n, k, out,
+                           xdtype, row0);
+      }
     }
-  }
   });
   free(codes);
   free(group_sums);

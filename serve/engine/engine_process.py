@@ -105,7 +105,7 @@ def _child_main(conn: Connection, config: dict[str, Any], variant: str) -> None:
     configure_logging()
     cfg = SlimserveConfig.model_validate(config)
     options = cfg.engine_for(variant)
-    configure_threads(options)
+    configure_threads(options, runs_torch_engine=True)
     try:
         built = build_torch_engine(cfg, variant)
         engine = built.engine

@@ -34,7 +34,8 @@ class VariantServer:
         self.variant = variant
         cfg = SlimserveConfig.model_validate(config)
         options = cfg.engine_for(variant)
-        configure_threads(options)
+        in_process = options.name == "torch" and not options.separate_process
+        configure_threads(options, runs_torch_engine=in_process)
         model_name = cfg.model_for(variant)
         built = build_engine(cfg, variant)
         self.engine: Engine = built.engine

@@ -164,13 +164,15 @@ def test_kernel_threads_reach_the_native_kernels():
         pytest.skip("slimserve's native CPU kernels do not load here")
     torch_threads = torch.get_num_threads()
     try:
-        configure_threads(parse_config(_base(engine={"kernel_threads": 3})).engine)
+        configure_threads(parse_config(_base(engine={"kernel_threads": 3})).engine, True)
         assert kernels.threads == 3
         cores = len(os.sched_getaffinity(0))
         assert torch.get_num_threads() == max(1, cores - 1)  # one left for serving
         options = parse_config(_base()).engine
-        configure_threads(options)
+        configure_threads(options, runs_torch_engine=True)
         assert kernels.threads == options.native_kernel_threads() == cores
+        configure_threads(parse_config(_base(engine={"kernel_threads": 3})).engine, False)
+        assert kernels.threads == cores  # a replica without the model leaves the kernels be
     finally:
         kernels.set_threads(1)
         torch.set_num_threads(torch_threads)
