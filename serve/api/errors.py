@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from ..engine.types import ErrorInfo
-from .protocol import ErrorBody, ErrorResponse
+from .protocol import ErrorBody, ErrorResponse, FieldError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -49,9 +49,14 @@ def error_response(info: ErrorInfo, headers: dict[str, str] | None = None) -> JS
 def from_validation_error(error: ValidationError) -> OpenAIError:
     first = error.errors()[0]
     param = ".".join(str(part) for part in first["loc"]) or None
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, FieldError):
+        param = cause.param
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         message = f"'{param}' is a required property"
+    elif first["type"] == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
     elif param:
         message = f"Invalid value for '{param}': {message}"
     return OpenAIError.of(400, message, param=param, code="invalid_value")
@@ -66,9 +71,33 @@ def parse_json_body(raw: bytes) -> object:
         ) from None
 
 
+def _without_nulls(body: object) -> object:
+    """A null field means the field is absent (clients send both), at the top level and in
+    chat messages; deeper down (JSON schemas) a null is the caller's value."""
+    if not isinstance(body, dict):
+        return body
+    body = {key: value for key, value in body.items() if value is not None}
+    if isinstance(body.get("messages"), list):
+        body["messages"] = [
+            {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+            for m in body["messages"]
+        ]
+    return body
+
+
 def validate_body(raw: bytes, model: type[ModelT]) -> ModelT:
     """A request body as `model`, or the OpenAIError the caller is answered with."""
+    body = _without_nulls(parse_json_body(raw))
+    if isinstance(body, dict):
+        for field, reason in getattr(model, "REFUSED", {}).items():
+            if field in body:
+                raise OpenAIError.of(
+                    400,
+                    f"'{field}' is not supported: {reason}",
+                    param=field,
+                    code="unsupported_parameter",
+                )
     try:
-        return model.model_validate(parse_json_body(raw))
+        return model.model_validate(body)
     except ValidationError as error:
         raise from_validation_error(error) from None

@@ -1,19 +1,19 @@
-"""The request flow both generation endpoints share: validate, route, call the variant, answer
-whole or streamed, and count the request whatever its outcome."""
+"""The request flow both generation endpoints share: validate, route, open the choices on the
+variant, answer whole or streamed, and count the request whatever its outcome."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from ..engine.types import EngineEvent, GenerateRequest
+from .choices import Choice, collect, open_choices
 from .clock import RequestClock
 from .errors import OpenAIError, error_response, validate_body
-from .protocol import FinishReason, GenerationRequest, Usage
+from .protocol import GenerationRequest
 from .streaming import StreamChunks, sse_stream
 
 if TYPE_CHECKING:
@@ -28,13 +28,11 @@ class GenerationEndpoint(Protocol[RequestT]):
     label: str  # the endpoint label of the request counter
     request_model: type[RequestT]
 
-    def engine_request(self, request: RequestT) -> GenerateRequest: ...
+    def choices(self, request: RequestT) -> list[Choice]: ...
 
-    def response(
-        self, model: str, text: str, finish_reason: FinishReason, usage: Usage
-    ) -> BaseModel: ...
+    def response(self, model: str, request: RequestT, choices: list[Choice]) -> BaseModel: ...
 
-    def chunks(self, model: str) -> StreamChunks: ...
+    def chunks(self, model: str, request: RequestT) -> StreamChunks: ...
 
 
 async def generate(
@@ -74,41 +72,15 @@ async def _answer(
     request: RequestT,
     clock: RequestClock,
 ) -> Response:
-    engine_request = endpoint.engine_request(request)
-    events = core.backends[clock.variant].generate(engine_request)
-    first = await anext(events)
-    if first.kind == "error":
-        await events.aclose()
-        raise OpenAIError(first.error)
-    clock.accepted(first)
+    choices = endpoint.choices(request)
+    await open_choices(choices, core.backends[clock.variant], clock)
     headers = {core.variant_header: clock.variant}
     model = f"{core.config.public_model_name}:{clock.variant}"
     if request.stream:
-        chunks = endpoint.chunks(model)
-        stream = sse_stream(events, chunks, request.include_usage, clock, engine_request)
+        chunks = endpoint.chunks(model, request)
+        stream = sse_stream(choices, chunks, request, clock)
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-    text, final = await _collect(events, clock)
-    usage = Usage.of(final.prompt_tokens, final.completion_tokens)
-    body = endpoint.response(model, text, final.finish_reason, usage)
-    clock.finish("200", engine_request)
+    await collect(choices, clock)
+    body = endpoint.response(model, request, choices)
+    clock.finish("200", choices[0].request)
     return JSONResponse(body.model_dump(), headers=headers)
-
-
-async def _collect(
-    events: AsyncGenerator[EngineEvent, None], clock: RequestClock
-) -> tuple[str, EngineEvent]:
-    """The whole text and the closing `done` event."""
-    parts: list[str] = []
-    try:
-        async for event in events:
-            if event.kind == "delta":
-                clock.tokens(event.tokens, event.text)
-                parts.append(event.text)
-            elif event.kind == "error":
-                raise OpenAIError(event.error)
-            elif event.kind == "done":
-                clock.done(event)
-                return "".join(parts), event
-    finally:
-        await events.aclose()
-    raise OpenAIError.of(500, "the variant ended the stream without finishing")

@@ -1,16 +1,18 @@
-"""Server-sent events for both generation endpoints: the variant's events as OpenAI chunks, an
-error event if the variant fails midway, and `[DONE]`."""
+"""Server-sent events for both generation endpoints: the choices' events as OpenAI chunks, an
+error event if the variant fails midway, the usage when asked, and `[DONE]`."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Protocol
 
-from ..engine.types import EngineEvent, GenerateRequest
+from ..engine.limits import server_error
+from ..engine.types import EngineEvent
+from .choices import Choice, close_choices, merged_events, track, usage
 from .clock import RequestClock
 from .errors import error_payload
-from .protocol import ChatCompletionChunk, CompletionResponse, FinishReason, Usage
+from .protocol import ChatCompletionChunk, CompletionResponse, GenerationRequest, Usage
 
 Chunk = ChatCompletionChunk | CompletionResponse
 
@@ -18,9 +20,14 @@ Chunk = ChatCompletionChunk | CompletionResponse
 class StreamChunks(Protocol):
     """The chunks of one streamed answer, in its endpoint's shape."""
 
-    def opening(self) -> list[Chunk]: ...
-    def text(self, text: str) -> Chunk: ...
-    def finish(self, reason: FinishReason) -> Chunk: ...
+    def opening(self, choices: list[Choice]) -> list[Chunk]: ...
+
+    def event(self, choice: Choice, event: EngineEvent) -> list[Chunk]:
+        """The chunks for a prompt or delta event (already recorded on its choice)."""
+        ...
+
+    def finish(self, choice: Choice) -> list[Chunk]: ...
+
     def usage(self, usage: Usage) -> Chunk: ...
 
 
@@ -29,39 +36,41 @@ def _event(payload: dict) -> str:
 
 
 def _chunk_event(chunk: Chunk) -> str:
-    # Only the closing usage chunk carries a `usage` key.
+    # Only chunks that carry usage have a `usage` key.
     return _event(chunk.model_dump(exclude={"usage"} if chunk.usage is None else None))
 
 
 async def sse_stream(
-    events: AsyncGenerator[EngineEvent, None],
+    choices: list[Choice],
     chunks: StreamChunks,
-    include_usage: bool,
+    request: GenerationRequest,
     clock: RequestClock,
-    request: GenerateRequest,
 ) -> AsyncIterator[str]:
     status = "499"  # until the stream completes, the caller is the one who left
     try:
-        for chunk in chunks.opening():
+        for chunk in chunks.opening(choices):
             yield _chunk_event(chunk)
-        async for event in events:
-            if event.kind == "delta":
-                clock.tokens(event.tokens, event.text)
-                if event.text:
-                    yield _chunk_event(chunks.text(event.text))
-            elif event.kind == "error":
-                status = str(event.error.status)
-                yield _event(error_payload(event.error))
+        failure = None
+        async for choice, event in merged_events(choices):
+            if event.kind == "error":
+                failure = event.error
                 break
-            elif event.kind == "done":
-                clock.done(event)
-                status = "200"
-                yield _chunk_event(chunks.finish(event.finish_reason))
-                if include_usage:
-                    usage = Usage.of(event.prompt_tokens, event.completion_tokens)
-                    yield _chunk_event(chunks.usage(usage))
-                break
+            track(clock, choice, event)
+            out = chunks.finish(choice) if event.kind == "done" else chunks.event(choice, event)
+            for chunk in out:
+                if request.continuous_usage:
+                    chunk.usage = usage(choices)
+                yield _chunk_event(chunk)
+        if failure is None and any(c.finish_reason is None for c in choices):
+            failure = server_error("the variant ended a choice without finishing")
+        if failure is not None:
+            status = str(failure.status)
+            yield _event(error_payload(failure))
+        else:
+            status = "200"
+            if request.include_usage:
+                yield _chunk_event(chunks.usage(usage(choices)))
         yield "data: [DONE]\n\n"
     finally:
-        await events.aclose()
-        clock.finish(status, request)
+        await close_choices(choices)
+        clock.finish(status, choices[0].request)

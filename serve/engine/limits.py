@@ -20,7 +20,7 @@ def context_error(prompt_ids: list[int], params: SamplingParams, limit: int) -> 
     """The OpenAI-style 400 for an empty or too-long request, None if it fits."""
     if not prompt_ids:
         return ErrorInfo(status=400, message="the prompt is empty", param="prompt")
-    wanted = params.max_tokens or 1
+    wanted = 1 if params.max_tokens is None else params.max_tokens
     if len(prompt_ids) + wanted <= limit:
         return None
     return ErrorInfo(
@@ -33,6 +33,26 @@ def context_error(prompt_ids: list[int], params: SamplingParams, limit: int) -> 
         param="max_tokens" if params.max_tokens else "messages",
         code="context_length_exceeded",
     )
+
+
+def token_range_error(
+    prompt_ids: list[int], params: SamplingParams, vocab_size: int
+) -> ErrorInfo | None:
+    """The 400 for a token id outside the vocabulary, naming the field that holds it."""
+    for field, ids in (
+        ("prompt", prompt_ids),
+        ("stop_token_ids", params.stop_token_ids),
+        ("logit_bias", list(params.logit_bias)),
+    ):
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            return ErrorInfo(
+                status=400,
+                message=f"token id {bad[0]} in '{field}' is outside the vocabulary "
+                f"(0..{vocab_size - 1})",
+                param=field,
+            )
+    return None
 
 
 def queue_full_error() -> ErrorInfo:

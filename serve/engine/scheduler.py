@@ -25,6 +25,7 @@ class Schedulable(Protocol):
     prompt_ids: list[int]
     cached: int  # tokens whose K/V sit in the request's slot; the scheduler advances it
     aborted: bool
+    full_prefill: bool  # every prompt position is computed: no cached prefix stands in
 
 
 S = TypeVar("S", bound=Schedulable)
@@ -143,7 +144,7 @@ class Scheduler(Generic[S]):
             seq = self._waiting.popleft()
             if seq.aborted:
                 continue
-            hit = self.prefix_cache.lookup(seq.prompt_ids)
+            hit = None if seq.full_prefill else self.prefix_cache.lookup(seq.prompt_ids)
             if hit is not None:
                 step.moves.append(SlotMove(hit.slot, slot, hit.tokens))
                 seq.cached = hit.tokens

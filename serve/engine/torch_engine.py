@@ -33,11 +33,14 @@ from .limits import (
     context_error,
     queue_full_error,
     server_error,
+    token_range_error,
 )
+from .logits import SequenceLogits, logprob_rows, token_logprobs
 from .prefix_cache import PrefixCache
 from .sampling import make_generator, sample_tokens
-from .scheduler import Scheduler, SlotMove, StepPlan
-from .types import EngineEvent, ErrorInfo, SamplingParams
+from .scheduler import Chunk, Scheduler, SlotMove, StepPlan
+from .structured import GrammarCompiler, StructuredOutputError
+from .types import EngineEvent, ErrorInfo, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +84,20 @@ class _Sequence:
     sink: EventSink
     key: Any  # the sink's handle for this sequence (a queue in-process, the id over a pipe)
     generator: torch.Generator | None
+    # Penalties, bias, min_tokens, grammar: None when the request asks for none of them.
+    logits: SequenceLogits | None = None
     arrived: float = field(default_factory=time.perf_counter)
     queue_seconds: float | None = None
     generated: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V sit in the cache
     aborted: bool = False
     finished: bool = False
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+
+    @property
+    def full_prefill(self) -> bool:
+        """Every prompt position's logits are wanted, so no cached prefix may stand in."""
+        return self.params.prompt_logprobs is not None
 
 
 class _Outbox:
@@ -144,6 +155,19 @@ def gather_targets(logprobs: torch.Tensor, token_ids: list[int]) -> torch.Tensor
     return logprobs[:-1].gather(1, targets).squeeze(1)
 
 
+def merge_deltas(first: EngineEvent, second: EngineEvent) -> EngineEvent:
+    logprobs = None
+    if first.logprobs is not None and second.logprobs is not None:
+        logprobs = first.logprobs + second.logprobs
+    return EngineEvent(
+        kind="delta",
+        text=first.text + second.text,
+        tokens=first.tokens + second.tokens,
+        token_ids=first.token_ids + second.token_ids,
+        logprobs=logprobs,
+    )
+
+
 async def drain_events(events: asyncio.Queue[EngineEvent]) -> AsyncIterator[EngineEvent]:
     """A request's events up to done or error, coalescing deltas that piled up while the
     consumer was slow: fewer, larger messages downstream."""
@@ -155,11 +179,7 @@ async def drain_events(events: asyncio.Queue[EngineEvent]) -> AsyncIterator[Engi
                 yield merged
                 merged = following
                 break
-            merged = EngineEvent(
-                kind="delta",
-                text=merged.text + following.text,
-                tokens=merged.tokens + following.tokens,
-            )
+            merged = merge_deltas(merged, following)
         yield merged
         if merged.kind in ("done", "error"):
             return
@@ -190,6 +210,8 @@ class TorchEngine:
         )
         self._score_jobs: deque[_ScoreJob] = deque()
         self.eos_ids = self._eos_ids(model, tokenizer)
+        self.vocab_size = int(model.config.vocab_size)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, sorted(self.eos_ids))
         self._wakeup = threading.Event()
         self._outbox = _Outbox()
         # One sink per caller loop, so a step wakes each loop once however many it serves.
@@ -259,19 +281,30 @@ class TorchEngine:
         """Queue a request (thread-safe); its events go to `sink` under `key`. An ErrorInfo
         when it cannot be taken (too long for the context, or the queue is full)."""
         problem = context_error(prompt_ids, params, self.limits.max_model_len)
+        problem = problem or token_range_error(prompt_ids, params, self.vocab_size)
         if problem is None and self.scheduler.queue_full():
             problem = queue_full_error()
         if problem is not None:
             return problem
+        logits = None
+        if SequenceLogits.needed(params):
+            try:
+                grammar = self.grammars.state(params.structured) if params.structured else None
+            except StructuredOutputError as error:
+                return ErrorInfo(status=400, message=str(error), param="response_format")
+            held_back = self.eos_ids | set(params.stop_token_ids)
+            logits = SequenceLogits(params, prompt_ids, self.vocab_size, held_back, grammar)
+        limit = self.limits.max_model_len - len(prompt_ids)
         seq = _Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
             params=params,
-            max_new_tokens=params.max_tokens or self.limits.max_model_len - len(prompt_ids),
+            max_new_tokens=limit if params.max_tokens is None else params.max_tokens,
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
             sink=sink,
             key=key,
             generator=make_generator(params),
+            logits=logits,
         )
         self.scheduler.enqueue(seq)
         self._wakeup.set()
@@ -382,29 +415,50 @@ class TorchEngine:
         decode_logits, chunk_logits = self.runner.step(
             [s.generated[-1] for s in batch],
             [s.cached for s in batch],
-            [
-                PrefillChunk(c.slot, c.token_ids, c.start, "last" if c.last else "none")
-                for c in step.chunks
-            ],
+            [PrefillChunk(c.slot, c.token_ids, c.start, _logits_wanted(c)) for c in step.chunks],
         )
         self.counters["prompt_tokens"] += sum(len(c.token_ids) for c in step.chunks)
+        ends: list[torch.Tensor] = []
+        for chunk, logits in zip(step.chunks, chunk_logits, strict=True):
+            if chunk.seq.full_prefill:
+                self._add_prompt_logprobs(chunk, logits)
+                logits = logits[-1]
+            if chunk.last:
+                ends.append(logits)
         outcome = self.scheduler.complete(step)
         self._move_slots(outcome.moves)
         finished = self._accept_decoded(batch, decode_logits) if batch else []
-        if outcome.joined:
-            # Finished prompts joined the batch right after `batch`, in chunk order.
-            ends = [row for c, row in zip(step.chunks, chunk_logits, strict=True) if c.last]
-            tokens = sample_tokens(
-                torch.stack(ends),
-                [seq.params for seq in outcome.joined],
-                [seq.generator for seq in outcome.joined],
-            )
-            for index, (seq, token) in enumerate(
-                zip(outcome.joined, tokens, strict=True), start=len(batch)
-            ):
-                if self._accept_token(seq, token):
+        # Finished prompts joined the batch right after `batch`, in chunk order.
+        sampled: list[tuple[int, _Sequence, torch.Tensor]] = []
+        for index, (seq, end) in enumerate(zip(outcome.joined, ends, strict=True), len(batch)):
+            if seq.full_prefill:
+                self._outbox.add(
+                    seq, EngineEvent(kind="prompt", prompt_logprobs=seq.prompt_logprobs)
+                )
+            if seq.max_new_tokens == 0:  # the prompt was all that was asked for
+                self._finish(seq, "length")
+                finished.append(index)
+            else:
+                sampled.append((index, seq, end))
+        if sampled:
+            seqs = [seq for _, seq, _ in sampled]
+            tokens, entries = self._choose(seqs, torch.stack([end for _, _, end in sampled]))
+            for (index, seq, _), token, entry in zip(sampled, tokens, entries, strict=True):
+                if self._accept_token(seq, token, entry):
                     finished.append(index)
         self._move_slots(self.scheduler.release(finished))
+
+    def _add_prompt_logprobs(self, chunk: Chunk[_Sequence], logits: torch.Tensor) -> None:
+        """Row j of a chunk's logits predicts prompt token start + j + 1."""
+        seq = chunk.seq
+        if chunk.start == 0:
+            seq.prompt_logprobs.append(None)  # nothing predicts the first token
+        targets = seq.prompt_ids[chunk.start + 1 : chunk.start + len(chunk.token_ids) + 1]
+        if targets:
+            # As vLLM reports them: the model's distribution, before temperature or penalties.
+            rows = logprob_rows(logits[: len(targets)], temperature=0.0)
+            top = seq.params.prompt_logprobs or 0
+            seq.prompt_logprobs.extend(token_logprobs(rows, targets, top))
 
     def _start_prefills(self, step: StepPlan[_Sequence]) -> None:
         """Copy the reused prompt prefixes of newly admitted requests into their slots."""
@@ -416,20 +470,43 @@ class TorchEngine:
 
     def _accept_decoded(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int]:
         """Sample and record a token for each decoding sequence; the indices that finished."""
-        tokens = sample_tokens(logits, [s.params for s in batch], [s.generator for s in batch])
+        tokens, entries = self._choose(batch, logits)
         return [
             i
-            for i, (s, t) in enumerate(zip(batch, tokens, strict=True))
-            if self._accept_token(s, t)
+            for i, (s, t, e) in enumerate(zip(batch, tokens, entries, strict=True))
+            if self._accept_token(s, t, e)
         ]
 
-    def _accept_token(self, seq: _Sequence, token: int) -> bool:
+    def _choose(
+        self, seqs: list[_Sequence], logits: torch.Tensor
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """A token per row of float32 logits [B, V] (processed in place first), and its
+        log-probability entry for the sequences that asked."""
+        for row, seq in enumerate(seqs):
+            if seq.logits is not None:
+                seq.logits.process(logits[row])
+        tokens = sample_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        entries: list[TokenLogprob | None] = [None] * len(seqs)
+        for row, seq in enumerate(seqs):
+            if seq.params.logprobs is not None:
+                rows = logprob_rows(logits[row : row + 1], seq.params.temperature)
+                entries[row] = token_logprobs(rows, [tokens[row]], seq.params.logprobs)[0]
+        return tokens, entries
+
+    def _accept_token(self, seq: _Sequence, token: int, entry: TokenLogprob | None) -> bool:
         """Record a sampled token and stream its text; True when the sequence has finished."""
         seq.generated.append(token)
         self.counters["generated_tokens"] += 1
+        if seq.logits is not None and not seq.logits.accept(token):
+            seq.finished = True
+            info = server_error(f"token {token} broke the request's output grammar")
+            self._outbox.add(seq, EngineEvent(kind="error", error=info))
+            return True
         reason = None
         text = ""
-        if token in self.eos_ids and not seq.params.ignore_eos:
+        if token in seq.params.stop_token_ids or (
+            token in self.eos_ids and not seq.params.ignore_eos
+        ):
             reason = "stop"
         else:
             text = seq.detokenizer.add(token)
@@ -439,9 +516,20 @@ class TorchEngine:
                 reason = "length"
         if reason is not None:
             text += seq.detokenizer.flush()
-        self._outbox.add(seq, EngineEvent(kind="delta", text=text, tokens=1))
+        delta = EngineEvent(
+            kind="delta",
+            text=text,
+            tokens=1,
+            token_ids=[token],
+            logprobs=None if entry is None else [entry],
+        )
+        self._outbox.add(seq, delta)
         if reason is None:
             return False
+        self._finish(seq, reason)
+        return True
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
         seq.finished = True
         self.counters["finished"] += 1
         self._outbox.add(
@@ -454,7 +542,6 @@ class TorchEngine:
                 queue_seconds=seq.queue_seconds,
             ),
         )
-        return True
 
     def _fail_running(self, error: Exception) -> None:
         info = server_error(f"generation failed: {error}")
@@ -462,3 +549,9 @@ class TorchEngine:
             seq.finished = True
             self._outbox.add(seq, EngineEvent(kind="error", error=info))
         self._outbox.flush()
+
+
+def _logits_wanted(chunk: Chunk[_Sequence]) -> str:
+    if chunk.seq.full_prefill:
+        return "all"
+    return "last" if chunk.last else "none"

@@ -6,14 +6,43 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+MAX_LOGPROBS = 20  # alternatives per position, as vLLM's default max_logprobs
+
+
+class StructuredOutput(BaseModel):
+    """A constraint on the generated text, compiled into a token mask per step."""
+
+    # A JSON schema as text; None: any JSON object (OpenAI's `json_object`).
+    json_schema: str | None = None
+
 
 class SamplingParams(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 means greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
-    max_tokens: int | None = Field(None, ge=1)  # None: up to the context window
+    max_tokens: int | None = Field(None, ge=0)  # None: up to the context window; 0: prompt only
+    min_tokens: int = Field(0, ge=0)  # EOS and stop_token_ids are masked until this many
     stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    # Log-probabilities of each generated / prompt token, with this many alternatives (0: the
+    # token's own only); None: not computed.
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    structured: StructuredOutput | None = None
+
+    @property
+    def penalized(self) -> bool:
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+        )
 
 
 class ErrorInfo(BaseModel):
@@ -26,10 +55,28 @@ class ErrorInfo(BaseModel):
     code: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token_id: int
+    logprob: float
+    token: str = ""  # the token's text: the replica fills it in (it has the tokenizer)
+
+
+class TokenLogprob(TopLogprob):
+    """One position: the token there, its log-probability, and the most likely alternatives."""
+
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
 class EngineEvent(BaseModel):
-    kind: Literal["accepted", "delta", "done", "error"]
-    text: str = ""
+    kind: Literal["accepted", "prompt", "delta", "done", "error"]
+    text: str = ""  # on delta: the new text; on prompt: the prompt's text
     tokens: int = 0  # generated tokens this event stands for
+    token_ids: list[int] = Field(default_factory=list)  # on delta: those tokens
+    logprobs: list[TokenLogprob] | None = None  # on delta, when asked: one per token
+    # On prompt, when asked: one per prompt token, the first None (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    # On prompt: each prompt token's text (the replica fills it in; echo with logprobs needs it).
+    token_texts: list[str] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: Literal["stop", "length", "abort"] | None = None
@@ -38,9 +85,13 @@ class EngineEvent(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    """What the gateway sends a variant: either a raw prompt or chat messages."""
+    """What the gateway sends a variant: a prompt as text or token ids, or chat messages."""
 
     request_id: str
     prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
     messages: list[dict] | None = None
+    tools: list[dict] | None = None  # function tools, for the chat template
+    # Send a "prompt" event (the prompt's text, and its log-probabilities when asked) first.
+    echo: bool = False
     sampling: SamplingParams = Field(default_factory=SamplingParams)

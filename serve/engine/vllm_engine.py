@@ -7,17 +7,27 @@ its own engine-core process (spawned; inside a Ray actor it does this by itself)
 from __future__ import annotations
 
 import logging
+import math
+import re
 import subprocess
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from . import orphan_guard
-from .limits import EngineLimits, context_error, queue_full_error
-from .types import EngineEvent, SamplingParams
+from .limits import EngineLimits, context_error, queue_full_error, server_error, token_range_error
+from .types import MAX_LOGPROBS, EngineEvent, ErrorInfo, SamplingParams, TokenLogprob, TopLogprob
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.logprobs import Logprob
 
 log = logging.getLogger(__name__)
 
 _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
+# vLLM's names for request fields, where ours differ.
+_PARAM_NAMES = {"structured_outputs": "response_format"}
+# What vLLM's structured-output validation says (its errors there name no parameter).
+_STRUCTURED_WORDS = re.compile(r"structured|json|schema|grammar", re.IGNORECASE)
 
 
 class VllmEngine:
@@ -40,12 +50,14 @@ class VllmEngine:
         self.enforce_eager = enforce_eager
         self.kv_cache_bytes = int(kv_cache_gb * 2**30)
         self._llm: Any = None
+        self._vocab_size = 0
         self._guard: subprocess.Popen | None = None
         self._in_flight = 0
         self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "finished": 0, "peak_batch": 0}
 
     def start(self) -> None:
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
@@ -57,11 +69,22 @@ class VllmEngine:
             kv_cache_memory_bytes=self.kv_cache_bytes,
             # Prefill budget per step: vLLM's chunked prefill does what our prefill chunks do.
             max_num_batched_tokens=max(self.limits.prefill_chunk_tokens, self.limits.max_num_seqs),
+            # Log-probabilities as the torch engine reports them: after penalties, logit_bias,
+            # min_tokens, the grammar mask and temperature ("raw" is before all of those). vLLM
+            # takes them after top-p too: with top_p < 1 they are renormalized over the nucleus.
+            logprobs_mode="processed_logprobs",
+            max_logprobs=MAX_LOGPROBS,
+            # xgrammar like the torch engine, compact JSON: a small model otherwise may emit
+            # whitespace until max_tokens runs out.
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=True
+            ),
         )
         before = orphan_guard.descendants()
         self._llm = AsyncLLM.from_engine_args(args)
         # Its engine-core process does not notice this process dying: a guard ends it then.
         self._guard = orphan_guard.guard_new_children(before)
+        self._vocab_size = self._llm.model_config.get_vocab_size()
         log.info("vLLM engine started on %s", self.model_path)
 
     def is_alive(self) -> bool:
@@ -84,60 +107,201 @@ class VllmEngine:
             **self.counters,
         }
 
-    def _sampling(self, params: SamplingParams, prompt_len: int):
+    def _sampling(self, params: SamplingParams, prompt_len: int) -> VllmSamplingParams:
+        """vLLM's params for ours, checked as vLLM checks them on admission (raises
+        VLLMValidationError or ValueError), so that a refusal is an error before "accepted"."""
         from vllm import SamplingParams as VllmSamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        return VllmSamplingParams(
+        prompt_only = params.max_tokens == 0
+        if params.max_tokens is None:
+            max_tokens = self.limits.max_model_len - prompt_len
+        else:
+            # vLLM refuses max_tokens=0: a prompt-only request samples one token (from the
+            # prefill's last position, no extra forward pass) that generate() discards.
+            max_tokens = max(params.max_tokens, 1)
+        structured = None
+        if params.structured is not None:
+            schema = params.structured.json_schema
+            structured = (
+                StructuredOutputsParams(json_object=True)
+                if schema is None
+                else StructuredOutputsParams(json=schema)
+            )
+        sampling = VllmSamplingParams(
             temperature=params.temperature,
             top_p=params.top_p,
             seed=params.seed,
-            max_tokens=params.max_tokens or self.limits.max_model_len - prompt_len,
+            max_tokens=max_tokens,
+            min_tokens=0 if prompt_only else params.min_tokens,
             stop=params.stop or None,
+            stop_token_ids=params.stop_token_ids or None,
             ignore_eos=params.ignore_eos,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            logit_bias=params.logit_bias or None,
+            logprobs=None if prompt_only else params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
+            structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
         )
+        config = self._llm.vllm_config
+        # What vLLM's input processor runs inside generate(), where a refusal would come only
+        # after "accepted" (a 200 already streaming); it runs again there, cheaply.
+        sampling.verify(
+            self._llm.model_config,
+            config.speculative_config,
+            config.structured_outputs_config,
+            self._llm.tokenizer,
+        )
+        return sampling
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[EngineEvent]:
         problem = context_error(prompt_ids, params, self.limits.max_model_len)
+        problem = problem or token_range_error(prompt_ids, params, self._vocab_size)
         if problem is None and self._in_flight >= (
             self.limits.max_num_seqs + self.limits.max_queued_requests
         ):
             problem = queue_full_error()
-        if problem is not None:
+        sampling = None
+        if problem is None:
+            try:
+                sampling = self._sampling(params, len(prompt_ids))
+            except Exception as error:
+                problem = _refusal(error, params)
+                if problem is None:
+                    raise
+        if sampling is None:  # refused
             yield EngineEvent(kind="error", error=problem)
             return
         self._in_flight += 1
         self.counters["peak_batch"] = max(self.counters["peak_batch"], self._in_flight)
-        finished = False
+        prompt_only = params.max_tokens == 0
+        # Prompt log-probabilities, gathered until the first delta or done carries them out.
+        prompt_positions: list[Mapping[int, Logprob] | None] | None = (
+            None if params.prompt_logprobs is None else []
+        )
+        ended = False  # vLLM is done with the request: nothing to abort
         generated = 0
         try:
             yield EngineEvent(kind="accepted", prompt_tokens=len(prompt_ids))
-            stream = self._llm.generate(
-                {"prompt_token_ids": prompt_ids},
-                self._sampling(params, len(prompt_ids)),
-                request_id,
-            )
-            async for output in stream:
-                completion = output.outputs[0]
-                count = len(completion.token_ids)
-                generated += count
-                self.counters["generated_tokens"] += count
-                if count or completion.text:
-                    yield EngineEvent(kind="delta", text=completion.text, tokens=count)
-                if output.finished:
-                    finished = True
+            stream = self._llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id)
+            try:
+                async for output in stream:
+                    if prompt_positions is not None and output.prompt_logprobs:
+                        prompt_positions.extend(output.prompt_logprobs)
+                    completion = output.outputs[0]
+                    ids = [] if prompt_only else list(completion.token_ids)
+                    text = "" if prompt_only else completion.text
+                    if prompt_positions is not None and (ids or text or output.finished):
+                        entries = _prompt_entries(
+                            prompt_positions, prompt_ids, params.prompt_logprobs or 0
+                        )
+                        yield EngineEvent(kind="prompt", prompt_logprobs=entries)
+                        prompt_positions = None
+                    generated += len(ids)
+                    self.counters["generated_tokens"] += len(ids)
+                    if ids or text:
+                        logprobs = None
+                        if params.logprobs is not None:
+                            positions = completion.logprobs or []
+                            logprobs = [
+                                _entry(p, t, params.logprobs)
+                                for p, t in zip(positions, ids, strict=True)
+                            ]
+                        yield EngineEvent(
+                            kind="delta",
+                            text=text,
+                            tokens=len(ids),
+                            token_ids=ids,
+                            logprobs=logprobs,
+                        )
+                    if not output.finished:
+                        continue
+                    ended = True
+                    if completion.finish_reason == "error":
+                        yield EngineEvent(kind="error", error=_failure(params, generated))
+                        return
                     self.counters["finished"] += 1
                     self.counters["prompt_tokens"] += len(prompt_ids)
+                    reason = completion.finish_reason
                     yield EngineEvent(
                         kind="done",
-                        finish_reason=_FINISH_REASONS.get(completion.finish_reason, "stop"),
+                        finish_reason="length"
+                        if prompt_only
+                        else _FINISH_REASONS.get(reason or "stop", "stop"),
                         prompt_tokens=len(prompt_ids),
                         completion_tokens=generated,
                     )
+            except Exception as error:
+                # Checked before "accepted", so unlikely here; vLLM has dropped the request.
+                info = _refusal(error, params)
+                if info is None:
+                    raise
+                ended = True
+                yield EngineEvent(kind="error", error=info)
         finally:
             self._in_flight -= 1
-            if not finished and self._llm is not None:
+            if not ended and self._llm is not None:
                 await self._llm.abort(request_id)  # the caller left: free vLLM's slot too
+
+
+def _refusal(error: Exception, params: SamplingParams) -> ErrorInfo | None:
+    """The 400 for vLLM refusing the request's params; None for any other error."""
+    from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    if isinstance(error, EngineGenerateError) and isinstance(error.__cause__, ValueError):
+        error = error.__cause__  # generate() wraps a plain ValueError from its input checks
+    elif not isinstance(error, VLLMClientError | ValueError):
+        return None
+    message = str(error.args[0]) if error.args else str(error)
+    name = getattr(error, "parameter", None)
+    if name is not None:
+        param: str | None = _PARAM_NAMES.get(name, name)
+    elif params.structured is not None and _STRUCTURED_WORDS.search(message):
+        param = "response_format"
+    else:
+        # The earliest of our field names in the message ("min_tokens must be <= max_tokens").
+        found = [(message.find(f), f) for f in SamplingParams.model_fields if f in message]
+        param = min(found)[1] if found else None
+    return ErrorInfo(status=400, message=message, param=param)
+
+
+def _failure(params: SamplingParams, generated: int) -> ErrorInfo:
+    """vLLM finished the request with an error: with a grammar and nothing generated, the
+    grammar failed to compile (checks passed, compilation did not): the schema's fault."""
+    if params.structured is not None and generated == 0:
+        return ErrorInfo(
+            status=400,
+            message="the JSON schema could not be compiled into a grammar",
+            param="response_format",
+        )
+    return server_error("vLLM failed the request")
+
+
+def _entry(position: Mapping[int, Logprob], token_id: int, top: int) -> TokenLogprob:
+    """One position of vLLM's logprobs: the chosen token plus the top-`top` by rank (vLLM adds
+    the chosen token when it is not among them, so a position holds `top` or `top` + 1)."""
+    best = sorted(position.items(), key=lambda item: item[1].logprob, reverse=True)[:top]
+    return TokenLogprob(
+        token_id=token_id,
+        logprob=position[token_id].logprob,
+        # Tokens masked out (-inf) are left out, as the torch engine does: JSON has no infinity.
+        top=[
+            TopLogprob(token_id=i, logprob=p.logprob) for i, p in best if math.isfinite(p.logprob)
+        ],
+    )
+
+
+def _prompt_entries(
+    positions: Iterable[Mapping[int, Logprob] | None], prompt_ids: list[int], top: int
+) -> list[TokenLogprob | None]:
+    """One entry per prompt token; vLLM's first position is None (nothing predicts it)."""
+    return [
+        None if position is None else _entry(position, token_id, top)
+        for position, token_id in zip(positions, prompt_ids, strict=False)
+    ]

@@ -6,9 +6,10 @@ Runs as a Ray Serve deployment (one per variant), and equally in-process for tes
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from slimserve.kernels import cpu_isa
@@ -18,10 +19,11 @@ from ..config import SlimserveConfig
 from ..engine.factory import build_engine
 from ..engine.protocol import Engine
 from ..engine.threads import configure_threads
-from ..engine.types import EngineEvent, ErrorInfo, GenerateRequest
+from ..engine.types import EngineEvent, ErrorInfo, GenerateRequest, TokenLogprob
 from ..logs import configure_logging
 from ..observability.memory import memory_stats
 from .bench import bench_variant, run_deferred_self_bench
+from .chat_prompt import chat_prompt
 from .scoring import score_reference
 
 log = logging.getLogger(__name__)
@@ -72,11 +74,35 @@ class VariantServer:
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         if request.messages is not None:
-            text = self.tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=False
-            )
+            text = chat_prompt(self.tokenizer, request.messages, request.tools)
             return self.tokenizer(text, add_special_tokens=False).input_ids
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
         return self.tokenizer(request.prompt or "").input_ids
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one server per replica, for its life)
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _label(self, entries: Iterable[TokenLogprob | None]) -> None:
+        """Fill in the text of each token (and alternative) a log-probability entry names."""
+        for entry in entries:
+            if entry is None:
+                continue
+            entry.token = self._token_text(entry.token_id)
+            for alternative in entry.top:
+                alternative.token = self._token_text(alternative.token_id)
+
+    def _describe_prompt(
+        self, event: EngineEvent, request: GenerateRequest, prompt_ids: list[int]
+    ) -> None:
+        """A prompt event's text, token ids and token texts (what echo answers with)."""
+        event.text = (
+            request.prompt if request.prompt is not None else self.tokenizer.decode(prompt_ids)
+        )
+        event.token_ids = list(prompt_ids)
+        event.token_texts = [self._token_text(token) for token in prompt_ids]
+        self._label(event.prompt_logprobs or ())
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         req = GenerateRequest.model_validate(request)
@@ -88,8 +114,19 @@ class VariantServer:
             )
             yield EngineEvent(kind="error", error=info).model_dump()
             return
+        # The engine sends a prompt event only with prompt log-probabilities; echo without
+        # them is answered here.
+        echo_here = req.echo and req.sampling.prompt_logprobs is None
         async for event in self.engine.generate(req.request_id, prompt_ids, req.sampling):
+            if event.kind == "prompt":
+                self._describe_prompt(event, req, prompt_ids)
+            elif event.kind == "delta" and event.logprobs:
+                self._label(event.logprobs)
             yield event.model_dump()
+            if event.kind == "accepted" and echo_here:
+                prompt = EngineEvent(kind="prompt")
+                self._describe_prompt(prompt, req, prompt_ids)
+                yield prompt.model_dump()
 
     async def score(self, request: dict[str, Any], reference: str, limit: int) -> dict[str, Any]:
         """Next-token log-probs of the request's prompt + `reference` (see serve.scoring)."""

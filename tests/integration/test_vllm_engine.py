@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -112,3 +113,55 @@ def test_compressed_variant_is_exported_for_vllm_and_served(vllm_gateway, client
     assert w4["compression"]["methods"][0]["method"] == "rtn"
     # 4-bit decoder weights; embeddings stay 16-bit: well under 60% of the bf16 checkpoint
     assert w4["weight_bytes"] < 0.6 * full["weight_bytes"]
+
+
+def test_vllm_serves_the_openai_features_like_the_torch_engine(client):
+    """Prompt log-probabilities (lm-eval's loglikelihood request), n over a prompt list, logit
+    bias and a schema-constrained answer, on vLLM next to the torch engine, same weights."""
+    ids = [504, 3575, 282, 4649, 314, 7042, 30]  # "The capital of France is Paris."
+    loglikelihood = {}
+    for variant in ("vllm", "full"):
+        reply = client.completions.create(
+            model=f"{MODEL}:{variant}",
+            prompt=[ids],
+            max_tokens=1,
+            echo=True,
+            logprobs=1,
+            temperature=0,
+        )
+        logprobs = reply.choices[0].logprobs
+        assert len(logprobs.tokens) == len(ids) + 1 and logprobs.token_logprobs[0] is None
+        pairs = zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:], strict=True)
+        assert all(value <= max(top.values()) for value, top in pairs)
+        loglikelihood[variant] = sum(logprobs.token_logprobs[1 : len(ids)])
+    # float32 (vLLM) against the torch engine's dtype: the same sum within rounding
+    assert loglikelihood["vllm"] == pytest.approx(loglikelihood["full"], abs=0.5)
+
+    choices = client.completions.create(
+        model=f"{MODEL}:vllm", prompt=["Hi", "Bye"], n=2, max_tokens=3, seed=1
+    ).choices
+    assert [c.index for c in choices] == [0, 1, 2, 3]
+
+    banned = client.completions.create(
+        model=f"{MODEL}:vllm",
+        prompt="The capital of France is",
+        max_tokens=3,
+        temperature=0,
+        logit_bias={"7042": -100},  # " Paris"
+    )
+    assert "Paris" not in banned.choices[0].text
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    reply = client.chat.completions.create(
+        model=f"{MODEL}:vllm",
+        messages=QUESTION,
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    )
+    assert set(json.loads(reply.choices[0].message.content)) == {"city"}

@@ -19,6 +19,7 @@ class Seq:
     prompt_ids: list[int]
     cached: int = 0
     aborted: bool = False
+    full_prefill: bool = False
     generated: list[int] = field(default_factory=list)
 
 
@@ -141,6 +142,18 @@ def test_a_shared_prefix_is_copied_from_the_prefix_cache():
     plan = scheduler.plan()
     assert plan.moves == [SlotMove(3, 1, len(shared))]
     assert _chunks(plan) == [("b", 1, len(shared), 1, True)]
+
+
+def test_a_full_prefill_computes_every_position_despite_a_cached_prefix():
+    """A request for prompt log-probabilities needs the logits of every prompt position."""
+    scheduler = _scheduler(slots=2, budget=64, prefix_slots=1)
+    shared = list(range(1, 1 + 2 * MIN_REUSE_TOKENS))
+    scheduler.enqueue(Seq("a", [*shared, 90]))
+    scheduler.complete(scheduler.plan())
+    scheduler.enqueue(Seq("b", [*shared, 70], full_prefill=True))
+    plan = scheduler.plan()
+    assert plan.moves == []
+    assert _chunks(plan) == [("b", 1, 0, len(shared) + 1, True)]
 
 
 def test_finished_prompts_without_a_prefix_cache_are_not_kept():
