@@ -62,9 +62,16 @@ def from_validation_error(error: ValidationError) -> OpenAIError:
     return OpenAIError.of(400, message, param=param, code="invalid_value")
 
 
+def _number(text: str) -> float | int:
+    # JSON has one number type: 43.0 is the integer 43 to a JSON Schema, so it is to us too
+    # (the request models are strict: they would refuse a float where an integer goes).
+    value = float(text)
+    return int(value) if value.is_integer() and abs(value) < 2**53 else value
+
+
 def parse_json_body(raw: bytes) -> object:
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_float=_number)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise OpenAIError.of(
             400, f"We could not parse the JSON body of your request: {error}", code="invalid_json"

@@ -32,6 +32,7 @@ from .errors import OpenAIError, error_response
 from .health import health_router
 from .metrics import metrics_router
 from .models import models_router
+from .openapi import publish_openapi
 from .variants import variants_router
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,9 @@ def create_api(core: GatewayCore) -> FastAPI:
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return error_response(OpenAIError.of(error.status_code, str(error.detail)).info)
+        # Starlette's headers (Allow on a 405) go out with the OpenAI-shaped body.
+        info = OpenAIError.of(error.status_code, str(error.detail)).info
+        return error_response(info, headers=error.headers)
 
     @api.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:
@@ -191,4 +194,5 @@ def create_api(core: GatewayCore) -> FastAPI:
         metrics_router(core),
     ):
         api.include_router(router)
+    publish_openapi(api, core.router.model_ids())
     return api

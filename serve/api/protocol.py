@@ -59,7 +59,7 @@ class GenerationRequest(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI's
     # An end-user identifier: accepted as OpenAI does; it does not change the output.
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -69,7 +69,7 @@ class GenerationRequest(Strict):
     ignore_eos: bool = False  # keep generating past EOS, for fixed-length benchmarks
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=2.0)
 
     @field_validator("logit_bias")
     @classmethod

@@ -10,13 +10,13 @@ from .types import SamplingParams
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
-    if params.temperature == 0:
+    if params.greedy:
         return None
     generator = torch.Generator()
     if params.seed is None:
         generator.seed()
     else:
-        generator.manual_seed(params.seed)
+        generator.manual_seed(params.seed % 2**64)  # torch takes 0..2**64-1
     return generator
 
 
@@ -25,6 +25,7 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(-1)
     # Drop a token once the mass before it already reaches top_p; the first token always stays.
     drop = probs.cumsum(-1) - probs >= top_p
+    drop[0] = False  # even when top_p rounds to 0 in float32
     sorted_logits[drop] = float("-inf")
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
@@ -40,9 +41,11 @@ def sample_tokens(
     else:
         chosen = logits.argmax(dim=-1).tolist()
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
-        if p.temperature == 0:
+        if p.greedy:
             continue
         scaled = logits[row] / p.temperature
+        if not torch.isfinite(scaled).any():
+            continue  # nothing allowed (a grammar that only ends, under min_tokens): the argmax
         if p.top_p < 1.0:
             scaled = _top_p_filter(scaled, p.top_p)
         probs = scaled.softmax(-1)

@@ -489,7 +489,8 @@ class TorchEngine:
         entries: list[TokenLogprob | None] = [None] * len(seqs)
         for row, seq in enumerate(seqs):
             if seq.params.logprobs is not None:
-                rows = logprob_rows(logits[row : row + 1], seq.params.temperature)
+                temperature = 0.0 if seq.params.greedy else seq.params.temperature
+                rows = logprob_rows(logits[row : row + 1], temperature)
                 entries[row] = token_logprobs(rows, [tokens[row]], seq.params.logprobs)[0]
         return tokens, entries
 

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 MAX_LOGPROBS = 20  # alternatives per position, as vLLM's default max_logprobs
+# Temperatures below this are greedy (as vLLM's): dividing by them overflows float32 logits.
+GREEDY_BELOW = 1e-5
 
 
 class StructuredOutput(BaseModel):
@@ -27,13 +29,18 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    # Bounded below: the penalty divides logits, and a tiny one overflows them.
+    repetition_penalty: float = Field(1.0, ge=0.01, le=2.0)
     logit_bias: dict[int, float] = Field(default_factory=dict)
     # Log-probabilities of each generated / prompt token, with this many alternatives (0: the
     # token's own only); None: not computed.
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     structured: StructuredOutput | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:

@@ -131,7 +131,7 @@ class VllmEngine:
         sampling = VllmSamplingParams(
             temperature=params.temperature,
             top_p=params.top_p,
-            seed=params.seed,
+            seed=None if params.seed is None else params.seed % 2**63,  # vLLM's is int64
             max_tokens=max_tokens,
             min_tokens=0 if prompt_only else params.min_tokens,
             stop=params.stop or None,

@@ -39,3 +39,20 @@ def test_sampling_follows_the_distribution():
     draws = [sample_tokens(logits, params, gens)[0] for _ in range(3000)]
     assert abs(draws.count(0) / 3000 - 0.7) < 0.04
     assert abs(draws.count(2) / 3000 - 0.1) < 0.03
+
+
+def test_extreme_but_valid_settings_sample_without_overflow():
+    """Found by fuzzing the API: a top_p that rounds to 0 in float32, a temperature whose
+    division overflows, seeds outside torch's range, and a row the grammar left empty."""
+    logits = torch.randn(4, 300)
+    logits[3] = float("-inf")
+    params = [
+        SamplingParams(temperature=1.0, top_p=5e-324, seed=2**63 + 100),
+        SamplingParams(temperature=1e-30, seed=-7),
+        SamplingParams(temperature=1e-6, seed=0),
+        SamplingParams(temperature=1.0, seed=1),
+    ]
+    tokens = sample_tokens(logits, params, [make_generator(p) for p in params])
+    best = logits.argmax(-1).tolist()
+    assert tokens[:3] == best[:3]  # the nucleus of one token; greedy below 1e-5
+    assert 0 <= tokens[3] < 300
