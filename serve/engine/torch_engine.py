@@ -163,7 +163,6 @@ def merge_deltas(first: EngineEvent, second: EngineEvent) -> EngineEvent:
         kind="delta",
         text=first.text + second.text,
         tokens=first.tokens + second.tokens,
-        token_ids=first.token_ids + second.token_ids,
         logprobs=logprobs,
     )
 
@@ -521,7 +520,6 @@ class TorchEngine:
             kind="delta",
             text=text,
             tokens=1,
-            token_ids=[token],
             logprobs=None if entry is None else [entry],
         )
         self._outbox.add(seq, delta)

@@ -78,7 +78,6 @@ class EngineEvent(BaseModel):
     kind: Literal["accepted", "prompt", "delta", "done", "error"]
     text: str = ""  # on delta: the new text; on prompt: the prompt's text
     tokens: int = 0  # generated tokens this event stands for
-    token_ids: list[int] = Field(default_factory=list)  # on delta: those tokens
     logprobs: list[TokenLogprob] | None = None  # on delta, when asked: one per token
     # On prompt, when asked: one per prompt token, the first None (nothing predicts it).
     prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -216,7 +216,6 @@ class VllmEngine:
                             kind="delta",
                             text=text,
                             tokens=len(ids),
-                            token_ids=ids,
                             logprobs=logprobs,
                         )
                     if not output.finished:

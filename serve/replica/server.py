@@ -96,11 +96,10 @@ class VariantServer:
     def _describe_prompt(
         self, event: EngineEvent, request: GenerateRequest, prompt_ids: list[int]
     ) -> None:
-        """A prompt event's text, token ids and token texts (what echo answers with)."""
+        """A prompt event's text and its tokens' texts (what echo answers with)."""
         event.text = (
             request.prompt if request.prompt is not None else self.tokenizer.decode(prompt_ids)
         )
-        event.token_ids = list(prompt_ids)
         event.token_texts = [self._token_text(token) for token in prompt_ids]
         self._label(event.prompt_logprobs or ())
 
