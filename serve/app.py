@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Any
 
+from .api.access import warn_if_exposed
 from .api.deployment import GatewayDeployment, routing_user_config
-from .config import SlimserveConfig, load_config
+from .config import DeploymentOptions, SlimserveConfig, load_config
 from .replica.server import VariantServer
 
 log = logging.getLogger(__name__)
@@ -21,20 +23,14 @@ def build_application(config: SlimserveConfig):  # -> ray.serve.Application
     as_dict = config.model_dump(mode="json")
     variants = {}
     for name in config.variants:
-        options = config.deployment_for(name)
         deployment = serve.deployment(VariantServer).options(
-            name=f"variant-{name}",
-            num_replicas=options.replicas,
-            max_ongoing_requests=options.max_ongoing_requests,
-            ray_actor_options={"num_cpus": options.num_cpus},
-            health_check_period_s=10,
-            health_check_timeout_s=30,
+            name=f"variant-{name}", **variant_deployment_options(config, name)
         )
         variants[name] = deployment.bind(name, as_dict)
     gateway = serve.deployment(serve.ingress()(GatewayDeployment)).options(
         name="gateway",
         # The gateway only relays streams; it must not take a CPU away from a variant.
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "resources": dict(config.server.gateway_resources)},
         max_ongoing_requests=4096,
         # One replica: its routing state (split, canary, shadow windows) is the gateway's.
         num_replicas=1,
@@ -45,6 +41,26 @@ def build_application(config: SlimserveConfig):  # -> ray.serve.Application
     return gateway.bind(as_dict, variants)
 
 
+def variant_deployment_options(config: SlimserveConfig, variant: str) -> dict[str, Any]:
+    """Ray Serve options of one variant's deployment, from its `deployment` section."""
+    options = config.deployment_for(variant)
+    scaling = options.autoscaling
+    replicas: dict[str, Any] = (
+        {"num_replicas": None, "autoscaling_config": scaling.model_dump()}
+        if scaling
+        else {"num_replicas": options.replicas}
+    )
+    return {
+        **replicas,
+        "max_ongoing_requests": options.max_ongoing_requests,
+        # Bounded: beyond it the handle raises BackPressureError, answered 503 + Retry-After.
+        "max_queued_requests": options.max_queued_requests,
+        "ray_actor_options": {"num_cpus": options.num_cpus, "resources": dict(options.resources)},
+        "health_check_period_s": 3,  # a lost replica is noticed (and restarted) sooner
+        "health_check_timeout_s": 30,
+    }
+
+
 def app_builder(args: dict[str, str]):  # -> ray.serve.Application
     """Ray Serve application builder: `import_path: slimserve.serve.app:app_builder` with
     `args: {config: PATH}` in a Serve config file (serve deploy / serve run / KubeRay)."""
@@ -53,10 +69,14 @@ def app_builder(args: dict[str, str]):  # -> ray.serve.Application
 
 def logical_cpus_needed(config: SlimserveConfig) -> int:
     wanted = sum(
-        config.deployment_for(n).num_cpus * config.deployment_for(n).replicas
+        config.deployment_for(n).num_cpus * _most_replicas(config.deployment_for(n))
         for n in config.variants
     )
     return max(os.cpu_count() or 1, math.ceil(wanted))
+
+
+def _most_replicas(options: DeploymentOptions) -> int:
+    return options.autoscaling.max_replicas if options.autoscaling else options.replicas
 
 
 def run_local(config: SlimserveConfig) -> None:
@@ -64,6 +84,7 @@ def run_local(config: SlimserveConfig) -> None:
     import ray
     from ray import serve
 
+    warn_if_exposed(config.server)
     cpus = logical_cpus_needed(config)
     if cpus > (os.cpu_count() or 1):
         log.warning(

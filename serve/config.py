@@ -98,10 +98,40 @@ def _cores() -> int:
     return cores or os.cpu_count() or 1
 
 
+class AutoscalingOptions(_Strict):
+    """Ray Serve autoscaling of a variant's replicas (its `autoscaling_config`)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="requests in flight per replica the autoscaler aims at"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
 class DeploymentOptions(_Strict):
-    replicas: int = Field(1, ge=1)
-    max_ongoing_requests: int = Field(64, ge=1)
+    replicas: int = Field(1, ge=1, description="fixed replica count (unless autoscaling)")
+    autoscaling: AutoscalingOptions | None = Field(
+        None, description="scale between min and max replicas instead of a fixed count"
+    )
+    max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per replica")
+    max_queued_requests: int = Field(
+        64,
+        ge=1,
+        description="requests waiting for a replica of this variant (all of them at "
+        "max_ongoing_requests); beyond it a request is refused at once with 503 + Retry-After",
+    )
     num_cpus: float = Field(1.0, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources a replica needs (placement)"
+    )
 
 
 class VariantConfig(_Strict):
@@ -251,8 +281,38 @@ class AdminOptions(_Strict):
 
 
 class ServerOptions(_Strict):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="loopback by default; bind wider on purpose")
     port: int = Field(8000, ge=1, le=65535)
+    queue_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="a request that has not started generating by then is dropped (503 + "
+        "Retry-After) and its queued work freed; a caller may ask for less or more with the "
+        "x-slimserve-queue-timeout header (seconds)",
+    )
+    retry_after_seconds: int = Field(
+        1, ge=0, description="the Retry-After of a 503 or 429 (overload, variant down)"
+    )
+    max_request_bytes: int = Field(
+        4 * 2**20, ge=1024, description="larger request bodies are refused with 413, unread"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description='browser origins allowed (CORS); ["*"] for any'
+    )
+    api_key: str | None = Field(
+        None,
+        description="when set, /v1 requests need 'Authorization: Bearer <key>' (what OpenAI "
+        "clients send as their api_key); default: the env var api_key_env",
+    )
+    api_key_env: str = Field("SLIMSERVE_API_KEY", description="env var read when api_key unset")
+    health_probe_seconds: float = Field(
+        5.0, gt=0, description="how often the gateway probes each variant (up or down)"
+    )
+    gateway_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources the gateway replica needs: pins it to the nodes "
+        "that have them (e.g. the head), so losing a worker node never takes the gateway",
+    )
 
 
 class SlimserveConfig(_Strict):

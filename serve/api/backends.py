@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 from ..engine.types import EngineEvent, GenerateRequest
+from .failures import VariantDownError, from_backend_exception, is_lost_replica
+
+log = logging.getLogger(__name__)
 
 
 class VariantBackend(Protocol):
@@ -32,9 +36,12 @@ class InProcessBackend:
 
 
 class RayBackend:
-    """A VariantServer deployment behind a Ray Serve DeploymentHandle."""
+    """A VariantServer deployment behind a Ray Serve DeploymentHandle. A failure of the handle
+    (backpressure, a lost replica, an exception in the replica) ends the stream with an error
+    event, so that the caller always gets a word, never a dropped stream."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, variant: str, handle: Any) -> None:
+        self.variant = variant
         self.handle = handle
         self._stream = handle.options(stream=True)
 
@@ -43,11 +50,21 @@ class RayBackend:
         try:
             async for item in response:
                 yield EngineEvent.model_validate(item)
+        except Exception as error:
+            log.warning(
+                "variant %s stream failed: %s: %s", self.variant, type(error).__name__, error
+            )
+            yield EngineEvent(kind="error", error=from_backend_exception(self.variant, error))
         finally:
             response.cancel()  # frees the replica's batch slot when the caller went away
 
     async def stats(self) -> dict[str, Any]:
-        return await self.handle.stats.remote()
+        try:
+            return await self.handle.stats.remote()
+        except Exception as error:
+            if is_lost_replica(error):
+                raise VariantDownError(f"its replica was lost ({type(error).__name__})") from error
+            raise
 
     async def score(self, request: GenerateRequest, reference: str, limit: int) -> dict:
         return await self.handle.score.remote(request.model_dump(), reference, limit)

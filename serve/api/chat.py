@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..engine.types import EngineEvent, GenerateRequest, StructuredOutput, TokenLogprob
+from .body import read_body
 from .choices import Choice, fan_out, usage
 from .generation import generate
 from .protocol import (
@@ -190,6 +191,7 @@ def chat_router(core: GatewayCore) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await generate(core, endpoint, await request.body(), request.headers)
+        body = await read_body(request, core.config.server.max_request_bytes)
+        return await generate(core, endpoint, body, request.headers)
 
     return router

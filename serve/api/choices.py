@@ -8,10 +8,12 @@ import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
+from ..engine.limits import server_error
 from ..engine.types import EngineEvent, GenerateRequest, TokenLogprob
 from .backends import VariantBackend
 from .clock import RequestClock
 from .errors import OpenAIError
+from .failures import queue_timeout
 from .protocol import Usage, new_id
 
 
@@ -23,6 +25,7 @@ class Choice:
     prompt_index: int
     request: GenerateRequest
     events: AsyncGenerator[EngineEvent, None] | None = None
+    started: EngineEvent | None = None  # its first event after "accepted", not yet consumed
     prompt_tokens: int = 0
     prompt: EngineEvent | None = None  # the echoed prompt, when asked
     parts: list[str] = field(default_factory=list)
@@ -57,14 +60,31 @@ def usage(choices: list[Choice]) -> Usage:
 
 
 async def _open(choice: Choice, backend: VariantBackend) -> EngineEvent:
+    """ "accepted", once the request has started (its first event after that is kept for the
+    answer), or the error that refused or failed it before any work was sent back."""
     choice.events = backend.generate(choice.request)
-    return await anext(choice.events)
+    first = await anext(choice.events)
+    if first.kind != "accepted":
+        return first
+    choice.started = await anext(choice.events, None)
+    if choice.started is None:
+        return EngineEvent(kind="error", error=server_error("the variant ended a request early"))
+    return choice.started if choice.started.kind == "error" else first
 
 
-async def open_choices(choices: list[Choice], backend: VariantBackend, clock: RequestClock) -> None:
-    """Send every choice's request; raise the first refusal (closing the others) so that the
-    caller is answered 4xx/5xx before any 200."""
-    firsts = await asyncio.gather(*(_open(c, backend) for c in choices), return_exceptions=True)
+async def open_choices(
+    choices: list[Choice], backend: VariantBackend, clock: RequestClock, timeout: float
+) -> None:
+    """Send every choice's request and wait until each has started; raise the first refusal
+    or failure (closing the others) so that the caller is answered 4xx/5xx before any 200.
+    Choices that have not started within `timeout` seconds (queued behind others) are
+    dropped, their queued work with them, and the caller answered 503."""
+    opening = asyncio.gather(*(_open(c, backend) for c in choices), return_exceptions=True)
+    try:
+        firsts = await asyncio.wait_for(opening, timeout)
+    except TimeoutError:
+        await close_choices(choices)
+        raise OpenAIError(queue_timeout(clock.variant, timeout)) from None
     failure = next((f for f in firsts if isinstance(f, BaseException)), None)
     refusal = next((f for f in firsts if isinstance(f, EngineEvent) and f.kind == "error"), None)
     if failure is not None or refusal is not None:
@@ -83,17 +103,26 @@ async def close_choices(choices: list[Choice]) -> None:
             await choice.events.aclose()
 
 
+async def _events(choice: Choice) -> AsyncIterator[EngineEvent]:
+    """The choice's events from its first one after "accepted"."""
+    if choice.started is not None:
+        started, choice.started = choice.started, None
+        yield started
+    async for event in choice.events:
+        yield event
+
+
 async def merged_events(choices: list[Choice]) -> AsyncIterator[tuple[Choice, EngineEvent]]:
     """Every choice's events up to its done or error, as they arrive."""
     if len(choices) == 1:  # the common case, without a task per choice
-        async for event in choices[0].events:
+        async for event in _events(choices[0]):
             yield choices[0], event
         return
     queue: asyncio.Queue[tuple[Choice, EngineEvent | BaseException | None]] = asyncio.Queue()
 
     async def pump(choice: Choice) -> None:
         try:
-            async for event in choice.events:
+            async for event in _events(choice):
                 await queue.put((choice, event))
         except Exception as error:  # re-raised on the consumer's side
             await queue.put((choice, error))

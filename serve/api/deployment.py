@@ -21,7 +21,7 @@ class GatewayDeployment:
         from ..logs import configure_logging
 
         configure_logging()
-        backends = {name: RayBackend(handle) for name, handle in variants.items()}
+        backends = {name: RayBackend(name, handle) for name, handle in variants.items()}
         self.core = GatewayCore(SlimserveConfig.model_validate(config), backends)
         self._user_config = routing_user_config(self.core.config.routing)
 

@@ -14,21 +14,25 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import RoutingConfig, ShadowRule, SlimserveConfig, check_routing_names
+from ..engine.limits import unavailable_error
 from ..observability.metrics import GatewayMetrics
 from ..observability.mfu import WorkMeter
+from ..routing.availability import VariantAvailability
 from ..routing.canary_controller import CanaryController
-from ..routing.router import RoutingError, UnknownModelError, VariantRouter
+from ..routing.router import NoVariantUpError, RoutingError, UnknownModelError, VariantRouter
 from ..routing.shadow import ShadowManager
+from .access import add_cors, api_key, key_guard
 from .admin import admin_router, admin_token
 from .backends import VariantBackend
 from .chat import chat_router
 from .completions import completions_router
 from .errors import OpenAIError, error_response
+from .failures import VariantDownError, unavailable
 from .health import health_router
 from .metrics import metrics_router
 from .models import models_router
@@ -38,6 +42,8 @@ from .variants import variants_router
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
+# A variant with another live replica answers at once; one with none does not answer at all.
+LOST_REPLICA_PROBE_S = 1.0
 
 
 class GatewayCore:
@@ -51,6 +57,9 @@ class GatewayCore:
             config.routing.sticky_header,
         )
         self.metrics = GatewayMetrics(list(config.variants))
+        self.availability = VariantAvailability(list(config.variants))
+        for name in config.variants:
+            self.metrics.variant_up.labels(name).set(1)
         self.variant_header = config.routing.variant_header
         self.meter = WorkMeter(config.mfu.window_seconds)
         self.shadow = ShadowManager(
@@ -61,13 +70,25 @@ class GatewayCore:
         # Each variant's last answer to a stats probe, for the windows in which it does not answer.
         self.last_stats: dict[str, dict[str, Any]] = {}
         self._background: list[asyncio.Task] = []
+        self._checks: set[asyncio.Task] = set()  # replica_lost_later's, referenced until done
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def start_background(self) -> None:
-        """The canary loop; call from inside the serving event loop."""
+        """The canary loop and the variants' health probes; call from inside the serving
+        event loop."""
         if not self._background:
             self._background.append(asyncio.create_task(self.canary.run(self.variant_stats)))
+            self._background.append(asyncio.create_task(self._probe_loop()))
+
+    async def _probe_loop(self) -> None:
+        period = self.config.server.health_probe_seconds
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.variant_stats()
+            except Exception:
+                log.exception("variant probes failed")
 
     async def stop_background(self) -> None:
         for task in self._background:
@@ -80,10 +101,15 @@ class GatewayCore:
 
     # ---- routing -----------------------------------------------------------------------------
 
-    def choose(self, model: str, headers: Mapping[str, str]) -> str:
-        """The variant that serves a request for `model`."""
+    def choose(
+        self, model: str, headers: Mapping[str, str], avoid: frozenset[str] = frozenset()
+    ) -> str:
+        """The variant that serves a request for `model`: never a down variant unless the
+        request pins it (then the caller is answered 503 at once), nor one in `avoid`."""
         try:
-            return self.router.choose(model, headers)
+            variant = self.router.choose(model, headers, self.availability.down() | avoid)
+        except NoVariantUpError:
+            raise OpenAIError(unavailable_error("every variant is down; retry shortly")) from None
         except UnknownModelError:
             raise OpenAIError.of(
                 404,
@@ -92,6 +118,40 @@ class GatewayCore:
                 param="model",
                 code="model_not_found",
             ) from None
+        outage = self.availability.outage(variant)
+        if outage is not None:
+            raise OpenAIError(unavailable_error(outage.reason))
+        return variant
+
+    def variant_down(self, variant: str, reason: str) -> None:
+        """`reason`: the whole message a request for it is answered with while it is down."""
+        if self.availability.mark_down(variant, reason):
+            log.warning("%s", reason)
+        self.metrics.variant_up.labels(variant).set(0)
+
+    async def replica_lost(self, variant: str, message: str) -> bool:
+        """After a replica of `variant` was lost: True (and the variant marked down) unless
+        another replica answers a probe at once, as one of several does."""
+        try:
+            stats = await asyncio.wait_for(self.backends[variant].stats(), LOST_REPLICA_PROBE_S)
+        except Exception:
+            self.variant_down(variant, message)
+            return True
+        if "failed" in stats:
+            self.variant_down(variant, message)
+            return True
+        return False
+
+    def replica_lost_later(self, variant: str, message: str) -> None:
+        """replica_lost, off the caller's path (a stream that already answered)."""
+        task = asyncio.get_running_loop().create_task(self.replica_lost(variant, message))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    def variant_up(self, variant: str) -> None:
+        if self.availability.mark_up(variant):
+            log.info("variant %s is up again", variant)
+        self.metrics.variant_up.labels(variant).set(1)
 
     def apply_routing(
         self,
@@ -143,11 +203,21 @@ class GatewayCore:
     # ---- variant probes ----------------------------------------------------------------------
 
     async def _probe(self, variant: str) -> dict[str, Any] | None:
+        """A variant's stats, None when it does not answer. Marks it up when it answers, down
+        when it says it failed or its replicas are lost; a slow answer (busy) changes nothing."""
         try:
-            return await asyncio.wait_for(self.backends[variant].stats(), PROBE_TIMEOUT_S)
+            stats = await asyncio.wait_for(self.backends[variant].stats(), PROBE_TIMEOUT_S)
+        except VariantDownError as error:
+            self.variant_down(variant, unavailable(variant, str(error)).message)
+            return None
         except Exception as error:
             log.warning("variant %s did not answer its stats probe: %s", variant, error)
             return None
+        if "failed" in stats:
+            self.variant_down(variant, unavailable(variant, stats["failed"]).message)
+            return None
+        self.variant_up(variant)
+        return stats
 
     async def variant_stats(self) -> dict[str, dict[str, Any] | None]:
         names = list(self.backends)
@@ -185,14 +255,12 @@ def create_api(core: GatewayCore) -> FastAPI:
         log.exception("unhandled error")
         return error_response(OpenAIError.of(500, f"internal error: {error}").info)
 
-    for router in (
-        chat_router(core),
-        completions_router(core),
-        models_router(core),
-        variants_router(core),
-        health_router(core),
-        metrics_router(core),
-    ):
+    guarded = [Depends(key_guard(api_key(core.config.server)))]
+    v1 = (chat_router(core), completions_router(core), models_router(core), variants_router(core))
+    for router in v1:
+        api.include_router(router, dependencies=guarded)
+    for router in (health_router(core), metrics_router(core)):
         api.include_router(router)
+    add_cors(api, core.config.server, [core.variant_header, "Retry-After"])
     publish_openapi(api, core.router.model_ids())
     return api

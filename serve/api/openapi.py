@@ -34,8 +34,10 @@ _OPERATIONS: dict[str, dict[str, tuple[type[BaseModel] | None, Any, dict[int, st
             {
                 400: "a field is missing, unknown, mistyped, out of range, or refused",
                 404: "no such model",
+                413: "the request body is larger than server.max_request_bytes",
                 500: "the variant failed",
-                503: "the variant's queue is full or it is down",
+                503: "overloaded (the variant's queue is full, or the request waited past its "
+                "queue timeout) or the variant is down; retry after Retry-After seconds",
             },
         )
     },
@@ -46,13 +48,15 @@ _OPERATIONS: dict[str, dict[str, tuple[type[BaseModel] | None, Any, dict[int, st
             {
                 400: "a field is missing, unknown, mistyped, out of range, or refused",
                 404: "no such model",
+                413: "the request body is larger than server.max_request_bytes",
                 500: "the variant failed",
-                503: "the variant's queue is full or it is down",
+                503: "overloaded (the variant's queue is full, or the request waited past its "
+                "queue timeout) or the variant is down; retry after Retry-After seconds",
             },
         )
     },
     "/v1/models": {"get": (None, ModelList, {})},
-    "/health": {"get": (None, dict, {503: "a variant does not answer"})},
+    "/health": {"get": (None, dict, {503: "variants are starting, or every one is down"})},
     "/v1/variants": {"get": (None, dict, {})},
     "/v1/canary": {"get": (None, dict, {})},
     "/admin/routing": {

@@ -4,6 +4,7 @@ error event if the variant fails midway, the usage when asked, and `[DONE]`."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -12,7 +13,10 @@ from ..engine.types import EngineEvent
 from .choices import Choice, close_choices, merged_events, track, usage
 from .clock import RequestClock
 from .errors import error_payload
+from .failures import is_unavailable
 from .protocol import ChatCompletionChunk, CompletionResponse, GenerationRequest, Usage
+
+log = logging.getLogger(__name__)
 
 Chunk = ChatCompletionChunk | CompletionResponse
 
@@ -51,16 +55,22 @@ async def sse_stream(
         for chunk in chunks.opening(choices):
             yield _chunk_event(chunk)
         failure = None
-        async for choice, event in merged_events(choices):
-            if event.kind == "error":
-                failure = event.error
-                break
-            track(clock, choice, event)
-            out = chunks.finish(choice) if event.kind == "done" else chunks.event(choice, event)
-            for chunk in out:
-                if request.continuous_usage:
-                    chunk.usage = usage(choices)
-                yield _chunk_event(chunk)
+        try:
+            async for choice, event in merged_events(choices):
+                if event.kind == "error":
+                    failure = event.error
+                    break
+                track(clock, choice, event)
+                out = chunks.finish(choice) if event.kind == "done" else chunks.event(choice, event)
+                for chunk in out:
+                    if request.continuous_usage:
+                        chunk.usage = usage(choices)
+                    yield _chunk_event(chunk)
+        except Exception as error:  # whatever broke, the caller gets a word, not a cut stream
+            log.exception("variant %s stream failed", clock.variant)
+            failure = server_error(f"the variant's stream failed: {type(error).__name__}")
+        if failure is not None and is_unavailable(failure):
+            clock.core.replica_lost_later(clock.variant, failure.message)
         if failure is None and any(c.finish_reason is None for c in choices):
             failure = server_error("the variant ended a choice without finishing")
         if failure is not None:

@@ -64,6 +64,14 @@ def queue_full_error() -> ErrorInfo:
     )
 
 
+VARIANT_UNAVAILABLE = "variant_unavailable"
+
+
+def unavailable_error(message: str) -> ErrorInfo:
+    """A 503 that moves unpinned traffic to another variant (this one cannot serve at all)."""
+    return ErrorInfo(status=503, type="server_error", message=message, code=VARIANT_UNAVAILABLE)
+
+
 def server_error(message: str) -> ErrorInfo:
     return ErrorInfo(status=500, type="server_error", message=message)
 

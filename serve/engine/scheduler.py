@@ -12,6 +12,7 @@ its slot. The scheduler says which cache copies that takes (`SlotMove`); the eng
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -82,9 +83,10 @@ class Scheduler(Generic[S]):
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.max_queued_requests = max_queued_requests
         self.prefix_cache = prefix_cache
-        # Appended by callers' threads, popped by the engine's: deque's append and popleft are
-        # atomic, so the queue needs no lock.
+        # Appended by callers' threads, popped and purged by the engine's: append and popleft
+        # are atomic; a purge rebuilds the deque, so it and append hold the lock.
         self._waiting: deque[S] = deque()
+        self._waiting_lock = threading.Lock()
         self.decoding: list[S] = []  # index == KV slot
         # Prompts being prefilled, in the slots right after the decoding ones; between steps at
         # most one (a prompt longer than a step's budget).
@@ -93,10 +95,12 @@ class Scheduler(Generic[S]):
     # ---- queue -------------------------------------------------------------------------------
 
     def queue_full(self) -> bool:
-        return len(self._waiting) >= self.max_queued_requests
+        """Counting live requests only: one dropped while queued frees its place at once."""
+        return self.waiting() >= self.max_queued_requests
 
     def enqueue(self, seq: S) -> None:
-        self._waiting.append(seq)
+        with self._waiting_lock:
+            self._waiting.append(seq)
 
     def waiting(self) -> int:
         """Live queued requests (aborted ones leave the queue only when admission reaches
@@ -112,7 +116,11 @@ class Scheduler(Generic[S]):
     # ---- a step ------------------------------------------------------------------------------
 
     def drop_aborted(self) -> list[SlotMove]:
-        """Forget aborted running sequences; the copies that keep the rest packed."""
+        """Forget aborted sequences, queued or running (so that requests dropped while the
+        batch is full do not pile up in the queue); the copies that keep the rest packed."""
+        if any(seq.aborted for seq in list(self._waiting)):
+            with self._waiting_lock:
+                self._waiting = deque(seq for seq in self._waiting if not seq.aborted)
         self.prefilling = [seq for seq in self.prefilling if not seq.aborted]
         gone = [i for i, seq in enumerate(self.decoding) if seq.aborted]
         return self.release(gone)

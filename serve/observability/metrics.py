@@ -50,7 +50,7 @@ class GatewayMetrics:
         )
         self.variant_up = Gauge(
             "slimserve_variant_up",
-            "1 when the variant answered its last stats probe",
+            "0 while the variant is down (its replicas lost, or it failed to load), else 1",
             ["variant"],
             registry=r,
         )
@@ -239,7 +239,6 @@ class GatewayMetrics:
                 family.labels(variant)
 
     def update_variant(self, variant: str, stats: dict | None) -> None:
-        self.variant_up.labels(variant).set(0 if stats is None else 1)
         if stats is None:
             return
         self.weight_bytes.labels(variant).set(stats["weight_bytes"])

@@ -22,6 +22,8 @@ from pydantic import BaseModel
 from slimserve.kernels import cpu_isa
 from slimserve.models.paths import cache_root
 
+from .measurements import measurement_key, recall, remember
+
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s (no 2:4 sparsity), longest matching name first.
@@ -87,7 +89,18 @@ def _matmul_benchmark(dtype: torch.dtype, seconds: float, device: str, size: int
 @functools.lru_cache(maxsize=8)
 def measure_peak(dtype: torch.dtype, seconds: float, device: str, threads: int) -> float:
     """Best matmul FLOP/s on `device` ("cpu" with `threads` threads, or "cuda"); cached per
-    process, one measurement at a time per machine."""
+    process and on disk (a restarted replica reuses it), one measurement at a time per
+    machine."""
+    key = measurement_key(
+        "matmul-peak",
+        {"dtype": str(dtype), "seconds": seconds, "device": device, "threads": threads},
+    )
+    stored = recall(key)
+    if isinstance(stored, float):
+        log.info(
+            "%s peak %.3g FLOP/s (%s, %d threads; measured before)", device, stored, dtype, threads
+        )
+        return stored
     lock_dir = cache_root() / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     size = 4096 if device == "cuda" else _MATMUL_SIZE
@@ -96,6 +109,7 @@ def measure_peak(dtype: torch.dtype, seconds: float, device: str, threads: int) 
     log.info(
         "%s peak %.3g FLOP/s (%s, %d threads, best of %.1fs)", device, peak, dtype, threads, seconds
     )
+    remember(key, peak)
     return peak
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -17,6 +18,7 @@ from slimserve.kernels.dispatch import chosen_backends, merged_backends
 
 from ..config import SlimserveConfig
 from ..engine.factory import build_engine
+from ..engine.limits import unavailable_error
 from ..engine.protocol import Engine
 from ..engine.threads import configure_threads
 from ..engine.types import EngineEvent, ErrorInfo, GenerateRequest, TokenLogprob
@@ -32,9 +34,20 @@ log = logging.getLogger(__name__)
 class VariantServer:
     def __init__(self, variant: str, config: dict[str, Any]) -> None:
         configure_logging()
-        started = time.perf_counter()
         self.variant = variant
-        cfg = SlimserveConfig.model_validate(config)
+        self.node_id = _ray_node_id()
+        # Why this variant cannot serve, when it failed to load: the replica stays up to say
+        # so (to the gateway's probe and every request) while the other variants serve.
+        self.failure: str | None = None
+        try:
+            self._load(SlimserveConfig.model_validate(config))
+        except Exception as error:
+            self.failure = f"it failed to load: {type(error).__name__}: {error}"
+            log.exception("variant %s failed to load", variant)
+
+    def _load(self, cfg: SlimserveConfig) -> None:
+        started = time.perf_counter()
+        variant = self.variant
         options = cfg.engine_for(variant)
         in_process = options.name == "torch" and not options.separate_process
         configure_threads(options, runs_torch_engine=in_process)
@@ -104,6 +117,10 @@ class VariantServer:
         self._label(event.prompt_logprobs or ())
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if self.failure is not None:
+            info = unavailable_error(f"variant {self.variant} is unavailable: {self.failure}")
+            yield EngineEvent(kind="error", error=info).model_dump()
+            return
         req = GenerateRequest.model_validate(request)
         try:
             prompt_ids = self._prompt_ids(req)
@@ -129,6 +146,8 @@ class VariantServer:
 
     async def score(self, request: dict[str, Any], reference: str, limit: int) -> dict[str, Any]:
         """Next-token log-probs of the request's prompt + `reference` (see serve.scoring)."""
+        if self.failure is not None:
+            raise RuntimeError(f"variant {self.variant} is unavailable: {self.failure}")
         req = GenerateRequest.model_validate(request)
         reference_ids = self.tokenizer(reference, add_special_tokens=False).input_ids
         limit = min(limit, self.max_model_len)
@@ -155,10 +174,14 @@ class VariantServer:
         await asyncio.shield(self._bench_task)
 
     async def stats(self) -> dict[str, Any]:
+        if self.failure is not None:
+            return {"variant": self.variant, "failed": self.failure}
         await self._self_bench_done()
         engine = self.engine.stats()
         return {
             "variant": self.variant,
+            "pid": os.getpid(),  # the replica's process, for operators (and fault drills)
+            "node_id": self.node_id,  # the Ray node it runs on (None in-process)
             "model": self.model_name,
             "weight_bytes": self.report.weight_bytes_after,
             "compression_ratio": self.report.compression_ratio,
@@ -182,10 +205,16 @@ class VariantServer:
     def check_health(self) -> None:
         """Ray Serve calls this periodically; a dead engine (process or thread) restarts the
         replica."""
-        if not self.engine.is_alive():
+        if self.failure is None and not self.engine.is_alive():
             raise RuntimeError(f"the engine of variant {self.variant} is not running")
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _ray_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

@@ -13,6 +13,10 @@ class UnknownModelError(LookupError):
     pass
 
 
+class NoVariantUpError(LookupError):
+    """Every variant that could serve the request is down."""
+
+
 class RoutingError(ValueError):
     """A routing change that cannot be applied; `param` names the bad field."""
 
@@ -70,10 +74,31 @@ class VariantRouter:
         digest = hashlib.sha256(key.encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
-    def choose(self, model: str, headers: Mapping[str, str]) -> str:
+    def choose(
+        self, model: str, headers: Mapping[str, str], avoid: frozenset[str] = frozenset()
+    ) -> str:
+        """The variant for a request: the pinned one (even if down: the caller asked for it),
+        else a draw from the split. A draw that lands on a variant in `avoid` (down) is spread
+        over the others by their weights, so callers of the others keep theirs (sticky keys
+        stay put); with every split variant down, the first other variant up serves."""
         pinned = self.pinned_variant(model)
         if pinned is not None:
             return pinned
         names, cumulative = self._table
-        index = bisect.bisect_right(cumulative, self._draw(headers))
-        return names[min(index, len(names) - 1)]
+        draw = self._draw(headers)
+        index = min(bisect.bisect_right(cumulative, draw), len(names) - 1)
+        if names[index] not in avoid:
+            return names[index]
+        low = cumulative[index - 1] if index else 0.0
+        within = (draw - low) / (cumulative[index] - low)  # where in the down one's share
+        weights = {n: w for n, w in self.split.items() if n not in avoid}
+        if weights:
+            total = sum(weights.values())
+            for name, running in zip(weights, accumulate(weights.values()), strict=True):
+                if within * total < running:
+                    return name
+            return name
+        spare = [n for n in self.variants if n not in avoid]
+        if not spare:
+            raise NoVariantUpError(model)
+        return spare[0]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import signal
+import time
 from collections import Counter
 
 import httpx
@@ -202,3 +206,52 @@ def test_stream_is_valid_sse(gateway):
     assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_a_replica_killed_mid_stream_is_survived(gateway, gateway_log):
+    """Last in this module: it kills the int8 replica (SIGKILL, as the OOM killer would) and
+    waits for Ray Serve to bring it back, so that later tests find the gateway whole."""
+    pid = httpx.get(f"{gateway}/v1/variants", timeout=30).json()["variants"]["int8"]["pid"]
+    body = {
+        "model": f"{MODEL}:int8",
+        "messages": QUESTION,
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events: list[str] = []
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 5:
+                    os.kill(pid, signal.SIGKILL)
+    # The stream ended with a word: an error event the client can act on, then [DONE].
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "variant_unavailable", error
+    assert "int8" in error["message"]
+
+    health = httpx.get(f"{gateway}/health", timeout=30).json()
+    assert health["variants"]["int8"]["state"] == "down"
+    pinned = httpx.post(
+        f"{gateway}/v1/chat/completions",
+        json={"model": f"{MODEL}:int8", "messages": QUESTION, "max_tokens": 2},
+        timeout=60,
+    )
+    assert pinned.status_code == 503 and "retry-after" in pinned.headers
+    for _ in range(4):  # unpinned traffic goes to the variant that is up, without an error
+        assert _variant_of(gateway) == "full"
+
+    # Ray Serve restarts the replica; it reuses the compressed artifact and its measurements.
+    killed_at = time.monotonic()
+    while httpx.get(f"{gateway}/health", timeout=30).json()["status"] != "ok":
+        assert time.monotonic() - killed_at < 300, "the int8 replica did not come back"
+        time.sleep(0.5)
+    logging.getLogger(__name__).info(
+        "int8 replica back %.1f s after the kill", time.monotonic() - killed_at
+    )
+    stats = httpx.get(f"{gateway}/v1/variants", timeout=30).json()["variants"]["int8"]
+    assert stats["pid"] != pid and stats["cache_status"] == "hit"
+    assert "measured before on this machine: reused" in gateway_log.read_text()

@@ -162,7 +162,8 @@ def test_health_and_metrics_cover_every_variant(client):
     client.post(CHAT, json=_chat(model="tiny:int8", max_tokens=3, ignore_eos=True))
     client.post(CHAT, json=_chat(model="tiny:full", max_tokens=3, ignore_eos=True))
     health = client.get("/health")
-    assert health.status_code == 200 and health.json()["variants"] == {"full": True, "int8": True}
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["variants"] == {"full": {"state": "up"}, "int8": {"state": "up"}}
     text = client.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in (
