@@ -389,6 +389,18 @@ def test_body_limit_api_key_and_cors(tiny_model_dir):
         server.engine.shutdown()
 
 
+def test_no_prompt_text_or_key_reaches_the_logs(faulty_gateway, caplog):
+    base, _, _ = faulty_gateway
+    marker = "PROMPT-TEXT-THAT-MUST-NOT-BE-LOGGED"
+    with caplog.at_level(logging.DEBUG):
+        body = {"model": "tiny:spare", "messages": [{"role": "user", "content": marker}]}
+        assert httpx.post(base + CHAT, json={**body, "max_tokens": 2}).status_code == 200
+        assert httpx.post(base + CHAT, json={**body, "max_tokens": -1}).status_code == 400
+        pinned = httpx.post(base + CHAT, json={**body, "model": "tiny:broken"})
+        assert pinned.status_code == 503
+    assert marker not in caplog.text
+
+
 def test_binding_beyond_loopback_without_a_key_warns(caplog, monkeypatch):
     monkeypatch.delenv("SLIMSERVE_API_KEY", raising=False)
     with caplog.at_level(logging.WARNING):
