@@ -54,6 +54,7 @@ class PhaseReport(BaseModel):
     admitted_ttft_p50: float | None
     admitted_ttft_p95: float | None
     admitted_e2e_p95: float | None
+    refusal_p50_seconds: float | None
     refusal_p95_seconds: float | None
     output_tokens_per_second: float
     rss_mb: list[float]  # the variants' replicas, summed, sampled through the run
@@ -179,6 +180,7 @@ async def open_loop(
         admitted_ttft_p50=_quantile([o.ttft for o in admitted if o.ttft is not None], 0.5),
         admitted_ttft_p95=_quantile([o.ttft for o in admitted if o.ttft is not None], 0.95),
         admitted_e2e_p95=_quantile([o.seconds for o in admitted], 0.95),
+        refusal_p50_seconds=_quantile([o.seconds for o in refused], 0.5),
         refusal_p95_seconds=_quantile([o.seconds for o in refused], 0.95),
         output_tokens_per_second=sum(o.tokens for o in admitted) / elapsed,
         rss_mb=rss,
@@ -192,6 +194,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="output tokens per request")
     parser.add_argument("--streams", type=int, default=32, help="closed-loop streams (capacity)")
     parser.add_argument("--capacity-seconds", type=float, default=60)
+    parser.add_argument(
+        "--capacity", type=float, help="requests/s, measured before: skips the capacity phase"
+    )
     parser.add_argument("--factor", type=float, default=2.0, help="offered load / capacity")
     parser.add_argument("--seconds", type=float, default=120, help="open-loop phase length")
     parser.add_argument("--ttft-slo", type=float, default=5.0, help="seconds; the queue timeout")
@@ -199,7 +204,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
     args = parser.parse_args()
     configure_logging()
-    capacity = asyncio.run(
+    capacity = args.capacity or asyncio.run(
         measure_capacity(args.url, args.model, args.tokens, args.streams, args.capacity_seconds)
     )
     log.info(

@@ -32,6 +32,14 @@ def queue_timeout(variant: str, seconds: float) -> ErrorInfo:
     )
 
 
+def would_wait(variant: str, wait: float, seconds: float) -> ErrorInfo:
+    return overloaded(
+        f"variant {variant} would start the request in about {wait:.1f} s, past its queue "
+        f"timeout of {seconds:g} s; refused at once (retry shortly)",
+        "overloaded",
+    )
+
+
 def unavailable(variant: str, detail: str) -> ErrorInfo:
     return unavailable_error(f"variant {variant} is unavailable: {detail}")
 

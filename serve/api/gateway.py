@@ -22,6 +22,7 @@ from ..config import RoutingConfig, ShadowRule, SlimserveConfig, check_routing_n
 from ..engine.limits import unavailable_error
 from ..observability.metrics import GatewayMetrics
 from ..observability.mfu import WorkMeter
+from ..routing.admission import VariantAdmission
 from ..routing.availability import VariantAvailability
 from ..routing.canary_controller import CanaryController
 from ..routing.router import NoVariantUpError, RoutingError, UnknownModelError, VariantRouter
@@ -58,6 +59,7 @@ class GatewayCore:
         )
         self.metrics = GatewayMetrics(list(config.variants))
         self.availability = VariantAvailability(list(config.variants))
+        self.admission = {name: VariantAdmission() for name in config.variants}
         for name in config.variants:
             self.metrics.variant_up.labels(name).set(1)
         self.variant_header = config.routing.variant_header

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from .choices import Choice, collect, open_choices
 from .clock import RequestClock
 from .errors import OpenAIError, error_response, validate_body
-from .failures import is_unavailable
+from .failures import is_unavailable, would_wait
 from .protocol import GenerationRequest
 from .streaming import StreamChunks, sse_stream
 
@@ -123,7 +123,17 @@ async def _answer(
     timeout: float,
 ) -> Response:
     choices = endpoint.choices(request)
-    await open_choices(choices, core.backends[clock.variant], clock, timeout)
+    admission = core.admission[clock.variant]
+    wait = admission.expected_wait()
+    if wait is not None and wait > timeout:  # it would be dropped at its deadline anyway
+        raise OpenAIError(would_wait(clock.variant, wait, timeout))
+    admission.arrived()
+    try:
+        await open_choices(choices, core.backends[clock.variant], clock, timeout)
+    except BaseException:
+        admission.left()
+        raise
+    admission.started()
     headers = {core.variant_header: clock.variant}
     model = f"{core.config.public_model_name}:{clock.variant}"
     if request.stream:
