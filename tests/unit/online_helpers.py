@@ -4,10 +4,14 @@ model, the real FastAPI app, a TestClient. Shared by the MFU, shadow, canary and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -80,3 +84,35 @@ def value(families: dict[str, Any], name: str, suffix: str = "", **labels: str) 
     values = sample_values(families[name], suffix, **labels)
     assert len(values) == 1, (name, labels, values)
     return values[0]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(core: GatewayCore) -> Iterator[str]:
+    """The gateway's app on a real HTTP server in a thread; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_api(core), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    until(lambda: server.started, "the HTTP server to start")
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def until(condition: Callable[[], bool], what: str, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

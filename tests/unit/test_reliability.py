@@ -5,32 +5,29 @@ model behind the real app. The replica losses are injected on purpose at the Ray
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
 from slimserve.serve.api.access import warn_if_exposed
 from slimserve.serve.api.backends import InProcessBackend, RayBackend
 from slimserve.serve.api.failures import from_backend_exception
-from slimserve.serve.api.gateway import GatewayCore, create_api
+from slimserve.serve.api.gateway import GatewayCore
 from slimserve.serve.app import variant_deployment_options
 from slimserve.serve.config import ServerOptions, SlimserveConfig, parse_config
 from slimserve.serve.replica.server import VariantServer
 
 from .conftest import tiny_llama
+from .online_helpers import serving, until
 
 CHAT = "/v1/chat/completions"
 LONG_CONTEXT = 8192  # a request that would hold its slot for thousands of steps
@@ -67,38 +64,6 @@ def _config(model_dir: Path, variants: dict | None = None, **server: Any) -> Sli
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serving(core: GatewayCore) -> Iterator[str]:
-    """The gateway's app on a real HTTP server in a thread; yields its base URL."""
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_api(core), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    _until(lambda: server.started, "the HTTP server to start")
-    try:
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
-def _until(condition: Callable[[], bool], what: str, limit: float = 60.0) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def _chat(model: str = "tiny", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "Hello"}], **extra}
 
@@ -131,7 +96,7 @@ def overload_gateway(long_model_dir):
     config = _config(long_model_dir, variants={"full": {}}, retry_after_seconds=2)
     server = VariantServer("full", config.model_dump(mode="json"))
     core = GatewayCore(config, {"full": InProcessBackend(server)})
-    with _serving(core) as base:
+    with serving(core) as base:
         yield base, server
     server.engine.shutdown()
 
@@ -142,7 +107,7 @@ def test_overload_is_refused_at_once_with_retry_after_and_queued_work_dropped(ov
     long_body = _chat(stream=True, max_tokens=LONG_CONTEXT - 64, ignore_eos=True)
     holder = _Stream(base, long_body)  # takes the only batch slot for thousands of steps
     holder.start()
-    _until(lambda: engine.stats()["running"] == 1 and holder.events, "the slot to be taken")
+    until(lambda: engine.stats()["running"] == 1 and holder.events, "the slot to be taken")
 
     # A request that may wait 0.2 s: it cannot start, so it is dropped with its queued work.
     timed = httpx.post(
@@ -156,7 +121,7 @@ def test_overload_is_refused_at_once_with_retry_after_and_queued_work_dropped(ov
     # One request fills the queue (max_queued_requests 1); the next is refused at once.
     waiter = _Stream(base, _chat(stream=True, max_tokens=2))
     waiter.start()
-    _until(lambda: engine.stats()["waiting"] == 1, "the queue to fill")
+    until(lambda: engine.stats()["waiting"] == 1, "the queue to fill")
     refused = httpx.post(base + CHAT, json=_chat(max_tokens=4))
     assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
     assert refused.json()["error"]["code"] == "queue_full"
@@ -170,7 +135,7 @@ def test_overload_is_refused_at_once_with_retry_after_and_queued_work_dropped(ov
     holder.join(timeout=60)
     waiter.join(timeout=60)
     assert waiter.status == 200 and waiter.events[-1] == "[DONE]"
-    _until(lambda: engine.stats()["running"] == 0, "the slot to be freed")
+    until(lambda: engine.stats()["running"] == 0, "the slot to be freed")
 
 
 class _HandleResponse:
@@ -241,7 +206,7 @@ def faulty_gateway(tiny_model_dir):
     backends: dict[str, Any] = {n: InProcessBackend(s) for n, s in servers.items()}
     backends["full"] = RayBackend("full", handle)
     core = GatewayCore(config, backends)
-    with _serving(core) as base:
+    with serving(core) as base:
         yield base, core, handle
     for server in servers.values():
         if server.failure is None:
@@ -358,7 +323,7 @@ def test_body_limit_api_key_and_cors(tiny_model_dir):
     server = VariantServer("full", config.model_dump(mode="json"))
     core = GatewayCore(config, {"full": InProcessBackend(server)})
     try:
-        with _serving(core) as base:
+        with serving(core) as base:
             key = {"authorization": "Bearer sk-test"}
             big = _chat(max_tokens=2, user="x" * 4096)
             too_large = httpx.post(base + CHAT, json=big, headers=key)
