@@ -25,34 +25,30 @@ from .protocol import (
     ModelList,
 )
 
+# What both generation endpoints may answer besides 200.
+_GENERATION_ERRORS = {
+    400: "a field is missing, unknown, mistyped, out of range, or refused",
+    404: "no such model",
+    413: "the request body is larger than server.max_request_bytes",
+    500: "the variant failed",
+    503: "overloaded (the variant's queue is full, or the request would wait or waited past its "
+    "queue timeout) or the variant is down; retry after Retry-After seconds",
+}
+
 # path -> method -> (request body, 200 body, the statuses it may answer with besides 200)
 _OPERATIONS: dict[str, dict[str, tuple[type[BaseModel] | None, Any, dict[int, str]]]] = {
     "/v1/chat/completions": {
         "post": (
             ChatCompletionRequest,
             ChatCompletionResponse,
-            {
-                400: "a field is missing, unknown, mistyped, out of range, or refused",
-                404: "no such model",
-                413: "the request body is larger than server.max_request_bytes",
-                500: "the variant failed",
-                503: "overloaded (the variant's queue is full, or the request waited past its "
-                "queue timeout) or the variant is down; retry after Retry-After seconds",
-            },
+            _GENERATION_ERRORS,
         )
     },
     "/v1/completions": {
         "post": (
             CompletionRequest,
             CompletionResponse,
-            {
-                400: "a field is missing, unknown, mistyped, out of range, or refused",
-                404: "no such model",
-                413: "the request body is larger than server.max_request_bytes",
-                500: "the variant failed",
-                503: "overloaded (the variant's queue is full, or the request waited past its "
-                "queue timeout) or the variant is down; retry after Retry-After seconds",
-            },
+            _GENERATION_ERRORS,
         )
     },
     "/v1/models": {"get": (None, ModelList, {})},
