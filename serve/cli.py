@@ -1,4 +1,4 @@
-"""`slimserve` command line: serve, validate, materialize, compress, eval."""
+"""`slimserve` command line: serve, validate, materialize, compress, eval, loadtest, plan."""
 
 from __future__ import annotations
 
@@ -78,9 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     materialize.add_argument("model", nargs="?", default="smollm2-135m-instruct")
     materialize.set_defaults(func=cmd_materialize)
 
+    from slimserve.loadtests.plan_cli import register_commands as register_load_commands
+
     from .offline_cli import register_commands
 
     register_commands(commands)  # compress, eval
+    register_load_commands(commands)  # loadtest, plan
     return parser
 
 

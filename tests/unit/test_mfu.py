@@ -25,8 +25,9 @@ from slimserve.serve.observability.flops import (
     prefill_work,
     score_work,
 )
+from slimserve.serve.observability.measurements import measurement_key, recall, remember
 from slimserve.serve.observability.mfu import RequestWork, WindowWork, WorkMeter, utilization
-from slimserve.serve.observability.peak import device_peak, gpu_peak_from_table
+from slimserve.serve.observability.peak import device_peak, gpu_peak_from_table, measure_peak
 
 from .online_helpers import CHAT, chat, online_config, online_gateway, scrape, value
 
@@ -210,3 +211,18 @@ def test_gateway_mfu_is_a_fraction_that_rises_with_load(tiny_model_dir):
     assert 0 < live["mfu"] <= 1 and live["generated_tokens_per_second"] > 0
     assert live["cost_per_1k_tokens"]["observed"] > 0
     assert report["self_bench"]["decode_tokens_per_second"]["4"] > 0
+
+
+def test_a_stored_peak_is_raised_by_fresh_trials_never_lowered(tmp_path, monkeypatch):
+    """A peak taken on a busy machine must not stay low for good (MFU above 1 ever after)."""
+    monkeypatch.setenv("SLIMSERVE_CACHE", str(tmp_path))
+    inputs = {"dtype": str(torch.float32), "seconds": 0.05, "device": "cpu", "threads": 1}
+    key = measurement_key("matmul-peak", inputs)
+    remember(key, 1.0)  # far below any CPU: as if every trial had been preempted
+    measure_peak.cache_clear()
+    raised = measure_peak(torch.float32, 0.05, "cpu", 1)
+    assert raised > 1.0 and recall(key) == raised
+    remember(key, 1e18)  # far above any CPU: fresh trials cannot beat it, so it stays
+    measure_peak.cache_clear()
+    assert measure_peak(torch.float32, 0.05, "cpu", 1) == 1e18
+    measure_peak.cache_clear()
