@@ -235,7 +235,7 @@ def sweep_variant(
         knee,
         rate_points,
         best,
-        config.deployment_for(variant).num_cpus,
+        args.replica_cpus or os.cpu_count() or 1,
         _replica_memory(url, variant),
     )
     records = [] if best is None else sweeper.records[("rate", best.load)]
@@ -322,6 +322,14 @@ def validate_plan(report: PlanReport, config_file: Path, args: argparse.Namespac
     from slimserve.loadtests.planner import check_validation
 
     requests = max(args.min_requests, math.ceil(report.target_rate * args.validate_seconds))
+    available = os.cpu_count() or 1
+    if report.totals.cpus > available:
+        log.warning(
+            "the plan needs %.0f CPUs (each replica as many as it had while measured); this "
+            "machine has %d: the validation runs under-provisioned",
+            report.totals.cpus,
+            available,
+        )
     with gateway_process(config_file, out / "gateway-validate.log") as url:
         base = LoadSpec(
             url=url,
@@ -347,7 +355,13 @@ def validate_plan(report: PlanReport, config_file: Path, args: argparse.Namespac
 
     write_records_csv(result.records, out / "runs" / "validate.csv")
     return check_validation(
-        result.records, report.split, report.slo, report.target_rate, result.seconds
+        result.records,
+        report.split,
+        report.slo,
+        report.target_rate,
+        result.seconds,
+        needed_cpus=report.totals.cpus,
+        available_cpus=available,
     )
 
 
@@ -440,6 +454,11 @@ def register_commands(commands: Any) -> None:
     plan.add_argument("--price-per-replica-hour", type=float, help="default: config cost")
     plan.add_argument("--out", default="plan", help="directory of the report")
     plan.add_argument("--url", help="sweep this running gateway instead of starting one")
+    plan.add_argument(
+        "--replica-cpus",
+        type=float,
+        help="cores a replica had while swept (default: this machine's, where the gateway runs)",
+    )
     plan.add_argument("--max-concurrency", type=int, default=32)
     plan.add_argument("--bisect-steps", type=int, default=3)
     plan.add_argument("--min-rate", type=float, default=0.01)

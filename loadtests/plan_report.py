@@ -266,6 +266,9 @@ ${{ r.dollars_per_replica_hour | round(3) }} per replica-hour.</p>
 {% if r.validation %}{% set v = r.validation %}
 <h2>Validation: <span class="{{ 'held' if v.held else 'missed' }}">
 {{ "every SLO held" if v.held else "the plan did not hold" }}</span></h2>
+{% if v.needed_cpus > v.available_cpus %}<p class="missed">Under-provisioned: the plan needs
+{{ v.needed_cpus }} CPUs (each replica as many as it had while measured), the machine it was
+deployed on has {{ v.available_cpus }}.</p>{% endif %}
 <p>{{ v.requests }} requests at {{ v.request_rate | round(3) }}/s over {{ v.seconds | round(1) }} s;
 errors: {{ v.errors or "none" }}; split chi-square
 {{ v.split_chi_square | round(2) if v.split_chi_square is not none else "-" }}

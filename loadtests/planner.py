@@ -109,7 +109,7 @@ class VariantCapacity(BaseModel):
     slo_request_rate: float | None  # the highest arrival rate that met the SLO (None: none did)
     unloaded_ttft_seconds: float  # TTFT p50 at one stream: prefill and serving, no queueing
     mean_output_tokens: float
-    replica_cpus: float  # the deployment's num_cpus
+    replica_cpus: float  # the cores a replica had while measured (the machine's, by default)
     replica_memory_bytes: int | None  # the replica's resident memory after the sweep
     points: list[SweepPoint]
 
@@ -232,6 +232,8 @@ class VariantCheck(BaseModel):
 
 class Validation(BaseModel):
     request_rate: float  # offered
+    needed_cpus: float  # the plan's, at the cores each replica had while measured
+    available_cpus: int  # where it was deployed: fewer than needed and it cannot hold
     seconds: float
     requests: int
     errors: dict[str, int]
@@ -249,6 +251,8 @@ def check_validation(
     slo: SLO,
     request_rate: float,
     seconds: float,
+    needed_cpus: float,
+    available_cpus: int,
     significance: float = 0.01,
 ) -> Validation:
     """Did the deployed plan hold: every variant's SLO (at the SLO's quantile, over the requests
@@ -288,6 +292,8 @@ def check_validation(
     split_held = p_value is None or p_value >= significance
     return Validation(
         request_rate=request_rate,
+        needed_cpus=needed_cpus,
+        available_cpus=available_cpus,
         seconds=seconds,
         requests=len(records),
         errors=everything.errors,

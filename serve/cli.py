@@ -1,4 +1,5 @@
-"""`slimserve` command line: serve, validate, materialize, compress, eval, loadtest, plan."""
+"""`slimserve` command line: serve, validate, materialize, compress, eval, loadtest, plan,
+distill."""
 
 from __future__ import annotations
 
@@ -78,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     materialize.add_argument("model", nargs="?", default="smollm2-135m-instruct")
     materialize.set_defaults(func=cmd_materialize)
 
+    from slimserve.distill.cli import register_commands as register_distill_commands
     from slimserve.loadtests.plan_cli import register_commands as register_load_commands
 
     from .offline_cli import register_commands
 
     register_commands(commands)  # compress, eval
     register_load_commands(commands)  # loadtest, plan
+    register_distill_commands(commands)  # distill
     return parser
 
 

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimserve.compression.specs import CompressionSpec
+from slimserve.distill.config import DistillConfig
 from slimserve.kernels import cpu_isa
 
 log = logging.getLogger(__name__)
@@ -135,10 +136,21 @@ class DeploymentOptions(_Strict):
 
 
 class VariantConfig(_Strict):
-    model: str | None = Field(None, description="another checkpoint (e.g. a student)")
+    model: str | None = Field(None, description="another checkpoint")
+    student: str | DistillConfig | None = Field(
+        None,
+        description="a student of the served model: its directory, or a distill config (a YAML "
+        "path or inline) distilled on first start and cached",
+    )
     compression: list[CompressionSpec] = Field(default_factory=list)
     engine: EngineOptions | None = None
     deployment: DeploymentOptions | None = None
+
+    @model_validator(mode="after")
+    def _one_checkpoint(self) -> VariantConfig:
+        if self.model is not None and self.student is not None:
+            raise ValueError("a variant names `model` or `student`, not both")
+        return self
 
 
 class ShadowRule(_Strict):

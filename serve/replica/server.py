@@ -27,6 +27,7 @@ from ..observability.memory import memory_stats
 from .bench import bench_variant, run_deferred_self_bench
 from .chat_prompt import chat_prompt
 from .scoring import score_reference
+from .student import with_student
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class VariantServer:
     def _load(self, cfg: SlimserveConfig) -> None:
         started = time.perf_counter()
         variant = self.variant
+        cfg = with_student(cfg, variant)
         options = cfg.engine_for(variant)
         in_process = options.name == "torch" and not options.separate_process
         configure_threads(options, runs_torch_engine=in_process)

@@ -1,6 +1,7 @@
 """The import direction the layout promises: each layer imports only itself and the layers below.
 
     api -> routing -> replica -> engine -> models -> kernels;   compression -> models, kernels
+    distill -> compression, models (a replica may distill its student: replica -> distill)
 
 Every import counts, including the lazy ones inside functions, so a shortcut taken "just once"
 fails here and not in a reader's head.
@@ -20,11 +21,12 @@ PACKAGES = {
     "compression": "slimserve.compression",
     "serve": "slimserve.serve",
     "loadtests": "slimserve.loadtests",
+    "distill": "slimserve.distill",
 }
 SERVE_GROUPS = ("api", "routing", "observability", "replica", "engine")
 SERVE_TOP = ("app", "cli", "offline_cli")  # the composition roots: may import all of serve
 SERVE_SHARED = ("serve.config", "serve.logs")  # leaves every serve layer may use
-BELOW_SERVE = ("compression", "models", "models.paths", "kernels")
+BELOW_SERVE = ("distill", "compression", "models", "models.paths", "kernels")
 
 # layer -> layers it may import (besides itself)
 ALLOWED: dict[str, tuple[str, ...]] = {
@@ -32,6 +34,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "kernels": ("models.paths",),
     "models": ("models.paths", "kernels"),
     "compression": ("models", "models.paths", "kernels"),
+    "distill": ("compression", "models", "models.paths", "kernels"),
     "serve.observability": (*SERVE_SHARED, *BELOW_SERVE),
     "serve.engine": ("serve.observability", *SERVE_SHARED, *BELOW_SERVE),
     "serve.replica": ("serve.engine", "serve.observability", *SERVE_SHARED, *BELOW_SERVE),
@@ -106,7 +109,7 @@ def test_kernels_and_compression_never_import_serve() -> None:
     offenders = [
         f"{path.relative_to(ROOT)}:{line} {target}"
         for path, module in all_modules()
-        if module[1] in ("kernels", "compression", "models")
+        if module[1] in ("kernels", "compression", "models", "distill")
         for line, target in imports_of(path, module)
         if target.startswith("slimserve.serve")
     ]

@@ -183,7 +183,7 @@ def _served(counts: dict[str, int], slow: str | None = None) -> list[dict]:
 
 def test_validation_holds_when_slos_and_split_hold():
     result = check_validation(
-        _served({"full": 72, "int8": 28}), {"full": 70, "int8": 30}, SLO_1S, 5, 20
+        _served({"full": 72, "int8": 28}), {"full": 70, "int8": 30}, SLO_1S, 5, 20, 2.0, 2
     )
     assert result.split_held and result.split_p_value > 0.5
     assert result.held
@@ -193,11 +193,17 @@ def test_validation_holds_when_slos_and_split_hold():
 
 def test_validation_fails_on_a_skewed_split_or_a_slow_variant():
     skewed = check_validation(
-        _served({"full": 95, "int8": 5}), {"full": 70, "int8": 30}, SLO_1S, 5, 20
+        _served({"full": 95, "int8": 5}), {"full": 70, "int8": 30}, SLO_1S, 5, 20, 2.0, 2
     )
     assert not skewed.split_held and skewed.split_p_value < 1e-6 and not skewed.held
     slow = check_validation(
-        _served({"full": 70, "int8": 30}, slow="int8"), {"full": 70, "int8": 30}, SLO_1S, 5, 20
+        _served({"full": 70, "int8": 30}, slow="int8"),
+        {"full": 70, "int8": 30},
+        SLO_1S,
+        5,
+        20,
+        2.0,
+        2,
     )
     assert slow.split_held and not slow.held
     assert [c.held for c in slow.variants] == [True, False]
@@ -249,12 +255,13 @@ def test_the_recommended_config_is_a_valid_config_with_the_plan(tmp_path):
 def test_a_plan_writes_json_html_and_both_configs(tmp_path):
     report, source = _report(tmp_path)
     report.validation = check_validation(
-        _served({"full": 70, "int8": 30}), report.split, SLO_1S, 3.0, 33
+        _served({"full": 70, "int8": 30}), report.split, SLO_1S, 3.0, 33, 2.0, 2
     )
     files = write_report(report, tmp_path / "plan", source, {"full": _served({"full": 20})})
     assert PlanReport.model_validate_json(files["report"].read_text()) == report
     html = files["html"].read_text()
     assert html.count("<svg") == 2 and "every SLO held" in html and "int8" in html
+    assert "Under-provisioned" not in html
     serve = yaml.safe_load(files["serve"].read_text())
     assert serve["applications"][0]["args"]["config"] == str(files["config"].resolve())
     assert parse_config(yaml.safe_load(files["config"].read_text())).routing.split["full"] == 70
@@ -278,3 +285,11 @@ def test_render_without_runs_still_has_the_sweep_plot(tmp_path):
 def test_run_summary_round_trips():
     summary = summarize([_record()], 1.0)
     assert RunSummary.model_validate_json(summary.model_dump_json()) == summary
+
+
+def test_a_plan_bigger_than_the_machine_says_so(tmp_path):
+    report, _ = _report(tmp_path)
+    report.validation = check_validation(
+        _served({"full": 70, "int8": 30}), report.split, SLO_1S, 3.0, 33, 8.0, 2
+    )
+    assert "Under-provisioned: the plan needs\n8.0 CPUs" in render_html(report, {})

@@ -1,0 +1,1 @@
+"""Distillation: make the student that a variant's distilled-student swap serves."""
