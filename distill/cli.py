@@ -35,7 +35,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         report.student.perplexity,
         report.teacher.perplexity,
         report.layer_dropped.perplexity,
-        "" if recovered is None else f", {recovered:.0%} of the loss recovered",
+        "" if recovered is None else f", {recovered:.0%} of the lost nats recovered",
         report.student.decode_tokens_per_second,
         report.teacher.decode_tokens_per_second,
     )

@@ -40,6 +40,17 @@ def divergence(
     return (per_token * kept).sum() / kept.sum().clamp(min=1) * temperature**2
 
 
+def aligned_hidden(
+    student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], kept: list[int]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Pairs of hidden states (HF `output_hidden_states`: the embeddings, each block's output,
+    the last one normed): student block j's output against the output of the teacher block it
+    was copied from, kept[j], and the final normed states against each other."""
+    pairs = [(student[j], teacher[kept[j - 1] + 1]) for j in range(1, len(student) - 1)]
+    pairs.append((student[-1], teacher[-1]))
+    return [s for s, _ in pairs], [t for _, t in pairs]
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,

@@ -9,6 +9,7 @@ RNG state) and a finished one is reused as it is.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -58,13 +59,18 @@ class DistillReport(BaseModel):
     student: ModelFigures | None  # None until finished
 
     def recovered_fraction(self) -> float | None:
-        """Of the perplexity that dropping layers lost, the share training won back."""
+        """Of the held-out loss (nats per token, log perplexity) that dropping layers lost, the
+        share training won back. In log space: a dropped model's perplexity can be astronomical,
+        and a difference of perplexities would then call any student a full recovery."""
         if self.student is None:
             return None
-        lost = self.layer_dropped.perplexity - self.teacher.perplexity
-        if lost <= 0:
+        teacher, dropped = (
+            math.log(self.teacher.perplexity),
+            math.log(self.layer_dropped.perplexity),
+        )
+        if dropped <= teacher:
             return None
-        return (self.layer_dropped.perplexity - self.student.perplexity) / lost
+        return (dropped - math.log(self.student.perplexity)) / (dropped - teacher)
 
 
 def output_dir(config: DistillConfig) -> Path:

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 
 from .config import LossOptions
-from .losses import distillation_loss
+from .losses import aligned_hidden, distillation_loss
 
 
 class WindowDataset(Dataset):
@@ -54,7 +54,9 @@ class DistillationTrainer(Trainer):
             taught = self.teacher(input_ids=inputs["input_ids"], output_hidden_states=hidden)
         student_hidden = teacher_hidden = None
         if hidden:
-            student_hidden, teacher_hidden = self._aligned(outputs.hidden_states, taught)
+            student_hidden, teacher_hidden = aligned_hidden(
+                outputs.hidden_states, taught.hidden_states, self.kept
+            )
         total, parts = distillation_loss(
             outputs.logits,
             taught.logits,
@@ -66,14 +68,6 @@ class DistillationTrainer(Trainer):
         for name, value in parts.items():
             self._parts.setdefault(name, []).append(value)
         return (total, outputs) if return_outputs else total
-
-    def _aligned(self, student: tuple, teacher_out: Any) -> tuple[list, list]:
-        """Student block j's output against the teacher's block kept[j]'s, and the final
-        (normed) states against each other."""
-        teacher = teacher_out.hidden_states
-        pairs = [(student[j], teacher[self.kept[j - 1] + 1]) for j in range(1, len(student) - 1)]
-        pairs.append((student[-1], teacher[-1]))
-        return [s for s, _ in pairs], [t for _, t in pairs]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         # The loss parts, averaged since the last log line, beside the total.

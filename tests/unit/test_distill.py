@@ -21,7 +21,7 @@ from transformers import (
 
 from slimserve.compression.calibration import token_windows
 from slimserve.distill.config import DistillConfig, LossOptions, StudentInit
-from slimserve.distill.losses import distillation_loss, divergence
+from slimserve.distill.losses import aligned_hidden, distillation_loss, divergence
 from slimserve.distill.run import REPORT, DistillReport, distill
 from slimserve.distill.student import kept_blocks, make_student, same_tokenizer
 from slimserve.serve.replica.server import VariantServer
@@ -277,3 +277,50 @@ def test_a_student_that_cannot_replace_the_model_is_refused_with_the_reason(
     server = _served(teacher_dir, wrong_teacher.model_dump(mode="json"))
     assert "not the model this config serves" in server.failure
     assert not (tmp_path / "never").exists()
+
+
+def test_sequence_kd_and_hidden_alignment_train_on_the_teachers_generations(teacher_dir, tmp_path):
+    plain = _config(teacher_dir, tmp_path / "plain", train={"steps": 2})
+    richer = _config(
+        teacher_dir,
+        tmp_path / "richer",
+        train={"steps": 4},
+        data={
+            "source": str(teacher_dir / "text.txt"),
+            "seq_len": 32,
+            "sequence_kd": {"prompts": 4, "prompt_tokens": 8, "new_tokens": 24},
+        },
+        loss={"divergence": "reverse", "hidden_weight": 1.0},
+    )
+    base = distill(plain, progress=False)
+    report = distill(richer, progress=False)
+    assert report.windows == base.windows + 4  # one 32-token window per generation
+    generated = torch.load(tmp_path / "richer" / "teacher-generations.pt")["ids"]
+    assert generated.shape == (4, 32)
+    assert {"loss_kd", "loss_hidden"} <= set(report.losses[0])
+
+
+def test_the_hidden_state_term_pairs_copied_blocks_and_its_gradient_lowers_it():
+    teacher = _teacher(blocks=4)
+    student = make_student(teacher, [0, 2])
+    ids = torch.randint(0, 1000, (2, 16))
+    with torch.no_grad():
+        taught = teacher(ids, output_hidden_states=True).hidden_states
+    options = LossOptions(kd_weight=0, lm_weight=0, hidden_weight=1)
+
+    def hidden_loss() -> torch.Tensor:
+        out = student(ids, output_hidden_states=True)
+        s, t = aligned_hidden(out.hidden_states, taught, [0, 2])
+        assert len(s) == 2  # student block 0 against teacher block 0, then the final states
+        return distillation_loss(out.logits, out.logits, ids, options, s, t)[0]
+
+    first = hidden_loss()
+    out = student(ids, output_hidden_states=True)
+    s, t = aligned_hidden(out.hidden_states, taught, [0, 2])
+    torch.testing.assert_close(s[0], t[0])  # a copied block on the same input: equal
+    first.backward()
+    with torch.no_grad():
+        for parameter in student.parameters():
+            if parameter.grad is not None:
+                parameter -= 1e-3 * parameter.grad
+    assert hidden_loss() < first
