@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from slimserve.loadtests.load_run import LoadSpec
     from slimserve.loadtests.load_stats import SLO
     from slimserve.loadtests.plan_report import PlanReport
-    from slimserve.loadtests.planner import SweepPoint, SweepSettings, VariantCapacity
+    from slimserve.loadtests.planner import SweepPoint, SweepSettings, Validation, VariantCapacity
     from slimserve.serve.config import SlimserveConfig
 
 log = logging.getLogger("slimserve.loadtests.plan")
@@ -315,7 +315,9 @@ def make_plan(
     return report, records
 
 
-def validate_plan(report: PlanReport, config_file: Path, args: argparse.Namespace, out: Path):
+def validate_plan(
+    report: PlanReport, config_file: Path, args: argparse.Namespace, out: Path
+) -> Validation:
     """Deploy the recommended config, drive the target rate through the public name (so the
     gateway's split routes it) and check every SLO and the split."""
     from slimserve.loadtests.load_run import LoadSpec, run_load
