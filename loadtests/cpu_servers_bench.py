@@ -17,7 +17,6 @@ import datetime
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from slimserve.loadtests.cpu_servers import (
     vllm_spec,
 )
 from slimserve.loadtests.decode_bench import PROMPTS, BenchRow, _one, closed_loop
+from slimserve.loadtests.ports import free_port
 from slimserve.models.paths import cache_root
 from slimserve.serve.logs import configure_logging
 
@@ -282,13 +282,6 @@ def header(args: argparse.Namespace, load_before: str, load_after: str) -> str:
             "token once (the first window's early tokens with less context).",
         ]
     )
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the OS picks it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def parse_args() -> argparse.Namespace:

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from slimserve.loadtests.ports import free_port
+
 if TYPE_CHECKING:
     from slimserve.loadtests.load_run import LoadSpec
     from slimserve.loadtests.load_stats import SLO
@@ -41,21 +43,13 @@ log = logging.getLogger("slimserve.loadtests.plan")
 OPEN_LOOP_USERS = 256  # most requests in flight from the client in an open-loop run
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextmanager
 def gateway_process(config_path: Path, log_path: Path, timeout: float = 900.0) -> Iterator[str]:
     """`slimserve serve CONFIG` on a free loopback port, in a process group of its own; yields
     its URL once /health answers 200 and stops it (SIGINT: its clean stop) on the way out."""
     import httpx
 
-    port = _free_port()
+    port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as output:
         process = subprocess.Popen(

@@ -16,17 +16,24 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL_ALIAS))
 
 
-def tiny_llama(vocab_size: int = 49152, seed: int = 0, dtype=torch.float32) -> LlamaForCausalLM:
+def tiny_llama(
+    vocab_size: int = 49152,
+    seed: int = 0,
+    dtype=torch.float32,
+    layers: int = 2,
+    initializer_range: float = 0.02,
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab_size,
         max_position_embeddings=512,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
         eos_token_id=2,
         bos_token_id=1,
     )

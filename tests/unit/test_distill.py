@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     LlamaForCausalLM,
     TrainerCallback,
 )
@@ -26,6 +25,7 @@ from slimserve.distill.run import REPORT, DistillReport, distill
 from slimserve.distill.student import kept_blocks, make_student, same_tokenizer
 from slimserve.serve.replica.server import VariantServer
 
+from .conftest import tiny_llama
 from .online_helpers import online_config
 
 TEXT = " ".join(
@@ -36,21 +36,8 @@ TEXT = " ".join(
 
 
 def _teacher(blocks: int = 4, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=blocks,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=49152,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        initializer_range=0.3,  # peaked next-token distributions, unlike a near-uniform init
-        eos_token_id=2,
-        bos_token_id=1,
-    )
-    return LlamaForCausalLM(config).eval()
+    # A wide init gives peaked next-token distributions, unlike a near-uniform one.
+    return tiny_llama(seed=seed, layers=blocks, initializer_range=0.3)
 
 
 @pytest.fixture(scope="module")
