@@ -33,8 +33,8 @@ log = logging.getLogger("slimserve.kernels.bench")
 # (N, K) of the default model (SmolLM2-135M: hidden 576, intermediate 1536, vocab 49152) + 4096^2.
 MODEL_SHAPES = [(1536, 576), (576, 1536), (576, 576), (49152, 576), (4096, 4096)]
 BATCH_SIZES = [1, 4, 8, 16, 32]
-OPS = ("w8a16", "w8a16-int8pack", "w4a16", "w3a16", "w8a8", "w8a8-packed", "w8a8-onednn")
-OPS += ("sparse24",)
+OPS = ("w8a16", "w8a16-packed", "w8a16-int8pack", "w4a16", "w3a16")
+OPS += ("w8a8", "w8a8-packed", "w8a8-onednn", "sparse24")
 # Forced paths for side-by-side rows: torch's int8pack, oneDNN's packed int8 GEMM.
 CPU_ONLY_OPS = ("w8a16-int8pack", "w8a8-onednn")
 GROUP_SIZE = 64  # K=576 allows 32 or 64 with the CPU int4 kernel, not 128
@@ -131,6 +131,8 @@ def _modules(
     mods: dict[str, torch.nn.Module] = {}
     mods["w8a16"] = Int8Linear(qweight, scale.to(dtype), None, dtype)
     mods["w8a16-int8pack"] = _Int8PackOnly(qweight, scale.to(dtype), None, dtype)
+    # As the engine serves it on CPU: our W8A16 GEMM's copy where the avx512 kernels load.
+    mods["w8a16-packed"] = Int8Linear(qweight, scale.to(dtype), None, dtype)
     for bits in (4, 3):
         codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
         scales = torch.rand(n, k // GROUP_SIZE, generator=gen) * 0.01
@@ -149,6 +151,7 @@ def _modules(
     )
     mods = {name: mod.to(device) for name, mod in mods.items()}
     if device.type == "cpu":
+        mods["w8a16-packed"].pack_for_cpu()
         mods["w8a8-packed"].pack_for_cpu()
         mods["w8a8-onednn"].pack_for_cpu()
         mods["w8a8-onednn"].cpu_native_pack = None
@@ -163,6 +166,8 @@ def _weight_bytes(module: torch.nn.Module) -> int:
     packed = 0
     if isinstance(module, W8A8Linear) and module.cpu_pack is not None:
         packed = module.in_features * module.out_features  # int8, in one of the packed layouts
+    if isinstance(module, Int8Linear) and module.cpu_native_pack is not None:
+        packed = module.in_features * module.out_features  # the packed copy replaces qweight
     return packed + sum(
         b.numel() * b.element_size()
         for name, b in module.named_buffers()
@@ -171,7 +176,9 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 
 
 def _backend(op: str, module: torch.nn.Module, x: torch.Tensor) -> str:
-    if op == "w8a16":
+    if op in ("w8a16", "w8a16-packed"):
+        if module.cpu_native_pack is not None:
+            return "cpu-native-gemm"
         return select_w8a16_backend(x, module.qweight, module.scale)
     if op == "w8a16-int8pack":
         return "cpu-int8pack"

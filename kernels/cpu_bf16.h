@@ -50,6 +50,9 @@ SLIM_AVX512_BASE static inline __m512 round_bf16x16(__m512 f) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(f)), 16));
 }
 
+// The dtype codes of native.py.
+enum SlimDtype { SLIM_F32 = 0, SLIM_BF16 = 1, SLIM_F16 = 2 };
+
 // Up to 16 bf16 at p (mask m) -> fp32, zeros outside the mask.
 SLIM_AVX512_BASE static inline __m512 load16_masked(const uint16_t *p, __mmask16 m) {
   return _mm512_castsi512_ps(
@@ -58,4 +61,12 @@ SLIM_AVX512_BASE static inline __m512 load16_masked(const uint16_t *p, __mmask16
 
 SLIM_AVX512_BASE static inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+
+// Up to 16 values of a row in its dtype (fp32, bf16 or fp16) -> fp32, zeros outside the mask.
+SLIM_AVX512_BASE static inline __m512 load_row16(const void *row, int dtype, int64_t i,
+                                                 __mmask16 m) {
+  if (dtype == SLIM_F32) return _mm512_maskz_loadu_ps(m, (const float *)row + i);
+  if (dtype == SLIM_BF16) return load16_masked((const uint16_t *)row + i, m);
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + i));
 }

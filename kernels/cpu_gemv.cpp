@@ -19,8 +19,6 @@
 
 #define SLIM_AVX512 SLIM_TARGET_VNNI_F16C
 
-enum SlimDtype { SLIM_F32 = 0, SLIM_BF16 = 1, SLIM_F16 = 2 };
-
 static const int64_t CODE_LIMIT = 32767;
 // Each byte sum is at most 255 * 127 * K: it fits an int32 up to this K.
 static const int64_t MAX_K = INT32_MAX / (255 * 127);

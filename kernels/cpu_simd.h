@@ -61,11 +61,12 @@ static inline int32_t slim_avx2_reduce_add_epi32(simde__m512i v) {
   return total;
 }
 static inline float slim_avx2_reduce_add_ps(simde__m512 v) {
-  float t[16];
-  simde_mm512_storeu_ps(t, v);
-  for (int width = 8; width >= 1; width /= 2)
-    for (int i = 0; i < width; i++) t[i] = t[i + width] + t[i];
-  return t[0];
+  // Halves, quarters, pairs, then the last two: GCC's tree, in AVX registers.
+  const __m256 eight = _mm256_add_ps(simde_mm512_castps512_ps256(v),
+                                     simde_mm512_extractf32x8_ps(v, 1));
+  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
 }
 // Masked loads and stores touch only the lanes in the mask: SIMDe 0.8.2 reads and writes whole
 // vectors there (a store past a row's end overwrote the next row's values), so these replace

@@ -19,14 +19,6 @@
 
 #define SLIM_AVX512 SLIM_TARGET_VNNI
 
-enum { SLIM_F32 = 0, SLIM_BF16 = 1, SLIM_F16 = 2 };  // the dtype codes of native.py
-
-// Up to 16 values of a row in its dtype -> fp32 (zeros outside the mask).
-SLIM_AVX512 static inline __m512 load_row16(const void *row, int dtype, int64_t i, __mmask16 m) {
-  if (dtype == SLIM_F32) return _mm512_maskz_loadu_ps(m, (const float *)row + i);
-  if (dtype == SLIM_BF16) return load16_masked((const uint16_t *)row + i, m);
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + i));
-}
 
 // x [rows, k] (row stride `stride` elements) -> per row, codes round(x / s) in [-127, 127] with
 // s = max |x| / 127 (at least 1e-12), stored as bytes code + offset (128: uint8 for oneDNN; 0:

@@ -1,8 +1,14 @@
 """W8A16: int8 weights with absmax scales, 16-bit activations.
 
-Dispatch (`select_w8a16_backend`): the Triton kernel on CUDA; on CPU our own GEMV (`native.py`,
-int16 activation codes x int8 weights: VPDPBUSD on avx512, VPMADDWD on avx2) up to the build's
-`w8a16_max_rows`, then `torch._weight_int8pack_mm` (reads the int8 weight directly)
+A serving engine on CPU calls `Int8Linear.pack_for_cpu()` once: where the avx512 build of our
+kernels loads, the weight moves into our W8A16 GEMM's layout (`cpu_w8a16_gemm.cpp`), which then
+serves every row count, decode and prompt alike (it beat every other CPU path at 1-512 rows on
+the default model's shapes, kernels/README.md); the plain weight is dropped (a tied embedding
+keeps its own reference for lookups).
+
+Unpacked, the dispatch (`select_w8a16_backend`): the Triton kernel on CUDA; on CPU our own GEMV
+(`native.py`, int16 activation codes x int8 weights: VPDPBUSD on avx512, VPMADDWD on avx2) up to
+the build's `w8a16_max_rows`, then `torch._weight_int8pack_mm` (reads the int8 weight directly)
 for small batches, and a de-quantize + dense matmul above `cpu_paths.W8A16_INT8PACK_MAX_M` rows;
 the reference (de-quantize, dense matmul) elsewhere.
 """
@@ -110,11 +116,35 @@ class Int8Linear(CompressedLinear):
         bias = torch.empty(n, dtype=dtype) if meta["has_bias"] else None
         return cls(qweight, torch.empty(n, dtype=dtype), bias, dtype)
 
+    # Our W8A16 GEMM's copy of the weight and its scales in fp32, once packed for CPU serving.
+    cpu_native_pack: torch.Tensor | None = None
+    native_scale: torch.Tensor | None = None
+    native_kernels: native.NativeKernels | None = None  # the build that packed it reads it
+
+    def pack_for_cpu(self) -> int:
+        """Where our avx512 kernels load: serve every row count from our W8A16 GEMM's copy from
+        now on and drop the plain weight; the module can no longer be saved or moved. Returns
+        the copy's bytes (0 where nothing packs: off CPU, the avx2 build, K too long)."""
+        if self.cpu_native_pack is None:
+            kernels = native.w8a16_gemm_packs(self.qweight)
+            if kernels is None:
+                return 0
+            self.native_kernels = kernels
+            self.cpu_native_pack = kernels.w8a16_gemm_pack(self.qweight)
+            self.native_scale = self.scale.float().contiguous()
+            self.qweight = torch.empty(0, dtype=torch.int8)
+        return self.cpu_native_pack.numel()
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_weight_matmul(x, self.qweight, self.scale)
+        if self.cpu_native_pack is None:
+            return int8_weight_matmul(x, self.qweight, self.scale)
+        record_backend("w8a16", "cpu-native-gemm")
+        rows = x if x.stride(1) == 1 else x.contiguous()
+        return self.native_kernels.w8a16_gemm(rows, self.cpu_native_pack, self.native_scale)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        packed = ", packed for cpu-native-gemm" if self.cpu_native_pack is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8{packed}"
 
 
 class Int8Embedding(nn.Module):

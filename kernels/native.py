@@ -28,6 +28,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils import cpp_extension
@@ -43,13 +44,16 @@ SOURCES = tuple(
         "cpu_gemv.cpp",
         "cpu_decode_attention.cpp",
         "cpu_w8a8.cpp",
+        "cpu_w8a16_gemm.cpp",
         "cpu_bf16_gemm.cpp",
         "cpu_f32_gemm.cpp",
         "cpu_sampling.cpp",
         "cpu_threads.cpp",
     )
 )
-FLAGS = ("-O3", "-std=c++17", "-fno-math-errno")
+# No contraction of a product and a sum into one FMA unless a kernel asks for it by intrinsic:
+# the step ops' fp32 rotary rounds after each op, as the eager ops it stands in for.
+FLAGS = ("-O3", "-std=c++17", "-fno-math-errno", "-ffp-contract=off")
 # The avx512 build targets its instructions per function (cpu_simd.h); the avx2 build compiles
 # the whole unit for AVX2 and takes the AVX-512 intrinsics from SIMDe's headers.
 ISA_FLAGS = {
@@ -57,6 +61,8 @@ ISA_FLAGS = {
     Isa.AVX512: (),
 }
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The dtypes of the decode step's ops (attention, RMSNorm, SiLU * up) and their symbols' suffix.
+STEP_OP_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
 class NativeBuildError(RuntimeError):
@@ -222,7 +228,8 @@ class NativeKernels:
         heads: int,
         scaling: float,
     ) -> torch.Tensor:
-        """Every decoding sequence of a step, one layer, bf16. Sequence b: row b of qkv
+        """Every decoding sequence of a step, one layer, bf16 or fp32 (the dtype of every tensor
+        but `positions`; the output's too). Sequence b: row b of qkv
         [B, (H + 2 Hkv) * D] (q | k | v of its new token, not yet rotated), slot b of the
         layer's caches [slots, Hkv, max_len, D] (its new key and value written at positions[b]),
         the cos / sin tables [max_len, D] -> attention output [B, H * D], each sequence over its
@@ -230,8 +237,8 @@ class NativeKernels:
         `decode_attention_supported` first."""
         batch = qkv.shape[0]
         _, kv_heads, max_len, dim = k_cache.shape
-        out = torch.empty(batch, heads * dim, dtype=torch.bfloat16)
-        status = self.library.slim_decode_attention_bf16(
+        out = torch.empty(batch, heads * dim, dtype=qkv.dtype)
+        status = self._by_dtype("slim_decode_attention", qkv.dtype)(
             qkv.data_ptr(),
             qkv.stride(0),
             cos.data_ptr(),
@@ -249,7 +256,7 @@ class NativeKernels:
         )
         if status != 0:
             raise ValueError(
-                f"slim_decode_attention_bf16 refused B={batch} H={heads} Hkv={kv_heads} D={dim} "
+                f"slim_decode_attention refused B={batch} H={heads} Hkv={kv_heads} D={dim} "
                 f"positions {positions.tolist()} of {max_len}"
             )
         return out
@@ -304,16 +311,54 @@ class NativeKernels:
         """x [M, K] (fp32 / bf16 / fp16, unit column stride), quantized per token as
         `quantize_rows_u8` does, @ (int8 weight [N, K] * weight_scale [N] fp32).T -> [M, N] in
         x's dtype, the weight `w8a8_pack`ed. Callers check `w8a8_gemm_supported` first."""
+        return self._int8_gemm("slim_w8a8_gemm", x, packed, weight_scale)
+
+    def _int8_gemm(
+        self, name: str, x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor
+    ) -> torch.Tensor:
+        """One of the two int8-weight GEMMs, which share their arguments."""
         m, k = x.shape
         n = weight_scale.shape[0]
         out = torch.empty(m, n, dtype=x.dtype)
-        status = self.library.slim_w8a8_gemm(
+        status = getattr(self.library, name)(
             x.data_ptr(), _DTYPE_CODES[x.dtype], m, k, x.stride(0), packed.data_ptr(),
             weight_scale.data_ptr(), n, out.data_ptr(),
         )  # fmt: skip
         if status != 0:
-            raise ValueError(f"slim_w8a8_gemm refused M={m} K={k} N={n} {x.dtype}")
+            raise ValueError(f"{name} refused M={m} K={k} N={n} {x.dtype}")
         return out
+
+    @functools.cached_property
+    def w8a16_gemm_max_k(self) -> int:
+        return int(self.library.slim_w8a16_gemm_max_k())
+
+    @functools.cached_property
+    def w8a16_gemm_code_limit(self) -> int:
+        """Activation codes c = 255 * hi + lo span +-this (lo, hi in [-127, 127])."""
+        return int(self.library.slim_w8a16_gemm_code_limit())
+
+    @functools.cached_property
+    def w8a16_gemm_available(self) -> bool:
+        """False in the avx2 build (never served there: cpu_w8a16_gemm.cpp says why)."""
+        return bool(self.library.slim_w8a16_gemm_available())
+
+    def w8a16_gemm_pack(self, qweight: torch.Tensor) -> torch.Tensor:
+        """int8 [N, K] -> the W8A16 GEMM's own layout (uint8, the W8A8 GEMM's VNNI order, see
+        cpu_w8a16_gemm.cpp)."""
+        n, k = qweight.shape
+        packed = torch.empty(
+            int(self.library.slim_w8a16_gemm_packed_bytes(n, k)), dtype=torch.uint8
+        )
+        self.library.slim_w8a16_gemm_pack(qweight.contiguous().data_ptr(), n, k, packed.data_ptr())
+        return packed
+
+    def w8a16_gemm(
+        self, x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor
+    ) -> torch.Tensor:
+        """x [M, K] (fp32 / bf16 / fp16, unit column stride) @ (int8 weight [N, K] *
+        weight_scale [N] fp32).T -> [M, N] in x's dtype, the weight `w8a16_gemm_pack`ed (by
+        this build: `w8a16_gemm_packs`)."""
+        return self._int8_gemm("slim_w8a16_gemm", x, packed, weight_scale)
 
     @functools.cached_property
     def bf16_gemm_available(self) -> bool:
@@ -374,11 +419,12 @@ class NativeKernels:
     def add_rms_norm(
         self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> torch.Tensor:
-        """bf16 rows [R, n]: x += delta in place (unless None), then RMSNorm(x) * weight per row
-        as a new tensor, rounded as transformers' Llama RMSNorm rounds. x must be contiguous."""
+        """bf16 or fp32 rows [R, n]: x += delta in place (unless None), then RMSNorm(x) * weight
+        per row as a new tensor, rounded as transformers' Llama RMSNorm rounds. x must be
+        contiguous; delta and weight of x's dtype."""
         out = torch.empty_like(x)
         rows, n = x.shape
-        self.library.slim_add_rms_norm_bf16(
+        self._by_dtype("slim_add_rms_norm", x.dtype)(
             x.data_ptr(),
             None if delta is None else delta.contiguous().data_ptr(),
             weight.data_ptr(),
@@ -400,12 +446,20 @@ class NativeKernels:
         return out.tolist()
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """bf16 [R, 2n] = gate | up -> [R, n] silu(gate) * up, rounded as the eager ops round."""
+        """bf16 or fp32 [R, 2n] = gate | up -> [R, n] silu(gate) * up, rounded as the eager ops
+        round."""
         gate_up = gate_up.contiguous()
         rows, n = gate_up.shape[0], gate_up.shape[-1] // 2
-        out = torch.empty(rows, n, dtype=torch.bfloat16)
-        self.library.slim_silu_mul_bf16(gate_up.data_ptr(), rows, n, out.data_ptr())
+        out = torch.empty(rows, n, dtype=gate_up.dtype)
+        self._by_dtype("slim_silu_mul", gate_up.dtype)(gate_up.data_ptr(), rows, n, out.data_ptr())
         return out
+
+    def _by_dtype(self, name: str, dtype: torch.dtype) -> Any:
+        """The step op `name` built for `dtype` (bf16 or fp32)."""
+        suffix = STEP_OP_DTYPES.get(dtype)
+        if suffix is None:
+            raise TypeError(f"{name} runs on bf16 or fp32, not {dtype}")
+        return getattr(self.library, f"{name}_{suffix}")
 
 
 def _load(path: Path, isa: Isa) -> NativeKernels:
@@ -422,6 +476,8 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
         "slim_w8a16_max_rows",
         "slim_w4a16_max_rows",
         "slim_f32_gemm_max_rows",
+        "slim_w8a16_gemm_max_k",
+        "slim_w8a16_gemm_code_limit",
     )
     for name in limits:
         getattr(library, name).restype = i64
@@ -440,10 +496,24 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
     library.slim_f32_gemm.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
     library.slim_w4a16_gemv.restype = cint
     library.slim_w4a16_gemv.argtypes = [ptr, cint, i64, i64, ptr, ptr, ptr, cint, i64, i64, ptr]
-    library.slim_add_rms_norm_bf16.restype = None
-    library.slim_add_rms_norm_bf16.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
-    library.slim_silu_mul_bf16.restype = None
-    library.slim_silu_mul_bf16.argtypes = [ptr, i64, i64, ptr]
+    for suffix in STEP_OP_DTYPES.values():
+        getattr(library, f"slim_add_rms_norm_{suffix}").restype = None
+        getattr(library, f"slim_add_rms_norm_{suffix}").argtypes = [
+            ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr,
+        ]  # fmt: skip
+        getattr(library, f"slim_silu_mul_{suffix}").restype = None
+        getattr(library, f"slim_silu_mul_{suffix}").argtypes = [ptr, i64, i64, ptr]
+        getattr(library, f"slim_decode_attention_{suffix}").restype = cint
+        getattr(library, f"slim_decode_attention_{suffix}").argtypes = [
+            ptr,  # qkv
+            i64,  # its row stride
+            *(ptr,) * 4,  # cos, sin, k_cache, v_cache
+            i64,  # max_len
+            ptr,  # positions
+            *(i64,) * 4,  # batch, heads, kv_heads, head_dim
+            ctypes.c_float,
+            ptr,
+        ]
     library.slim_argmax_rows_f32.restype = None
     library.slim_argmax_rows_f32.argtypes = [ptr, i64, i64, i64, ptr]
     library.slim_quantize_rows_u8.restype = cint
@@ -462,19 +532,16 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
     library.slim_w8a8_pack.argtypes = [ptr, i64, i64, ptr]
     library.slim_w8a8_packed_bytes.restype = i64
     library.slim_w8a8_packed_bytes.argtypes = [i64, i64]
+    library.slim_w8a16_gemm_available.restype = cint
+    library.slim_w8a16_gemm_available.argtypes = []
+    library.slim_w8a16_gemm.restype = cint
+    library.slim_w8a16_gemm.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr, i64, ptr]
+    library.slim_w8a16_gemm_pack.restype = None
+    library.slim_w8a16_gemm_pack.argtypes = [ptr, i64, i64, ptr]
+    library.slim_w8a16_gemm_packed_bytes.restype = i64
+    library.slim_w8a16_gemm_packed_bytes.argtypes = [i64, i64]
     library.slim_rescale_rows.restype = cint
     library.slim_rescale_rows.argtypes = [ptr, ptr, i64, i64, cint, ptr]
-    library.slim_decode_attention_bf16.restype = cint
-    library.slim_decode_attention_bf16.argtypes = [
-        ptr,  # qkv
-        i64,  # its row stride
-        *(ptr,) * 4,  # cos, sin, k_cache, v_cache
-        i64,  # max_len
-        ptr,  # positions
-        *(i64,) * 4,  # batch, heads, kv_heads, head_dim
-        ctypes.c_float,
-        ptr,
-    ]
     return NativeKernels(library, isa)
 
 
@@ -556,11 +623,13 @@ def decode_attention_supported(
     v_cache: torch.Tensor,
     heads: int,
 ) -> bool:
-    """bf16 CPU tensors: qkv rows [B, (H + 2 Hkv) * D] with unit column stride, contiguous layer
-    caches [slots >= B, Hkv, max_len, D] with D % 16 == 0 and D at most the kernel's limit (256),
-    a contiguous cos / sin table [max_len, D]."""
+    """CPU tensors of one dtype, bf16 or fp32: qkv rows [B, (H + 2 Hkv) * D] with unit column
+    stride, contiguous layer caches [slots >= B, Hkv, max_len, D] with D % 16 == 0 and D at most
+    the kernel's limit (256), a contiguous cos / sin table [max_len, D]."""
     tensors = (qkv, cos, k_cache, v_cache)
-    if any(t.device.type != "cpu" or t.dtype != torch.bfloat16 for t in tensors):
+    if qkv.dtype not in STEP_OP_DTYPES:
+        return False
+    if any(t.device.type != "cpu" or t.dtype != qkv.dtype for t in tensors):
         return False
     if qkv.dim() != 2 or qkv.stride(1) != 1 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         return False
@@ -592,6 +661,16 @@ def w8a8_gemm_supported(x: torch.Tensor, in_features: int, any_rows: bool = Fals
     native = kernels()  # it serves now: quantize_rows_supported checked
     rows_ok = x.shape[0] >= 1 and (any_rows or x.shape[0] <= native.w8a8_gemm_max_rows)
     return rows_ok and in_features <= native.w8a8_gemm_max_k
+
+
+def w8a16_gemm_packs(qweight: torch.Tensor) -> NativeKernels | None:
+    """The library that packs and serves this int8 CPU weight [N, K] from now on, or None: the
+    avx2 build, or K past the int32 limit. A packed weight has no other reader, so the packed
+    module calls it whatever torch's thread count."""
+    native = kernels()
+    if native is None or not native.w8a16_gemm_available or qweight.device.type != "cpu":
+        return None
+    return native if qweight.shape[1] <= native.w8a16_gemm_max_k else None
 
 
 def argmax_rows_supported(logits: torch.Tensor) -> bool:

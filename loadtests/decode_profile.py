@@ -278,11 +278,17 @@ def matmul_read_bytes(module: nn.Module) -> int:
         bias = 0 if module.bias is None else module.bias.numel() * module.bias.element_size()
         return module.packed_bytes + bias
     if isinstance(module, W8A8Linear):
-        vectors = [module.weight_scale] + ([] if module.bias is None else [module.bias])
-        return module.out_features * module.in_features + sum(
-            v.numel() * v.element_size() for v in vectors
-        )
+        return _int8_read_bytes(module, module.weight_scale)
+    if isinstance(module, w8a16.Int8Linear) and module.cpu_native_pack is not None:
+        return _int8_read_bytes(module, module.scale)
     return resident_weight_bytes(module)
+
+
+def _int8_read_bytes(module: W8A8Linear | w8a16.Int8Linear, scale: torch.Tensor) -> int:
+    """An int8 weight in a packed layout, its per-channel scale and bias."""
+    vectors = [scale] + ([] if module.bias is None else [module.bias])
+    weight = module.out_features * module.in_features
+    return weight + sum(v.numel() * v.element_size() for v in vectors)
 
 
 def kv_bytes_read(runner: LlamaRunner, batch: int, positions: range) -> float:

@@ -232,7 +232,7 @@ class _EagerOps:
 
 
 class _NativeOps:
-    """A step's ops between the matmuls as native bf16 calls, with the same roundings:
+    """A step's ops between the matmuls as native calls (bf16 or fp32), with the same roundings:
     residual add + RMSNorm (the residual updated in place), SiLU(gate) * up, and for the
     decoding sequences rotary + cache writes + attention, each over its own cached keys in
     place (cached keys bit-identical to the eager ops'). Prompt chunks' rotary stays eager."""
@@ -332,7 +332,7 @@ class LlamaRunner:
         # also keeps its build out of the first request.
         qkv_width = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         self.native_decode = (
-            self.dtype == torch.bfloat16
+            self.dtype in native.STEP_OP_DTYPES
             and all(_native_decode_layer(plan) for plan in self.layers)
             and isinstance(self.final_norm, _RMSNorm)
             and native.decode_attention_supported(

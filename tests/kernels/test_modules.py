@@ -149,11 +149,11 @@ def test_pack_model_for_cpu_reaches_nested_modules() -> None:
     nested = W8A8Linear.from_quantized(qweight, wscale, None, torch.bfloat16)
     wrapper = torch.nn.Module()
     wrapper.inner = nested  # as LLM.int8's mixed module holds its int8 part
-    model = torch.nn.Sequential(
-        wrapper, Int8Linear(qweight, wscale.to(torch.bfloat16), None, torch.bfloat16)
-    )
+    int8 = Int8Linear(qweight, wscale.to(torch.bfloat16), None, torch.bfloat16)
+    model = torch.nn.Sequential(wrapper, int8)
     expected = W8A8Linear.from_quantized(qweight, wscale, None, torch.bfloat16).pack_for_cpu()
-    assert pack_model_for_cpu(model) == expected  # Int8Linear has nothing to pack
+    expected += Int8Linear(qweight, wscale, None, torch.bfloat16).pack_for_cpu()
+    assert pack_model_for_cpu(model) == expected
     assert (nested.cpu_pack is not None or nested.cpu_native_pack is not None) == (expected > 0)
 
 

@@ -1,0 +1,205 @@
+// W8A16 GEMM for any row count on a packed int8 weight, x86-64 with AVX-512 VNNI (built and
+// loaded with the other sources by kernels/native.py): the int8 variant's projections once a
+// serving engine has packed them (`Int8Linear.pack_for_cpu`), decode and prompt alike.
+//
+// Why: the row-major GEMV (cpu_gemv.cpp) reads each weight row once per group of code rows, and
+// past it torch's int8pack and the de-quantize + matmul path ran at 7-22x the weights' read time
+// at 8-32 rows (kernels/README.md, "Where a decode step's time goes"). Here the weight sits in the
+// W8A8 GEMM's layout (cpu_pack.h: [N/16][K/4][16][4], each byte w + 128) and each activation row
+// becomes int16 codes c = 255 * hi + lo (a step of the row's absmax / 32385; lo and hi in
+// [-127, 127]); hi and lo meet the weights through two VPDPBUSD per 64 weights (exact int32
+// sums), so no instruction widens a weight and each weight vector loaded serves up to 8 rows. The
+// +128 comes back out through each row's byte sums. It beat the GEMV at 1-2 rows and torch's
+// paths up to 512 rows on every shape of the default model (kernels/README.md).
+//
+// The avx2 build has the layout but not the kernel (`slim_w8a16_gemm_available` is 0 there): SIMDe's
+// VPDPBUSD is ~40x slower than the real one, and an fp32 FMA tile that widened each weight in
+// registers ran at 0.4-0.5x the GEMV's VPMADDWD path on those CPUs (kernels/README.md).
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_bf16.h"
+#include "cpu_pack.h"
+
+// Each byte sum (w + 128) * code byte is at most 255 * 127 * K: it fits an int32 up to this K.
+static const int64_t W8A16_GEMM_MAX_K = INT32_MAX / (255 * 127);
+
+extern "C" int64_t slim_w8a16_gemm_max_k(void) { return W8A16_GEMM_MAX_K; }
+
+extern "C" int slim_w8a16_gemm_available(void) {
+#if defined(SLIM_ISA_AVX2)
+  return 0;
+#else
+  return slim_build_runs_here();
+#endif
+}
+
+static inline int64_t quads_of(int64_t k) { return slim_input_groups(k, 4); }
+
+extern "C" int64_t slim_w8a16_gemm_packed_bytes(int64_t n, int64_t k) {
+  return slim_channel_blocks(n) * quads_of(k) * 64;
+}
+
+// w int8 [N, K] -> [ceil(N / 16)][ceil(K / 4)][16][4] bytes w + 128; padding holds 128 (weight
+// 0), which meets code 0 of the padded inputs or is never stored.
+extern "C" void slim_w8a16_gemm_pack(const int8_t *w, int64_t n, int64_t k, uint8_t *packed) {
+  slim_pack_channel_blocks<4>(w, n, k, packed, [](int8_t v) { return (uint8_t)(v + 128); });
+}
+
+#if !defined(SLIM_ISA_AVX2)
+
+#define SLIM_W8A16 SLIM_TARGET_VNNI_F16C
+
+static const int64_t CODE_LIMIT = 255 * 127;  // c = 255 * hi + lo with |hi|, |lo| <= 127
+static const int64_t ROW_BLOCK = 8;           // rows per pass: 8 x (lo, hi) accumulators
+static const int64_t PREFETCH_BYTES = 32768;  // as the W8A8 GEMM's, which reads the same layout
+
+extern "C" int64_t slim_w8a16_gemm_code_limit(void) { return CODE_LIMIT; }
+
+
+// Row r -> for each group of 4 inputs, 4 lo bytes then 4 hi bytes at codes + r * row_bytes
+// (row_bytes >= 2 * K rounded up to 16: whole 32-byte stores); scale[r] = absmax / CODE_LIMIT
+// (NaN for a row with an inf or NaN: its outputs are NaN); the row's sums of lo and of hi (they
+// undo the weights' +128). Codes round half to even, as torch.round.
+SLIM_W8A16 static void quantize_rows(const void *x, int dtype, int64_t rows, int64_t k,
+                                     int64_t stride, int64_t row_bytes, int8_t *codes,
+                                     float *scales, int32_t *lo_sums, int32_t *hi_sums) {
+  const int64_t item = dtype == SLIM_F32 ? 4 : 2;
+  const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 base = _mm512_set1_ps(255.0f);
+  for (int64_t r = 0; r < rows; r++) {
+    const void *row = (const char *)x + r * stride * item;
+    __m512 peak = _mm512_setzero_ps(), poison = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+      const __m512 v = load_row16(row, dtype, i, tail_mask(k - i));
+      peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
+      poison = _mm512_add_ps(poison, _mm512_mul_ps(v, _mm512_setzero_ps()));  // NaN if inf / NaN
+    }
+    const float absmax = _mm512_reduce_max_ps(peak);
+    lo_sums[r] = hi_sums[r] = 0;
+    if (_mm512_reduce_add_ps(poison) != 0.0f) {
+      scales[r] = NAN;
+      continue;
+    }
+    scales[r] = absmax / (float)CODE_LIMIT;
+    if (absmax == 0.0f) continue;
+    const __m512 s = _mm512_set1_ps(scales[r]);
+    __m512i lo_total = _mm512_setzero_si512(), hi_total = _mm512_setzero_si512();
+    int8_t *out = codes + r * row_bytes;
+    for (int64_t i = 0; i < k; i += 16) {
+      const __m512 code =
+          _mm512_roundscale_ps(_mm512_div_ps(load_row16(row, dtype, i, tail_mask(k - i)), s), round);
+      const __m512 hi = _mm512_roundscale_ps(_mm512_div_ps(code, base), round);
+      const __m512i h = _mm512_cvtps_epi32(hi);
+      const __m512i l = _mm512_cvtps_epi32(_mm512_fnmadd_ps(hi, base, code));  // |l| <= 127
+      lo_total = _mm512_add_epi32(lo_total, l);  // lanes past k hold 0
+      hi_total = _mm512_add_epi32(hi_total, h);
+      const __m128i lo8 = _mm512_cvtepi32_epi8(l), hi8 = _mm512_cvtepi32_epi8(h);
+      _mm_storeu_si128((__m128i *)(out + 2 * i), _mm_unpacklo_epi32(lo8, hi8));
+      _mm_storeu_si128((__m128i *)(out + 2 * i + 16), _mm_unpackhi_epi32(lo8, hi8));
+    }
+    lo_sums[r] = _mm512_reduce_add_epi32(lo_total);
+    hi_sums[r] = _mm512_reduce_add_epi32(hi_total);
+  }
+}
+
+// One VPDPBUSD pair for row M: its 4 lo and 4 hi codes broadcast against the weight vector b.
+#define W8A16_ROW(M)                                                 \
+  if constexpr (ROWS > M) {                                          \
+    int32_t lo4, hi4;                                                \
+    memcpy(&lo4, codes + M * row_bytes + 8 * q, sizeof lo4);         \
+    memcpy(&hi4, codes + M * row_bytes + 8 * q + 4, sizeof hi4);     \
+    a0##M = _mm512_dpbusd_epi32(a0##M, b, _mm512_set1_epi32(lo4));   \
+    a1##M = _mm512_dpbusd_epi32(a1##M, b, _mm512_set1_epi32(hi4));   \
+  }
+
+// ROWS (1-8) rows x one 16-channel block; a0M / a1M hold row M's lo / hi sums.
+template <int ROWS>
+SLIM_W8A16 static void w8a16_tile(const int8_t *codes, int64_t row_bytes,
+                                       const float *xscale, const int32_t *lo_sums,
+                                       const int32_t *hi_sums, const uint8_t *w, int64_t quads,
+                                       const float *wscale, int64_t channel, int64_t n, void *out,
+                                       int dtype) {
+  SLIM_TILE_ACCUMULATORS(__m512i, _mm512_setzero_si512());
+  for (int64_t q = 0; q < quads; q++) {
+    _mm_prefetch((const char *)(w + q * 64 + PREFETCH_BYTES), _MM_HINT_T0);
+    const __m512i b = _mm512_loadu_si512(w + q * 64);
+    W8A16_ROW(0) W8A16_ROW(1) W8A16_ROW(2) W8A16_ROW(3)
+    W8A16_ROW(4) W8A16_ROW(5) W8A16_ROW(6) W8A16_ROW(7)
+  }
+  SLIM_TILE_RESULTS(__m512i);
+  const __mmask16 m16 = tail_mask(n - channel);
+  const __m512 ws = _mm512_maskz_loadu_ps(m16, wscale + channel);
+  const int64_t item = dtype == SLIM_F32 ? 4 : 2;
+  for (int m = 0; m < ROWS; m++) {
+    // sum(w * c) = (lo sum - 128 sum(lo)) + 255 (hi sum - 128 sum(hi)), each part exact in int32.
+    const __m512 lo = _mm512_cvtepi32_ps(
+        _mm512_sub_epi32(acc0[m], _mm512_set1_epi32(128 * lo_sums[m])));
+    const __m512 hi = _mm512_cvtepi32_ps(
+        _mm512_sub_epi32(acc1[m], _mm512_set1_epi32(128 * hi_sums[m])));
+    const __m512 sum = _mm512_fmadd_ps(hi, _mm512_set1_ps(255.0f), lo);
+    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(sum, _mm512_set1_ps(xscale[m])), ws);
+    char *dst = (char *)out + (m * n + channel) * item;
+    if (dtype == SLIM_F32)
+      _mm512_mask_storeu_ps((float *)dst, m16, v);
+    else if (dtype == SLIM_BF16)
+      _mm256_mask_storeu_epi16(dst, m16, to_bf16x16(v));
+    else
+      _mm256_mask_storeu_epi16(
+          dst, m16, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+typedef void (*W8A16Tile)(const int8_t *, int64_t, const float *, const int32_t *,
+                          const int32_t *, const uint8_t *, int64_t, const float *, int64_t,
+                          int64_t, void *, int);
+
+// out [M, N] in x's dtype = x [M, K] (rows `stride` elements apart, fp32 / bf16 / fp16) @
+// (w * wscale [N]).T, w packed by `slim_w8a16_gemm_pack`; any M. Returns -1 for arguments
+// outside the kernel's limits (checked first in Python) or when out of memory.
+extern "C" SLIM_W8A16 int slim_w8a16_gemm(const void *x, int dtype, int64_t m, int64_t k,
+                                               int64_t stride, const uint8_t *packed,
+                                               const float *wscale, int64_t n, void *out) {
+  if (dtype != SLIM_F32 && dtype != SLIM_BF16 && dtype != SLIM_F16) return -1;
+  if (m < 1 || k < 1 || k > W8A16_GEMM_MAX_K || n < 1) return -1;
+  const int64_t quads = quads_of(k), row_bytes = 2 * ((k + 15) / 16 * 16);
+  int8_t *codes = (int8_t *)calloc((size_t)(m * row_bytes), 1);  // padding: code 0
+  float *xscale = (float *)malloc((size_t)m * sizeof(float));
+  int32_t *sums = (int32_t *)malloc((size_t)(2 * m) * sizeof(int32_t));
+  if (codes == NULL || xscale == NULL || sums == NULL) {
+    free(codes), free(xscale), free(sums);
+    return -1;
+  }
+  quantize_rows(x, dtype, m, k, stride, row_bytes, codes, xscale, sums, sums + m);
+  static const W8A16Tile tiles[ROW_BLOCK] = {w8a16_tile<1>, w8a16_tile<2>, w8a16_tile<3>,
+                                             w8a16_tile<4>, w8a16_tile<5>, w8a16_tile<6>,
+                                             w8a16_tile<7>, w8a16_tile<8>};
+  const int64_t item = dtype == SLIM_F32 ? 4 : 2, block_bytes = quads * 64;
+  // Blocks shared out across the kernels' threads; each block (at most K bytes x 16) stays in
+  // cache while every group of 8 rows meets it.
+  slim_parallel(slim_channel_blocks(n), [&](int64_t first, int64_t end) {
+    for (int64_t block = first; block < end; block++)
+      for (int64_t r0 = 0; r0 < m; r0 += ROW_BLOCK) {
+        const int64_t rows = m - r0 < ROW_BLOCK ? m - r0 : ROW_BLOCK;
+        tiles[rows - 1](codes + r0 * row_bytes, row_bytes, xscale + r0, sums + r0, sums + m + r0,
+                        packed + block * block_bytes, quads, wscale, 16 * block, n,
+                        (char *)out + r0 * n * item, dtype);
+      }
+  });
+  free(codes), free(xscale), free(sums);
+  return 0;
+}
+
+#else
+
+extern "C" int64_t slim_w8a16_gemm_code_limit(void) { return 0; }
+
+extern "C" int slim_w8a16_gemm(const void *, int, int64_t, int64_t, int64_t, const uint8_t *,
+                               const float *, int64_t, void *) {
+  return -1;  // never called: slim_w8a16_gemm_available() is 0 in this build
+}
+
+#endif
