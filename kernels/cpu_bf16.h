@@ -70,3 +70,15 @@ SLIM_AVX512_BASE static inline __m512 load_row16(const void *row, int dtype, int
   if (dtype == SLIM_BF16) return load16_masked((const uint16_t *)row + i, m);
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + i));
 }
+
+// Up to 16 fp32 values -> a row in its dtype (fp32, bf16 or fp16), the lanes in the mask only;
+// to 16 bits with round to nearest even.
+SLIM_AVX512_BASE static inline void store_row16(void *dst, int dtype, __mmask16 m, __m512 v) {
+  if (dtype == SLIM_F32)
+    _mm512_mask_storeu_ps((float *)dst, m, v);
+  else if (dtype == SLIM_BF16)
+    _mm256_mask_storeu_epi16(dst, m, to_bf16x16(v));
+  else
+    _mm256_mask_storeu_epi16(dst, m,
+                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}

@@ -12,9 +12,10 @@
 // +128 comes back out through each row's byte sums. It beat the GEMV at 1-2 rows and torch's
 // paths up to 512 rows on every shape of the default model (kernels/README.md).
 //
-// The avx2 build has the layout but not the kernel (`slim_w8a16_gemm_available` is 0 there): SIMDe's
-// VPDPBUSD is ~40x slower than the real one, and an fp32 FMA tile that widened each weight in
-// registers ran at 0.4-0.5x the GEMV's VPMADDWD path on those CPUs (kernels/README.md).
+// The weight is packed by `slim_w8a8_pack` (cpu_w8a8.cpp). The avx2 build does not serve this
+// kernel (`slim_w8a16_gemm_available` is 0 there): SIMDe's VPDPBUSD is ~40x slower than the real
+// one, and an fp32 FMA tile that widened each weight in registers ran at 0.4-0.5x the GEMV's
+// VPMADDWD path on those CPUs (kernels/README.md).
 
 #include <math.h>
 #include <stdint.h>
@@ -37,19 +38,9 @@ extern "C" int slim_w8a16_gemm_available(void) {
 #endif
 }
 
-static inline int64_t quads_of(int64_t k) { return slim_input_groups(k, 4); }
-
-extern "C" int64_t slim_w8a16_gemm_packed_bytes(int64_t n, int64_t k) {
-  return slim_channel_blocks(n) * quads_of(k) * 64;
-}
-
-// w int8 [N, K] -> [ceil(N / 16)][ceil(K / 4)][16][4] bytes w + 128; padding holds 128 (weight
-// 0), which meets code 0 of the padded inputs or is never stored.
-extern "C" void slim_w8a16_gemm_pack(const int8_t *w, int64_t n, int64_t k, uint8_t *packed) {
-  slim_pack_channel_blocks<4>(w, n, k, packed, [](int8_t v) { return (uint8_t)(v + 128); });
-}
-
 #if !defined(SLIM_ISA_AVX2)
+
+static inline int64_t quads_of(int64_t k) { return slim_input_groups(k, 4); }
 
 #define SLIM_W8A16 SLIM_TARGET_VNNI_F16C
 
@@ -58,7 +49,6 @@ static const int64_t ROW_BLOCK = 8;           // rows per pass: 8 x (lo, hi) acc
 static const int64_t PREFETCH_BYTES = 32768;  // as the W8A8 GEMM's, which reads the same layout
 
 extern "C" int64_t slim_w8a16_gemm_code_limit(void) { return CODE_LIMIT; }
-
 
 // Row r -> for each group of 4 inputs, 4 lo bytes then 4 hi bytes at codes + r * row_bytes
 // (row_bytes >= 2 * K rounded up to 16: whole 32-byte stores); scale[r] = absmax / CODE_LIMIT
@@ -142,14 +132,7 @@ SLIM_W8A16 static void w8a16_tile(const int8_t *codes, int64_t row_bytes,
         _mm512_sub_epi32(acc1[m], _mm512_set1_epi32(128 * hi_sums[m])));
     const __m512 sum = _mm512_fmadd_ps(hi, _mm512_set1_ps(255.0f), lo);
     const __m512 v = _mm512_mul_ps(_mm512_mul_ps(sum, _mm512_set1_ps(xscale[m])), ws);
-    char *dst = (char *)out + (m * n + channel) * item;
-    if (dtype == SLIM_F32)
-      _mm512_mask_storeu_ps((float *)dst, m16, v);
-    else if (dtype == SLIM_BF16)
-      _mm256_mask_storeu_epi16(dst, m16, to_bf16x16(v));
-    else
-      _mm256_mask_storeu_epi16(
-          dst, m16, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    store_row16((char *)out + (m * n + channel) * item, dtype, m16, v);
   }
 }
 
@@ -158,7 +141,7 @@ typedef void (*W8A16Tile)(const int8_t *, int64_t, const float *, const int32_t 
                           int64_t, void *, int);
 
 // out [M, N] in x's dtype = x [M, K] (rows `stride` elements apart, fp32 / bf16 / fp16) @
-// (w * wscale [N]).T, w packed by `slim_w8a16_gemm_pack`; any M. Returns -1 for arguments
+// (w * wscale [N]).T, w packed by `slim_w8a8_pack`; any M. Returns -1 for arguments
 // outside the kernel's limits (checked first in Python) or when out of memory.
 extern "C" SLIM_W8A16 int slim_w8a16_gemm(const void *x, int dtype, int64_t m, int64_t k,
                                                int64_t stride, const uint8_t *packed,

@@ -144,14 +144,7 @@ SLIM_AVX512 static void w8a8_tile(const int8_t *codes, int64_t kp, const float *
           _mm512_sub_epi32(half ? acc1[m] : acc0[m], _mm512_set1_epi32(128 * xsum[m]));
       const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), ws),
                                      _mm512_set1_ps(xscale[m]));
-      char *dst = (char *)out + (m * n + first) * item;
-      if (dtype == SLIM_F32)
-        _mm512_mask_storeu_ps((float *)dst, m16, v);
-      else if (dtype == SLIM_BF16)
-        _mm256_mask_storeu_epi16(dst, m16, to_bf16x16(v));
-      else
-        _mm256_mask_storeu_epi16(
-            dst, m16, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      store_row16((char *)out + (m * n + first) * item, dtype, m16, v);
     }
   }
 }

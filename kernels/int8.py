@@ -130,7 +130,7 @@ class Int8Linear(CompressedLinear):
             if kernels is None:
                 return 0
             self.native_kernels = kernels
-            self.cpu_native_pack = kernels.w8a16_gemm_pack(self.qweight)
+            self.cpu_native_pack = kernels.w8a8_pack(self.qweight)  # one layout for both GEMMs
             self.native_scale = self.scale.float().contiguous()
             self.qweight = torch.empty(0, dtype=torch.int8)
         return self.cpu_native_pack.numel()

@@ -1,6 +1,7 @@
 """slimserve's own CPU kernels in C++ (`cpu_gemv.cpp`: W8A16 GEMV; `cpu_decode_attention.cpp`: a
-decode step's rotary + cache writes + attention per sequence, residual add + RMSNorm, SiLU * up;
-`cpu_w8a8.cpp`: W8A8 per-token activation quantization, rescale, and a GEMM for few rows;
+decode step's rotary + cache writes + attention per sequence, residual add + RMSNorm, SiLU * up,
+in bf16 or fp32; `cpu_w8a8.cpp`: W8A8 per-token activation quantization, rescale, and a GEMM for
+few rows; `cpu_w8a16_gemm.cpp`: W8A16 on the W8A8 GEMM's packed layout, any rows;
 `cpu_bf16_gemm.cpp`: a bf16 GEMM for few rows, for the lm_head; `cpu_sampling.cpp`: greedy
 choice per row), built once per machine and ISA into one library and called through ctypes
 (which releases the interpreter lock).
@@ -342,22 +343,12 @@ class NativeKernels:
         """False in the avx2 build (never served there: cpu_w8a16_gemm.cpp says why)."""
         return bool(self.library.slim_w8a16_gemm_available())
 
-    def w8a16_gemm_pack(self, qweight: torch.Tensor) -> torch.Tensor:
-        """int8 [N, K] -> the W8A16 GEMM's own layout (uint8, the W8A8 GEMM's VNNI order, see
-        cpu_w8a16_gemm.cpp)."""
-        n, k = qweight.shape
-        packed = torch.empty(
-            int(self.library.slim_w8a16_gemm_packed_bytes(n, k)), dtype=torch.uint8
-        )
-        self.library.slim_w8a16_gemm_pack(qweight.contiguous().data_ptr(), n, k, packed.data_ptr())
-        return packed
-
     def w8a16_gemm(
         self, x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor
     ) -> torch.Tensor:
         """x [M, K] (fp32 / bf16 / fp16, unit column stride) @ (int8 weight [N, K] *
-        weight_scale [N] fp32).T -> [M, N] in x's dtype, the weight `w8a16_gemm_pack`ed (by
-        this build: `w8a16_gemm_packs`)."""
+        weight_scale [N] fp32).T -> [M, N] in x's dtype, the weight `w8a8_pack`ed (the two
+        GEMMs read one layout)."""
         return self._int8_gemm("slim_w8a16_gemm", x, packed, weight_scale)
 
     @functools.cached_property
@@ -536,10 +527,6 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
     library.slim_w8a16_gemm_available.argtypes = []
     library.slim_w8a16_gemm.restype = cint
     library.slim_w8a16_gemm.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr, i64, ptr]
-    library.slim_w8a16_gemm_pack.restype = None
-    library.slim_w8a16_gemm_pack.argtypes = [ptr, i64, i64, ptr]
-    library.slim_w8a16_gemm_packed_bytes.restype = i64
-    library.slim_w8a16_gemm_packed_bytes.argtypes = [i64, i64]
     library.slim_rescale_rows.restype = cint
     library.slim_rescale_rows.argtypes = [ptr, ptr, i64, i64, cint, ptr]
     return NativeKernels(library, isa)

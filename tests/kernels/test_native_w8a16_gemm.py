@@ -64,7 +64,7 @@ def test_outputs_are_the_exact_sums_of_its_codes(m: int, n: int, k: int, dtype) 
     kernels = _kernels()
     qweight, scale = _weights(n, k, seed=m * n + k)
     x = _x(m, k, dtype, seed=n)
-    out = kernels.w8a16_gemm(x, kernels.w8a16_gemm_pack(qweight), scale)
+    out = kernels.w8a16_gemm(x, kernels.w8a8_pack(qweight), scale)
     assert out.shape == (m, n) and out.dtype == dtype
     # Up to K = 1024 each of the two int32 parts of a sum is below 2^24: exact in fp32.
     assert torch.equal(out, _exact(x, qweight, scale, kernels.w8a16_gemm_code_limit))
@@ -76,7 +76,7 @@ def test_fp64_error_is_only_the_codes_rounding(m: int, n: int, k: int, dtype) ->
     kernels = _kernels()
     qweight, scale = _weights(n, k, seed=m + n * k)
     x = _x(m, k, dtype, seed=k)
-    out = kernels.w8a16_gemm(x, kernels.w8a16_gemm_pack(qweight), scale).double()
+    out = kernels.w8a16_gemm(x, kernels.w8a8_pack(qweight), scale).double()
     weight = qweight.double() * scale.double()[:, None]
     real = x.double() @ weight.t()
     # Half a code step per input, plus the output's own rounding and fp32 sums.
@@ -97,7 +97,7 @@ def test_the_largest_sums_its_k_limit_allows_stay_exact(sign: int) -> None:
     x = torch.full((3, k), 2.0 * sign)
     x[1, ::2] = -2.0 * sign  # alternating signs
     x[2, : k // 2] = 1.0  # half the codes at about half the limit
-    out = kernels.w8a16_gemm(x, kernels.w8a16_gemm_pack(qweight), scale)
+    out = kernels.w8a16_gemm(x, kernels.w8a8_pack(qweight), scale)
     codes, x_scale = _codes(x, kernels.w8a16_gemm_code_limit)
     expected = (codes.double() @ qweight.double().t()) * x_scale.double() * 0.25
     torch.testing.assert_close(out.double(), expected, rtol=3e-7, atol=0)
@@ -108,7 +108,7 @@ def test_the_largest_sums_its_k_limit_allows_stay_exact(sign: int) -> None:
 def test_zero_and_non_finite_rows_stay_in_their_row() -> None:
     kernels = _kernels()
     qweight, scale = _weights(40, 96, seed=1)
-    packed = kernels.w8a16_gemm_pack(qweight)
+    packed = kernels.w8a8_pack(qweight)
     x = _x(4, 96, torch.bfloat16, seed=2)
     x[1] = 0
     x[2, 5] = float("nan")
@@ -125,7 +125,7 @@ def test_strided_rows_are_read_as_their_values() -> None:
     qweight, scale = _weights(24, 64, seed=5)
     wide = _x(3, 100, torch.float16, seed=6)
     x = wide[:, :64]  # rows 100 apart
-    out = kernels.w8a16_gemm(x, kernels.w8a16_gemm_pack(qweight), scale)
+    out = kernels.w8a16_gemm(x, kernels.w8a8_pack(qweight), scale)
     limit = kernels.w8a16_gemm_code_limit
     assert torch.equal(out, _exact(x.contiguous(), qweight, scale, limit))
 
