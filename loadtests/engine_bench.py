@@ -33,13 +33,14 @@ async def _one(server: VariantServer, index: int, tokens: int) -> tuple[int, flo
     started = time.perf_counter()
     first = None
     generated = 0
-    async for event in server.generate(request.model_dump()):
-        if event["kind"] == "delta" and first is None:
-            first = time.perf_counter()
-        if event["kind"] == "done":
-            generated = event["completion_tokens"]
-        if event["kind"] == "error":
-            raise RuntimeError(event["error"])
+    async for batch in server.generate(request.model_dump()):
+        for event in batch:
+            if event["kind"] == "delta" and first is None:
+                first = time.perf_counter()
+            if event["kind"] == "done":
+                generated = event["completion_tokens"]
+            if event["kind"] == "error":
+                raise RuntimeError(event["error"])
     ended = time.perf_counter()
     rate = (generated - 1) / (ended - first) if first and ended > first else 0.0
     return generated, (first or ended) - started, rate

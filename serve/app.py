@@ -10,6 +10,7 @@ from typing import Any
 from .api.access import warn_if_exposed
 from .api.deployment import GatewayDeployment, routing_user_config
 from .config import DeploymentOptions, SlimserveConfig, load_config
+from .ray_settings import apply_serve_environment
 from .replica.server import VariantServer
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def run_local(config: SlimserveConfig) -> None:
             cpus,
             os.cpu_count(),
         )
+    log.info("Ray Serve settings: %s", apply_serve_environment())  # before Ray starts
     # address="local": always a fresh Ray of our own, never a cluster some other process started.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False)
     serve.start(http_options={"host": config.server.host, "port": config.server.port})

@@ -25,8 +25,9 @@ class InProcessBackend:
         self.server = server
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[EngineEvent, None]:
-        async for item in self.server.generate(request.model_dump()):
-            yield EngineEvent.model_validate(item)
+        async for batch in self.server.generate(request.model_dump()):
+            for item in batch:
+                yield EngineEvent.model_validate(item)
 
     async def stats(self) -> dict[str, Any]:
         return await self.server.stats()
@@ -48,8 +49,9 @@ class RayBackend:
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[EngineEvent, None]:
         response = self._stream.generate.remote(request.model_dump())
         try:
-            async for item in response:
-                yield EngineEvent.model_validate(item)
+            async for batch in response:  # a replica's message: a batch of events (pacing.py)
+                for item in batch:
+                    yield EngineEvent.model_validate(item)
         except Exception as error:
             log.warning(
                 "variant %s stream failed: %s: %s", self.variant, type(error).__name__, error

@@ -40,7 +40,7 @@ from .prefix_cache import PrefixCache
 from .sampling import make_generator, sample_tokens
 from .scheduler import Chunk, Scheduler, SlotMove, StepPlan
 from .structured import GrammarCompiler, StructuredOutputError
-from .types import EngineEvent, ErrorInfo, SamplingParams, TokenLogprob
+from .types import EngineEvent, ErrorInfo, SamplingParams, TokenLogprob, merge_deltas
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +153,6 @@ def gather_targets(logprobs: torch.Tensor, token_ids: list[int]) -> torch.Tensor
     """Row i of `logprobs` predicts token i + 1: the log-probability each next token got."""
     targets = torch.tensor(token_ids[1:]).unsqueeze(1)
     return logprobs[:-1].gather(1, targets).squeeze(1)
-
-
-def merge_deltas(first: EngineEvent, second: EngineEvent) -> EngineEvent:
-    logprobs = None
-    if first.logprobs is not None and second.logprobs is not None:
-        logprobs = first.logprobs + second.logprobs
-    return EngineEvent(
-        kind="delta",
-        text=first.text + second.text,
-        tokens=first.tokens + second.tokens,
-        logprobs=logprobs,
-    )
 
 
 async def drain_events(events: asyncio.Queue[EngineEvent]) -> AsyncIterator[EngineEvent]:

@@ -90,6 +90,19 @@ class EngineEvent(BaseModel):
     error: ErrorInfo | None = None
 
 
+def merge_deltas(first: EngineEvent, second: EngineEvent) -> EngineEvent:
+    """One delta standing for two consecutive ones of a stream."""
+    logprobs = None
+    if first.logprobs is not None and second.logprobs is not None:
+        logprobs = first.logprobs + second.logprobs
+    return EngineEvent(
+        kind="delta",
+        text=first.text + second.text,
+        tokens=first.tokens + second.tokens,
+        logprobs=logprobs,
+    )
+
+
 class GenerateRequest(BaseModel):
     """What the gateway sends a variant: a prompt as text or token ids, or chat messages."""
 

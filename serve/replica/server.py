@@ -26,6 +26,7 @@ from ..logs import configure_logging
 from ..observability.memory import memory_stats
 from .bench import bench_variant, run_deferred_self_bench
 from .chat_prompt import chat_prompt
+from .pacing import StreamPacer, paced_batches
 from .scoring import score_reference
 from .student import with_student
 
@@ -64,6 +65,10 @@ class VariantServer:
         self.cpu = cpu_isa.describe()
         self.max_model_len = options.max_model_len
         self.bench = bench_variant(self.engine, self.tokenizer, cfg, variant)
+        deployment = cfg.deployment_for(variant)
+        self.pacer = StreamPacer(
+            deployment.stream_messages_per_second, deployment.max_stream_interval_ms / 1000
+        )
         self._config = cfg
         self._bench_task: asyncio.Task | None = None
         self.timings = {
@@ -118,19 +123,25 @@ class VariantServer:
         event.token_texts = [self._token_text(token) for token in prompt_ids]
         self._label(event.prompt_logprobs or ())
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """The request's events, a batch per message (see pacing.py), as plain dicts."""
         if self.failure is not None:
             info = unavailable_error(f"variant {self.variant} is unavailable: {self.failure}")
-            yield EngineEvent(kind="error", error=info).model_dump()
+            yield [EngineEvent(kind="error", error=info).model_dump()]
             return
-        req = GenerateRequest.model_validate(request)
+        async for batch in paced_batches(
+            self._events(GenerateRequest.model_validate(request)), self.pacer
+        ):
+            yield [event.model_dump() for event in batch]
+
+    async def _events(self, req: GenerateRequest) -> AsyncIterator[EngineEvent]:
         try:
             prompt_ids = self._prompt_ids(req)
         except Exception as error:  # e.g. a chat template that rejects the role order
             info = ErrorInfo(
                 status=400, message=f"could not build the prompt: {error}", param="messages"
             )
-            yield EngineEvent(kind="error", error=info).model_dump()
+            yield EngineEvent(kind="error", error=info)
             return
         # The engine sends a prompt event only with prompt log-probabilities; echo without
         # them is answered here.
@@ -140,11 +151,11 @@ class VariantServer:
                 self._describe_prompt(event, req, prompt_ids)
             elif event.kind == "delta" and event.logprobs:
                 self._label(event.logprobs)
-            yield event.model_dump()
+            yield event
             if event.kind == "accepted" and echo_here:
                 prompt = EngineEvent(kind="prompt")
                 self._describe_prompt(prompt, req, prompt_ids)
-                yield prompt.model_dump()
+                yield prompt
 
     async def score(self, request: dict[str, Any], reference: str, limit: int) -> dict[str, Any]:
         """Next-token log-probs of the request's prompt + `reference` (see serve.scoring)."""

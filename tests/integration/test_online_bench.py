@@ -17,6 +17,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from slimserve.serve.ray_settings import apply_serve_environment
+
 from .conftest import CONFIGS, _free_port, running_gateway
 
 pytestmark = pytest.mark.slow
@@ -43,6 +45,7 @@ def _local_serve(port: int) -> Iterator[object]:
     import ray
     from ray import serve
 
+    apply_serve_environment()  # as `slimserve serve` runs Ray Serve
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -20,6 +20,7 @@ import pytest
 
 from slimserve.serve.app import APP_NAME, build_application
 from slimserve.serve.config import parse_config
+from slimserve.serve.ray_settings import SERVE_ENVIRONMENT
 
 from .conftest import _free_port
 
@@ -28,8 +29,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 MODEL = "smollm2-135m-instruct"
 RAY = str(Path(sys.executable).parent / "ray")
 # `ray start` turns token authentication on by default, which this process's Ray client (and
-# `ray status`) would then need; a loopback test cluster goes without.
-RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+# `ray status`) would then need; a loopback test cluster goes without. Every node gets
+# slimserve's Ray Serve settings, as the image gives the KubeRay pods.
+RAY_ENV = {
+    **os.environ,
+    **SERVE_ENVIRONMENT,
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+}
 
 
 def _ray_start(log: Path, *args: str) -> subprocess.Popen:

@@ -42,6 +42,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve.api": ("serve.routing", "serve.engine", "serve.observability", *SERVE_SHARED),
     "serve.config": BELOW_SERVE,
     "serve.logs": (),
+    "serve.ray_settings": (),  # Ray Serve's environment, set by the composition root
     "serve.__init__": (),
 }
 

@@ -139,7 +139,7 @@ def test_overload_is_refused_at_once_with_retry_after_and_queued_work_dropped(ov
 
 
 class _HandleResponse:
-    """A streaming handle response: the replica's events, or `limit` of them before its replica
+    """A streaming handle response: the replica's messages, or `limit` of them before its replica
     is lost."""
 
     def __init__(self, events: Any, limit: int | None = None) -> None:
@@ -163,7 +163,7 @@ class _HandleResponse:
 
 class _FaultyHandle:
     """Stands in for a variant's DeploymentHandle over a real VariantServer; `dead` makes its
-    replica lost: a stream dies after `events_before_death` events, stats raise."""
+    replica lost: a stream dies after `events_before_death` messages, stats raise."""
 
     def __init__(self, server: VariantServer) -> None:
         self.server = server
