@@ -6,6 +6,8 @@ mismatch refused."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -209,6 +211,35 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(teacher_dir, tmp_p
     a = load_file(tmp_path / "a" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert straight.losses[-1]["loss"] == pytest.approx(resumed.losses[-1]["loss"], rel=1e-4)
+
+
+class _CtrlCAt(TrainerCallback):
+    """Presses Ctrl-C (a real SIGINT to this process) at the end of step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_stops_cleanly_at_a_checkpoint_and_the_run_continues_from_it(teacher_dir, tmp_path):
+    train = {"steps": 8, "checkpoint_every": 100}  # only the stop writes a checkpoint
+    straight = distill(_config(teacher_dir, tmp_path / "a", train=train), progress=False)
+    stopped_config = _config(teacher_dir, tmp_path / "b", train=train)
+    stopped = distill(stopped_config, progress=False, callbacks=[_CtrlCAt(3)])
+    # The flag is read at the next step's end: it stops there, saved, not finished.
+    assert not stopped.finished and stopped.steps == 4
+    assert (tmp_path / "b" / "checkpoints" / "checkpoint-4").is_dir()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = distill(stopped_config, progress=False)
+    assert resumed.resumed_from_step == 4 and resumed.finished
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     assert straight.losses[-1]["loss"] == pytest.approx(resumed.losses[-1]["loss"], rel=1e-4)
