@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from slimserve.serve.app import APP_NAME
 from slimserve.serve.logs import configure_logging
 
-from .decode_bench import BenchRow, bench_variant
+from .decode_bench import bench_variant
 
 log = logging.getLogger("slimserve.loadtests.serving_cpu")
 
@@ -100,23 +100,20 @@ def _spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, flo
     return spent
 
 
-async def measure(
-    url: str, variant: str, concurrency: int, requests: int, tokens: int
-) -> tuple[CpuRow, BenchRow]:
+async def measure(url: str, variant: str, concurrency: int, requests: int, tokens: int) -> CpuRow:
     async with httpx.AsyncClient() as client:
         public = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
     before = _cpu_seconds(variant)
     row = await bench_variant(url, f"{public}:{variant}", variant, concurrency, requests, tokens)
     spent = _spent(before, _cpu_seconds(variant))
     per_token = {stage: round(1000 * spent[stage] / row.output_tokens, 3) for stage in STAGES}
-    cpu_row = CpuRow(
+    return CpuRow(
         concurrency=concurrency,
         output_tokens=row.output_tokens,
         output_tokens_per_s=row.output_tokens_per_s,
         ttft_p50_ms=row.ttft_p50_ms,
         ms_per_token=per_token,
     )
-    return cpu_row, row
 
 
 def render(rows: list[CpuRow]) -> str:
@@ -140,7 +137,7 @@ async def main_async(args: argparse.Namespace) -> list[CpuRow]:
     rows = []
     for concurrency in args.concurrency:
         requests = max(args.requests_per_stream * concurrency, concurrency)
-        cpu_row, _ = await measure(args.url, args.variant, concurrency, requests, args.tokens)
+        cpu_row = await measure(args.url, args.variant, concurrency, requests, args.tokens)
         log.info("%s", cpu_row.model_dump_json())
         rows.append(cpu_row)
     return rows
