@@ -34,9 +34,10 @@ log = logging.getLogger("slimserve.kernels.bench")
 MODEL_SHAPES = [(1536, 576), (576, 1536), (576, 576), (49152, 576), (4096, 4096)]
 BATCH_SIZES = [1, 4, 8, 16, 32]
 OPS = ("w8a16", "w8a16-packed", "w8a16-int8pack", "w4a16", "w3a16")
-OPS += ("w8a8", "w8a8-packed", "w8a8-onednn", "sparse24")
-# Forced paths for side-by-side rows: torch's int8pack, oneDNN's packed int8 GEMM.
-CPU_ONLY_OPS = ("w8a16-int8pack", "w8a8-onednn")
+OPS += ("w8a8", "w8a8-packed", "w8a8-onednn", "sparse24", "sparse24-packed")
+# Forced paths for side-by-side rows: torch's int8pack, oneDNN's packed int8 GEMM; and the 2:4
+# weight packed for our CPU kernel, as the engine serves it.
+CPU_ONLY_OPS = ("w8a16-int8pack", "w8a8-onednn", "sparse24-packed")
 GROUP_SIZE = 64  # K=576 allows 32 or 64 with the CPU int4 kernel, not 128
 
 
@@ -146,11 +147,12 @@ def _modules(
     mods["w8a8-packed"] = W8A8Linear.from_quantized(qweight, scale, None, dtype)
     mods["w8a8-onednn"] = W8A8Linear.from_quantized(qweight, scale, None, dtype)
     mask = torch.rand(n, k // 4, 4, generator=gen).argsort(-1) < 2
-    mods["sparse24"] = SparseLinear.from_dense(
-        (weight.reshape(n, k // 4, 4) * mask).reshape(n, k), None, dtype
-    )
+    sparse = (weight.reshape(n, k // 4, 4) * mask).reshape(n, k)
+    mods["sparse24"] = SparseLinear.from_dense(sparse, None, dtype)
+    mods["sparse24-packed"] = SparseLinear.from_dense(sparse, None, dtype)
     mods = {name: mod.to(device) for name, mod in mods.items()}
     if device.type == "cpu":
+        mods["sparse24-packed"].pack_for_cpu()
         mods["w8a16-packed"].pack_for_cpu()
         mods["w8a8-packed"].pack_for_cpu()
         mods["w8a8-onednn"].pack_for_cpu()
@@ -168,6 +170,8 @@ def _weight_bytes(module: torch.nn.Module) -> int:
         packed = module.in_features * module.out_features  # int8, in one of the packed layouts
     if isinstance(module, Int8Linear) and module.cpu_native_pack is not None:
         packed = module.in_features * module.out_features  # the packed copy replaces qweight
+    if isinstance(module, SparseLinear) and module.cpu_values is not None:
+        packed = module.pack_for_cpu()  # already packed: the copy's bytes (values + codes)
     return packed + sum(
         b.numel() * b.element_size()
         for name, b in module.named_buffers()
@@ -193,6 +197,8 @@ def _backend(op: str, module: torch.nn.Module, x: torch.Tensor) -> str:
         return "cpu-onednn-packed-native-quantize" if ours else "cpu-onednn-packed"
     if op.startswith("w8a8"):
         return select_w8a8_backend(x)
+    if op == "sparse24-packed" and module.cpu_values is not None:
+        return "cpu-native-sparse24"
     return select_sparse24_backend(x)
 
 
@@ -216,7 +222,7 @@ def run_table(
             candidates: dict[str, Callable[[], object]] = {
                 "dense": functools.partial(F.linear, x, dense_w)
             }
-            # The engine's own dense path on CPU (weight prepacked once for oneDNN), for context.
+            # The engine's own dense path on CPU (weight packed once), for context.
             packed = dense_cpu.PackedLinear(dense_w, None) if dense_cpu.can_pack(dense_w) else None
             if packed is not None:
                 candidates["dense-packed"] = functools.partial(packed, x)
@@ -230,9 +236,7 @@ def run_table(
             rows.append(Row("dense", m, n, k, label, t_dense, dense_bytes, 1.0))
             if packed is not None:
                 t, ratio = result["dense-packed"]
-                rows.append(
-                    Row("dense-packed", m, n, k, "cpu-onednn-packed", t, dense_bytes, ratio)
-                )
+                rows.append(Row("dense-packed", m, n, k, packed.backend, t, dense_bytes, ratio))
             for op in ops:
                 t, ratio = result[op]
                 rows.append(
@@ -303,7 +307,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    # float32: what engine.dtype "auto" computes in on CPUs without AVX-512 BF16 (with --ops
+    # sparse24-packed, say: torch's int8 / int4 CPU kernels take 16-bit activations).
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--burst-ms", type=float, default=5.0, help="timed calls per round, in ms")

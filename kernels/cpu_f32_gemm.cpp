@@ -1,10 +1,12 @@
-// fp32 GEMM for few rows (decode batches) on x86-64 with AVX2 + FMA (built and loaded with the
-// other sources by kernels/native.py; the avx512 build compiles it for AVX2 + FMA as well).
+// fp32 GEMM on x86-64 with AVX2 + FMA (built and loaded with the other sources by
+// kernels/native.py; the avx512 build compiles it for AVX2 + FMA as well).
 //
-// Why: at 1-4 rows a decode step streams the weights, and oneDNN's prepacked fp32 matmul read
-// them at ~9-11 GB/s on one thread where the core reads ~22 (loadtests/decode_profile.py); the
-// engine gives this kernel the lm_head (49152 x 576, 113 MB in fp32, read whole every step), as
-// it gives the bf16 one in bf16. The weight is repacked once into panels of 24 output channels
+// Why: a decode step streams the weights, and oneDNN's prepacked fp32 matmul read them at ~9-11
+// GB/s on one thread where the core reads ~22 (loadtests/decode_profile.py). At the avx2 level,
+// where oneDNN's fp32 kernels are AVX2 code too, this kernel is every fp32 weight's only copy and
+// serves every row count (as fast as oneDNN's from 32 to 128 rows, faster below); at the avx512
+// level it serves the lm_head (49152 x 576, 113 MB in fp32, read whole every step) at 1-4 rows
+// beside oneDNN's copy, whose AVX-512 register blocking wins from 8 rows (kernels/README.md). The weight is repacked once into panels of 24 output channels
 // ([N/24][K][24] floats, the last panel padded with zeros), so each input k is one broadcast of
 // x[m][k] times three 8-lane loads from one sequential stream, into 24 output lanes: no horizontal
 // sums. A panel meets up to four activation rows per pass (12 accumulators); sums in fp32, in k
@@ -24,7 +26,7 @@
 #define SLIM_F32 __attribute__((target("avx2,fma")))
 #endif
 
-// From 8 rows oneDNN's register blocking wins (kernels/README.md): decode at batch 1-4.
+// Rows it serves beside oneDNN's AVX-512 copy (the lm_head at decode batch 1-4).
 static const int64_t F32_GEMM_MAX_ROWS = 4;
 static const int64_t F32_PANEL = 24;        // output channels per panel: three YMM
 static const int64_t F32_ROW_GROUP = 4;     // activation rows per tile: 3 x 4 accumulators
@@ -48,35 +50,41 @@ extern "C" void slim_f32_pack(const float *w, int64_t n, int64_t k, float *packe
       }
 }
 
+// One row M of a tile: its input i broadcast, times the panel's three weight vectors.
+#define F32_TILE_ROW(M)                                   \
+  if constexpr (ROWS > M) {                               \
+    const __m256 xv = _mm256_broadcast_ss(x##M + i);      \
+    a0##M = _mm256_fmadd_ps(w0, xv, a0##M);               \
+    a1##M = _mm256_fmadd_ps(w1, xv, a1##M);               \
+    a2##M = _mm256_fmadd_ps(w2, xv, a2##M);               \
+  }
+
 // Panel `panel` (24 channels: three 8-lane vectors) against ROWS rows of x starting at row0.
-// 3 x 4 accumulators, three weight vectors and a broadcast fill the 16 YMM registers.
+// 3 x 4 accumulators, three weight vectors and a broadcast fill the 16 YMM registers. Named
+// accumulators, not arrays: GCC kept an array on the stack and stored all twelve after every
+// input, which held the kernel to half the FMA rate (cpu_pack.h says the same of the AVX-512
+// tiles).
 template <int ROWS>
 SLIM_F32 static void f32_tile(const float *x, int64_t stride, int64_t k, const float *packed,
                               int64_t panel, const float *bias, int64_t n, float *out,
                               int64_t row0) {
-  __m256 acc[3][ROWS];
-#pragma GCC unroll 3
-  for (int b = 0; b < 3; b++)
-#pragma GCC unroll 4
-    for (int m = 0; m < ROWS; m++) acc[b][m] = _mm256_setzero_ps();
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+  __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+  __m256 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
   const float *w = packed + panel * k * F32_PANEL;
-  const float *rows[ROWS];
-#pragma GCC unroll 4
-  for (int m = 0; m < ROWS; m++) rows[m] = x + (row0 + m) * stride;
+  // Rows past ROWS are never read (F32_TILE_ROW skips them); row0 keeps their pointers valid.
+  const float *x0 = x + row0 * stride;
+  const float *x1 = x0 + (ROWS > 1 ? stride : 0), *x2 = x0 + (ROWS > 2 ? 2 * stride : 0);
+  const float *x3 = x0 + (ROWS > 3 ? 3 * stride : 0);
   for (int64_t i = 0; i < k; i++) {
     const float *wi = w + i * F32_PANEL;
     _mm_prefetch((const char *)(wi + F32_PREFETCH), _MM_HINT_T0);
     _mm_prefetch((const char *)(wi + F32_PREFETCH + 16), _MM_HINT_T0);
     const __m256 w0 = _mm256_loadu_ps(wi), w1 = _mm256_loadu_ps(wi + 8);
     const __m256 w2 = _mm256_loadu_ps(wi + 16);
-#pragma GCC unroll 4
-    for (int m = 0; m < ROWS; m++) {
-      const __m256 xv = _mm256_broadcast_ss(rows[m] + i);
-      acc[0][m] = _mm256_fmadd_ps(w0, xv, acc[0][m]);
-      acc[1][m] = _mm256_fmadd_ps(w1, xv, acc[1][m]);
-      acc[2][m] = _mm256_fmadd_ps(w2, xv, acc[2][m]);
-    }
+    F32_TILE_ROW(0) F32_TILE_ROW(1) F32_TILE_ROW(2) F32_TILE_ROW(3)
   }
+  const __m256 acc[3][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}};
   for (int b = 0; b < 3; b++) {
     const int64_t first = panel * F32_PANEL + b * 8;
     for (int m = 0; m < ROWS; m++) {
@@ -87,17 +95,18 @@ SLIM_F32 static void f32_tile(const float *x, int64_t stride, int64_t k, const f
     }
   }
 }
+#undef F32_TILE_ROW
 
 using F32Tile = void (*)(const float *, int64_t, int64_t, const float *, int64_t, const float *,
                          int64_t, float *, int64_t);
 
 // out fp32 [M, N] = x fp32 [M, K] (rows `stride` elements apart) @ w.T + bias (fp32 [N] or NULL),
-// w packed by `slim_f32_pack`; M <= F32_GEMM_MAX_ROWS. Returns -1 outside the kernel's limits
-// (checked first in Python).
+// w packed by `slim_f32_pack`; any M (each panel stays in cache while every group of 4 rows meets
+// it). Returns -1 for arguments outside the kernel's limits (checked first in Python).
 extern "C" SLIM_F32 int slim_f32_gemm(const float *x, int64_t m, int64_t k, int64_t stride,
                                       const float *packed, const float *bias, int64_t n,
                                       float *out) {
-  if (m < 1 || m > F32_GEMM_MAX_ROWS || k < 1 || n < 1) return -1;
+  if (m < 1 || k < 1 || n < 1) return -1;
   static const F32Tile tiles[F32_ROW_GROUP] = {f32_tile<1>, f32_tile<2>, f32_tile<3>,
                                                f32_tile<4>};
   const int64_t panels = (n + F32_PANEL - 1) / F32_PANEL;

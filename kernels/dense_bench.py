@@ -7,7 +7,11 @@ threads (kernels/README.md, "Our own bf16 GEMM for every dense projection"):
 A pass cycles through `--copies` distinct weights (one for the lm_head, whose single copy is
 already far larger than the caches), as a decode step goes through a model's layers, so the
 weights come from memory; the figure is per call, best of `--rounds` passes. Our bf16 GEMM
-needs AVX-512 BF16; our fp32 GEMM takes 1-4 rows.
+needs AVX-512 BF16. For the avx2 level as an AVX2-only CPU runs it (our fp32 GEMM against
+oneDNN's AVX2 kernels):
+
+    SLIMSERVE_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+        python -m slimserve.kernels.dense_bench --dtype float32 --rows 1 8 32 128
 """
 
 from __future__ import annotations
@@ -43,8 +47,6 @@ def native_calls(kernels: native.NativeKernels, x: torch.Tensor, weights: list) 
         return [
             functools.partial(kernels.bf16_gemm, x, kernels.bf16_pack(w), n, None) for w in weights
         ]
-    if x.shape[0] > kernels.f32_gemm_max_rows:
-        return None
     packed = [kernels.f32_pack(w) for w in weights]
     return [functools.partial(kernels.f32_gemm, x, p, n, None) for p in packed]
 

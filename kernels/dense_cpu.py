@@ -1,14 +1,17 @@
 """Dense 16/32-bit Linear on CPU with the weight packed once at load time.
 
-bf16, where this CPU has AVX-512 BF16: our own GEMM's layout only (`cpu_bf16_gemm.cpp`), which
-serves every row count, decode and prompt alike, on the kernels' own threads (`cpu_threads.h`);
-it beat oneDNN's prepacked bf16 matmul 1.1-3.5x per call at decode rows on one thread and
-matched it at 512 rows (kernels/README.md).
+Our own GEMM's layout only, serving every row count, decode and prompt alike, on the kernels'
+own threads (`cpu_threads.h`), where it is the faster path (kernels/README.md):
+- bf16 where this CPU has AVX-512 BF16 (`cpu_bf16_gemm.cpp`): 1.1-3.5x oneDNN's prepacked bf16
+  matmul per call at decode rows on one thread, level at 512 rows;
+- fp32 at the avx2 level (`cpu_f32_gemm.cpp`), where oneDNN's fp32 kernels are AVX2 code too:
+  1.0-1.7x oneDNN's from 1 to 128 rows.
 
-fp32 (and bf16 elsewhere): `F.linear` on CPU hands oneDNN a plain row-major weight, which it
-re-lays out on every call; at decode sizes that costs more than the matmul. Packing once for
-oneDNN was measured 1.3-3.6x faster at this model's shapes, with bit-identical results. The
-lm_head may also keep our fp32 GEMM's copy for decode rows (`with_native_gemm`).
+Elsewhere (fp32 at the avx512 level, bf16 without AVX-512 BF16): `F.linear` on CPU hands oneDNN
+a plain row-major weight, which it re-lays out on every call; at decode sizes that costs more
+than the matmul. Packing once for oneDNN was measured 1.3-3.6x faster at this model's shapes,
+with bit-identical results. The fp32 lm_head may also keep our fp32 GEMM's copy for decode rows
+(`with_native_gemm`).
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ from .dispatch import record_backend
 PACK_BATCH_HINT = 8
 
 
-def _native_bf16(weight: torch.Tensor) -> native.NativeKernels | None:
-    """Our kernels where they take this weight's bf16 GEMM, else None."""
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+def _own_gemm(weight: torch.Tensor) -> native.NativeKernels | None:
+    """Our kernels where their GEMM is this weight's only copy (see above), else None."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
         return None
     kernels = native.kernels()
-    return kernels if kernels is not None and kernels.bf16_gemm_available else None
+    if kernels is None:
+        return None
+    if weight.dtype == torch.bfloat16:
+        return kernels if kernels.bf16_gemm_available else None
+    return kernels if kernels.f32_gemm_only_copy else None
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    if _native_bf16(weight) is not None:
+    if _own_gemm(weight) is not None:
         return True
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
@@ -52,15 +59,18 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.detach().clone()
         self.packed_bytes = weight.numel() * weight.element_size()
-        self._bf16 = _native_bf16(weight)
-        # Our own GEMM's copy: the only one for bf16 (any rows); for fp32 the lm_head's, for
-        # decode rows (`with_native_gemm`).
+        self.dtype = weight.dtype
+        self._own = _own_gemm(weight)
+        # Our own GEMM's copy: the only one where `_own_gemm` says so (any rows); else beside
+        # oneDNN's, the fp32 lm_head's for decode rows (`with_native_gemm`).
         self.native_packed: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None
-        if self._bf16 is not None:
-            self.native_packed = self._bf16.bf16_pack(weight.detach())
-        else:
+        if self._own is None:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+        elif self.dtype == torch.bfloat16:
+            self.native_packed = self._own.bf16_pack(weight.detach())
+        else:
+            self.native_packed = self._own.f32_pack(weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
@@ -68,32 +78,36 @@ class PackedLinear(nn.Module):
 
     @property
     def backend(self) -> str:
-        return "cpu-native-bf16-gemm" if self._bf16 is not None else "cpu-onednn-packed"
+        if self._own is None:
+            return "cpu-onednn-packed"
+        return "cpu-native-bf16-gemm" if self.dtype == torch.bfloat16 else "cpu-native-f32-gemm"
 
     def with_native_gemm(self, weight: torch.Tensor) -> int:
         """Also serve fp32 decode rows (1-4) from our own fp32 GEMM's copy of `weight` (the one
         this module was packed from), where the native kernels load; returns the copy's bytes
-        (0 where it does not apply: other dtypes, or bf16, which has only our copy already).
+        (0 where it does not apply: other dtypes, or a module with only our copy already).
         The engine does it for the lm_head: read whole by every decode step, it streamed at
         ~11 GB/s through oneDNN's copy (kernels/README.md)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight {tuple(weight.shape)} is not this module's")
         kernels = native.kernels()
-        if kernels is None or self._bf16 is not None or weight.dtype != torch.float32:
+        if kernels is None or self._own is not None or weight.dtype != torch.float32:
             return 0
         self.native_packed = kernels.f32_pack(weight)
         return self.native_packed.numel() * self.native_packed.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._bf16 is not None:
-            # The kernel reads raw bf16: another dtype would be misread, not converted.
-            if x.dtype != torch.bfloat16:
-                raise TypeError(f"a bf16 PackedLinear takes bf16 inputs, not {x.dtype}")
-            record_backend("dense", "cpu-native-bf16-gemm")
+        if self._own is not None:
+            # The kernels read raw bf16 / fp32: another dtype would be misread, not converted.
+            if x.dtype != self.dtype:
+                short = "bf16" if self.dtype == torch.bfloat16 else "fp32"
+                raise TypeError(f"a {short} PackedLinear takes {short} inputs, not {x.dtype}")
+            record_backend("dense", self.backend)
             rows = x.reshape(-1, self.in_features)
             if rows.stride(1) != 1:
                 rows = rows.contiguous()
-            out = self._bf16.bf16_gemm(rows, self.native_packed, self.out_features, self.bias)
+            gemm = self._own.bf16_gemm if self.dtype == torch.bfloat16 else self._own.f32_gemm
+            out = gemm(rows, self.native_packed, self.out_features, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         if self.native_packed is not None and native.f32_gemm_supported(x, self.in_features):
             record_backend("dense", "cpu-native-f32-gemm")

@@ -14,6 +14,7 @@ from .dense_cpu import fuse_dense
 from .int8 import Int8Linear
 from .lowbit import LowBitLinear
 from .packing import unpack_int3, unpack_int4
+from .sparse24 import SparseLinear
 from .w8a8 import W8A8Linear
 
 
@@ -58,6 +59,16 @@ def fuse_linears(modules: list[nn.Module]) -> nn.Module | None:
         return W8A8Linear.from_quantized(
             torch.cat([m.qweight for m in modules]),
             torch.cat([m.weight_scale for m in modules]),
+            _bias(modules),
+            modules[0].compute_dtype,
+        )
+    if kind is SparseLinear:
+        # Values and position codes are per output channel: they concatenate as they stand.
+        if any(m.cpu_values is not None for m in modules):
+            return None  # packed for CPU serving already: the plain buffers are gone
+        return SparseLinear.from_compressed(
+            torch.cat([m.values for m in modules]),
+            torch.cat([m.meta_bits for m in modules]),
             _bias(modules),
             modules[0].compute_dtype,
         )

@@ -2,9 +2,10 @@
 decode step's rotary + cache writes + attention per sequence, residual add + RMSNorm, SiLU * up,
 in bf16 or fp32; `cpu_w8a8.cpp`: W8A8 per-token activation quantization, rescale, and a GEMM for
 few rows; `cpu_w8a16_gemm.cpp`: W8A16 on the W8A8 GEMM's packed layout, any rows;
-`cpu_bf16_gemm.cpp`: a bf16 GEMM for few rows, for the lm_head; `cpu_sampling.cpp`: greedy
-choice per row), built once per machine and ISA into one library and called through ctypes
-(which releases the interpreter lock).
+`cpu_bf16_gemm.cpp`: a bf16 GEMM for few rows, for the lm_head; `cpu_sparse24.cpp`: 2:4 sparse
+GEMMs reading only the kept half, fp32 and bf16; `cpu_sampling.cpp`: greedy choice per row),
+built once per machine and ISA into one library and called through ctypes (which releases the
+interpreter lock).
 
 One source, one build per ISA level (`cpu_isa.py`, `cpu_simd.h`): `avx512` with AVX-512 VNNI /
 BF16 instructions, `avx2` with the same AVX-512 intrinsics implemented on AVX2 + FMA + F16C by
@@ -48,6 +49,7 @@ SOURCES = tuple(
         "cpu_w8a16_gemm.cpp",
         "cpu_bf16_gemm.cpp",
         "cpu_f32_gemm.cpp",
+        "cpu_sparse24.cpp",
         "cpu_sampling.cpp",
         "cpu_threads.cpp",
     )
@@ -62,6 +64,8 @@ ISA_FLAGS = {
     Isa.AVX512: (),
 }
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Output channels per block of the 2:4 GEMMs' packed layout, by activation dtype.
+SPARSE24_BLOCKS = {torch.float32: 8, torch.bfloat16: 16}
 # The dtypes of the decode step's ops (attention, RMSNorm, SiLU * up) and their symbols' suffix.
 STEP_OP_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -358,7 +362,15 @@ class NativeKernels:
 
     @functools.cached_property
     def f32_gemm_max_rows(self) -> int:
+        """Rows it serves beside oneDNN's copy of a weight (the lm_head at the avx512 level)."""
         return int(self.library.slim_f32_gemm_max_rows())
+
+    @property
+    def f32_gemm_only_copy(self) -> bool:
+        """Whether the fp32 GEMM is a dense fp32 weight's only copy, serving every row count: at
+        the avx2 level, where oneDNN's fp32 matmul is AVX2 code too and ours was 1.0-1.7x it from
+        1 to 128 rows (kernels/README.md)."""
+        return self.isa == Isa.AVX2
 
     def f32_pack(self, weight: torch.Tensor) -> torch.Tensor:
         """fp32 [N, K] -> the fp32 GEMM's own layout (blocks of 8 channels, cpu_f32_gemm.cpp)."""
@@ -371,8 +383,8 @@ class NativeKernels:
     def f32_gemm(
         self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        """fp32 x [M, K] (unit column stride) @ weight.T + bias -> fp32 [M, N], the weight
-        `f32_pack`ed. Callers check `f32_gemm_supported` first."""
+        """fp32 x [M >= 1, K] (unit column stride) @ weight.T + bias -> fp32 [M, N], the weight
+        `f32_pack`ed."""
         m, k = x.shape
         out = torch.empty(m, n, dtype=torch.float32)
         status = self.library.slim_f32_gemm(
@@ -405,6 +417,23 @@ class NativeKernels:
         )  # fmt: skip
         if status != 0:
             raise ValueError(f"slim_bf16_gemm refused M={m} K={k} N={n}")
+        return out
+
+    def sparse24_gemm(
+        self, x: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, n: int
+    ) -> torch.Tensor:
+        """x [M, K] (fp32, or bf16 where `bf16_gemm_available`; unit column stride) @ W.T ->
+        [M, N] in x's dtype, W 2:4 sparse along K in `packing.pack_24_blocks`'s layout (blocks
+        of `SPARSE24_BLOCKS[x.dtype]` channels, values in x's dtype)."""
+        m, k = x.shape
+        out = torch.empty(m, n, dtype=x.dtype)
+        name = "slim_sparse24_f32" if x.dtype == torch.float32 else "slim_sparse24_bf16"
+        status = getattr(self.library, name)(
+            x.data_ptr(), m, k, x.stride(0), values.data_ptr(), codes.data_ptr(), n,
+            out.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"{name} refused M={m} K={k} N={n}")
         return out
 
     def add_rms_norm(
@@ -527,6 +556,9 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
     library.slim_w8a16_gemm_available.argtypes = []
     library.slim_w8a16_gemm.restype = cint
     library.slim_w8a16_gemm.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr, i64, ptr]
+    for name in ("slim_sparse24_f32", "slim_sparse24_bf16"):
+        getattr(library, name).restype = cint
+        getattr(library, name).argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
     library.slim_rescale_rows.restype = cint
     library.slim_rescale_rows.argtypes = [ptr, ptr, i64, i64, cint, ptr]
     return NativeKernels(library, isa)
@@ -660,6 +692,19 @@ def w8a16_gemm_packs(qweight: torch.Tensor) -> NativeKernels | None:
     return native if qweight.shape[1] <= native.w8a16_gemm_max_k else None
 
 
+def sparse24_packs(values: torch.Tensor) -> NativeKernels | None:
+    """The library that packs and serves this 2:4 CPU weight (kept values [N, K/2]) from now
+    on, or None: fp32 in either build, bf16 where the CPU has AVX-512 BF16. A packed weight has
+    no other reader, so the packed module calls it whatever torch's thread count."""
+    native = kernels()
+    if native is None or values.device.type != "cpu" or values.dtype not in SPARSE24_BLOCKS:
+        return None
+    # The bf16 2:4 kernel needs what the bf16 GEMM needs: AVX-512 BF16, the avx512 build.
+    if values.dtype == torch.bfloat16 and not native.bf16_gemm_available:
+        return None
+    return native
+
+
 def argmax_rows_supported(logits: torch.Tensor) -> bool:
     """fp32 CPU rows [R, V >= 1] with unit column stride, while our kernels serve."""
     return (
@@ -673,7 +718,8 @@ def argmax_rows_supported(logits: torch.Tensor) -> bool:
 
 
 def f32_gemm_supported(x: torch.Tensor, in_features: int) -> bool:
-    """fp32 CPU rows [M <= 4, K] with unit column stride, while our kernels serve."""
+    """fp32 CPU rows [M <= 4, K] with unit column stride, while our kernels serve (beside
+    oneDNN's copy of the weight)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
         return False
     if x.shape[1] != in_features or x.stride(1) != 1:

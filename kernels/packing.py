@@ -115,3 +115,27 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Ten
     dense = values.new_zeros(n, k // 4, 4)
     dense.scatter_(2, pos, values.reshape(n, k // 4, 2))
     return dense.reshape(n, k)
+
+
+def pack_24_blocks(
+    values: torch.Tensor, meta: torch.Tensor, k: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [N, K/2], meta) -> the CPU 2:4 kernel's layout (cpu_sparse24.cpp): values
+    [N/block][K/4][block][2] (a block's kept pairs side by side per group of 4 inputs) and codes
+    uint8 [N/block][K/4][block/2], read as one block*4-bit word per group with channel c's nibble
+    at bits 4c. Channels past N are zeros; `block` is 8 or 16."""
+    if block not in (8, 16):
+        raise ValueError(f"2:4 CPU blocks are 8 or 16 channels, not {block}")
+    n = values.shape[0]
+    groups = k // 4
+    blocks = -(-n // block)
+    padded = blocks * block
+    nibble = torch.stack((meta & 0x0F, meta >> 4), dim=-1).reshape(n, -1)[:, :groups]
+    vals = values.new_zeros(padded, groups, 2)
+    vals[:n] = values.reshape(n, groups, 2)
+    codes = nibble.new_zeros(padded, groups)
+    codes[:n] = nibble
+    vals = vals.reshape(blocks, block, groups, 2).transpose(1, 2).contiguous()
+    codes = codes.reshape(blocks, block, groups).transpose(1, 2)
+    words = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+    return vals, words

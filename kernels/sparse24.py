@@ -3,10 +3,14 @@
 Layout (see slimserve.kernels.packing): values [N, K/2] in the compute dtype, meta uint8
 [N, ceil(K/8)] with one nibble (i0 | i1 << 2) per group of 4.
 
-Dispatch (`select_sparse24_backend`): on CUDA the Triton kernel, which reads only the compressed
-form and multiplies densely in registers; on CPU there is no sparse kernel in torch,
-so the reference expands the weight and runs the dense matmul (slower than dense: 2:4 is a GPU
-format here).
+A serving engine on CPU calls `SparseLinear.pack_for_cpu()` once: where our kernels load
+(fp32 in either build, bf16 with AVX-512 BF16), the weight moves into our 2:4 GEMM's block layout
+(`cpu_sparse24.cpp`), which reads only the kept half and its positions at every row count, and
+the plain buffers are dropped.
+
+Unpacked, the dispatch (`select_sparse24_backend`): on CUDA the Triton kernel, which reads only
+the compressed form and multiplies densely in registers; elsewhere the reference expands the
+weight and runs the dense matmul (slower than dense; torch has no CPU 2:4 kernel).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from typing import Self
 
 import torch
 
+from . import native
 from .base import CompressedLinear
 from .dispatch import record_backend
-from .packing import compress_24
+from .packing import compress_24, pack_24_blocks
 from .reference import sparse24_matmul_reference
 from .triton_support import TRITON_DTYPES, triton_runs_on
 
@@ -59,25 +64,66 @@ class SparseLinear(CompressedLinear):
         self.register_buffer(
             "meta_bits", torch.empty(n, (k + 7) // 8, dtype=torch.uint8, device=device)
         )
+        self.native_kernels: native.NativeKernels | None = None
+        self.cpu_values: torch.Tensor | None = None
+        self.cpu_codes: torch.Tensor | None = None
 
     @classmethod
     def from_dense(
         cls, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype
     ) -> Self:
         values, meta = compress_24(weight.detach())
-        n, k = weight.shape
-        module = cls(k, n, bias is not None, compute_dtype, weight.device)
+        return cls.from_compressed(values, meta, bias, compute_dtype)
+
+    @classmethod
+    def from_compressed(
+        cls,
+        values: torch.Tensor,
+        meta: torch.Tensor,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+    ) -> Self:
+        """From kept values [N, K/2] and position codes [N, ceil(K/8)] (`compress_24`'s)."""
+        n, k = values.shape[0], 2 * values.shape[1]
+        module = cls(k, n, bias is not None, compute_dtype, values.device)
+        if tuple(meta.shape) != tuple(module.meta_bits.shape):
+            raise ValueError(f"meta {tuple(meta.shape)} does not fit values {tuple(values.shape)}")
         with torch.no_grad():
             module.values.copy_(values)
             module.meta_bits.copy_(meta)
             module._set_bias(bias)
         return module
 
+    def pack_for_cpu(self) -> int:
+        """Where our kernels take this dtype: serve every row count from our 2:4 GEMM's copy
+        from now on and drop the plain buffers; the module can no longer be saved or moved.
+        Returns the copy's bytes (0 where nothing packs: off CPU, fp16, bf16 without AVX-512
+        BF16)."""
+        if self.cpu_values is None:
+            kernels = native.sparse24_packs(self.values)
+            if kernels is None:
+                return 0
+            block = native.SPARSE24_BLOCKS[self.values.dtype]
+            self.cpu_values, self.cpu_codes = pack_24_blocks(
+                self.values, self.meta_bits, self.in_features, block
+            )
+            self.native_kernels = kernels
+            self.values = torch.empty(0, dtype=self.values.dtype)
+            self.meta_bits = torch.empty(0, dtype=torch.uint8)
+        return sum(t.numel() * t.element_size() for t in (self.cpu_values, self.cpu_codes))
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse24_matmul(x, self.values, self.meta_bits)
+        if self.cpu_values is None:
+            return sparse24_matmul(x, self.values, self.meta_bits)
+        record_backend("sparse24", "cpu-native-sparse24")
+        rows = x if x.stride(1) == 1 else x.contiguous()
+        return self.native_kernels.sparse24_gemm(
+            rows, self.cpu_values, self.cpu_codes, self.out_features
+        )
 
     def extra_repr(self) -> str:
+        packed = ", packed for cpu-native-sparse24" if self.cpu_values is not None else ""
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, 2:4 sparse, "
-            f"bias={self.bias is not None}"
+            f"in_features={self.in_features}, out_features={self.out_features}, 2:4 sparse"
+            f"{packed}, bias={self.bias is not None}"
         )

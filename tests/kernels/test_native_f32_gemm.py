@@ -1,13 +1,15 @@
-"""slimserve's own fp32 GEMM for decode rows (kernels/cpu_f32_gemm.cpp): fp64 agreement at ragged
-shapes (N not a multiple of the 8-channel block, odd K), with and without bias, strided rows,
-every row count it takes, at each ISA level; the lm_head's PackedLinear serving it."""
+"""slimserve's own fp32 GEMM (kernels/cpu_f32_gemm.cpp): fp64 agreement at ragged shapes (N not a
+multiple of the 24-channel panel, odd K), with and without bias, strided rows, decode and prompt
+row counts (lone last groups of 4 rows), at each ISA level; the PackedLinear serving it: every
+row count as the only copy at the avx2 level, the lm_head's decode rows beside oneDNN's copy at
+the avx512 level."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from slimserve.kernels import native
+from slimserve.kernels import cpu_isa, native
 from slimserve.kernels.dense_cpu import PackedLinear, can_pack
 from slimserve.kernels.dispatch import chosen_backends
 
@@ -20,8 +22,11 @@ def _case(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(n, k, generator=gen)
     bias = torch.randn(n, generator=gen)
-    x = torch.randn(4, k, generator=gen) * torch.logspace(-3, 3, 4)[:, None]
+    x = torch.randn(ROWS[-1], k, generator=gen) * torch.logspace(-3, 3, ROWS[-1])[:, None]
     return weight, bias, x
+
+
+ROWS = [1, 2, 3, 4, 5, 8, 11, 32, 130]
 
 
 @pytest.mark.parametrize(("n", "k"), SHAPES)
@@ -30,7 +35,7 @@ def test_matches_fp64(n: int, k: int, with_bias: bool) -> None:
     kernels = native.kernels()
     weight, bias, x = _case(n, k, seed=n * 7 + k)
     packed = kernels.f32_pack(weight)
-    for m in range(1, kernels.f32_gemm_max_rows + 1):
+    for m in ROWS:
         out = kernels.f32_gemm(x[:m], packed, n, bias if with_bias else None)
         ref = x[:m].double() @ weight.double().t() + (bias.double() if with_bias else 0)
         # fp32 sums of k products: each within k * eps of the sum of magnitudes
@@ -47,17 +52,35 @@ def test_strided_rows_and_limits() -> None:
     packed = kernels.f32_pack(weight)
     out = kernels.f32_gemm(x, packed, 20, bias)
     torch.testing.assert_close(out, x @ weight.t() + bias, rtol=1e-5, atol=1e-5)
-    rows = kernels.f32_gemm_max_rows
+    rows = kernels.f32_gemm_max_rows  # beside oneDNN's copy
     assert native.f32_gemm_supported(x, 64)
     assert not native.f32_gemm_supported(torch.randn(rows + 1, 64), 64)
     assert not native.f32_gemm_supported(x.bfloat16(), 64)
     assert not native.f32_gemm_supported(wide[:, ::2], 64)  # column stride 2
     with pytest.raises(ValueError, match="refused"):
-        kernels.f32_gemm(torch.randn(rows + 1, 64), packed, 20, None)
+        kernels.f32_gemm(torch.randn(0, 64), packed, 20, None)
 
 
-def test_packed_linear_serves_decode_rows_from_it() -> None:
+def test_at_the_avx2_level_it_is_the_only_copy_at_every_row_count(each_isa: cpu_isa.Isa) -> None:
+    weight, bias, x = _case(100, 64, seed=4)
+    module = PackedLinear(weight, bias)
+    if each_isa != cpu_isa.Isa.AVX2:
+        assert module.backend == "cpu-onednn-packed" and module.native_packed is None
+        return
+    assert module.backend == "cpu-native-f32-gemm" and module.packed is None
+    assert module.native_packed.numel() == 120 * 64  # N padded to the 24-channel panel
+    assert module.with_native_gemm(weight) == 0  # already its only copy
+    for m in ROWS:
+        torch.testing.assert_close(module(x[:m]), x[:m] @ weight.t() + bias, rtol=1e-5, atol=1e-3)
+    assert "cpu-native-f32-gemm" in chosen_backends()["dense"]
+    with pytest.raises(TypeError, match="takes fp32 inputs"):
+        module(x.bfloat16())  # never misread as fp32
+
+
+def test_packed_linear_serves_decode_rows_from_it(each_isa: cpu_isa.Isa) -> None:
     weight, bias, x = _case(100, 64, seed=5)
+    if each_isa == cpu_isa.Isa.AVX2:
+        pytest.skip("at the avx2 level the fp32 GEMM is the only copy (the test above)")
     if not can_pack(weight):
         pytest.skip("oneDNN cannot prepack here")
     module = PackedLinear(weight, bias)

@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from slimserve.kernels import Int8Linear, LowBitLinear, W8A8Linear, quantize_int8_absmax
+from slimserve.kernels import (
+    Int8Linear,
+    LowBitLinear,
+    SparseLinear,
+    W8A8Linear,
+    quantize_int8_absmax,
+)
 from slimserve.kernels.fuse import fuse_linears
 
 
@@ -32,12 +38,20 @@ def _w8a8(linear):
     return W8A8Linear.from_quantized(q, scale, linear.bias, torch.float32)
 
 
+def _sparse24(linear):
+    w = linear.weight.detach().clone()
+    groups = w.view(w.shape[0], -1, 4)
+    groups.scatter_(-1, groups.abs().topk(2, dim=-1, largest=False).indices, 0.0)
+    return SparseLinear.from_dense(w, linear.bias, torch.float32)
+
+
 MAKERS = {
     "dense": lambda m: m,
     "int8": Int8Linear.from_linear,
     "w8a8": _w8a8,
     "w4": lambda m: _lowbit(m, 4),
     "w3": lambda m: _lowbit(m, 3),
+    "sparse24": _sparse24,
 }
 
 
@@ -61,4 +75,10 @@ def test_mixed_kinds_are_not_fused():
     a, b = (
         _lowbit(m, 4, group) for m, group in zip(_linears(sizes=(16, 16)), (32, 64), strict=True)
     )
+    assert fuse_linears([a, b]) is None
+
+
+def test_sparse_modules_packed_for_cpu_are_not_fused():
+    a, b = (_sparse24(m) for m in _linears(sizes=(16, 16)))
+    a.pack_for_cpu()
     assert fuse_linears([a, b]) is None
