@@ -182,7 +182,7 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 def _backend(op: str, module: torch.nn.Module, x: torch.Tensor) -> str:
     if op in ("w8a16", "w8a16-packed"):
         if module.cpu_native_pack is not None:
-            return "cpu-native-gemm"
+            return module.cpu_native_backend
         return select_w8a16_backend(x, module.qweight, module.scale)
     if op == "w8a16-int8pack":
         return "cpu-int8pack"

@@ -3,8 +3,10 @@
 A serving engine on CPU calls `Int8Linear.pack_for_cpu()` once: where the avx512 build of our
 kernels loads, the weight moves into our W8A16 GEMM's layout (`cpu_w8a16_gemm.cpp`), which then
 serves every row count, decode and prompt alike (it beat every other CPU path at 1-512 rows on
-the default model's shapes, kernels/README.md); the plain weight is dropped (a tied embedding
-keeps its own reference for lookups).
+the default model's shapes, kernels/README.md); at the avx2 level with fp32 activations, into
+the fp32 GEMM's panels (`cpu_f32_gemm.cpp`, each weight widened in registers: exact fp32 sums,
+1.0-1.7x the GEMV at one row, level with it at 4-32, and every prompt size). The plain weight is
+dropped (a tied embedding keeps its own reference for lookups).
 
 Unpacked, the dispatch (`select_w8a16_backend`): the Triton kernel on CUDA; on CPU our own GEMV
 (`native.py`, int16 activation codes x int8 weights: VPDPBUSD on avx512, VPMADDWD on avx2) up to
@@ -116,21 +118,32 @@ class Int8Linear(CompressedLinear):
         bias = torch.empty(n, dtype=dtype) if meta["has_bias"] else None
         return cls(qweight, torch.empty(n, dtype=dtype), bias, dtype)
 
-    # Our W8A16 GEMM's copy of the weight and its scales in fp32, once packed for CPU serving.
+    # Our W8A16 GEMM's copy of the weight and its scales in fp32, once packed for CPU serving:
+    # the avx512 GEMM's layout ("cpu-native-gemm") or, at the avx2 level, the fp32 GEMM's panels
+    # ("cpu-native-panels").
     cpu_native_pack: torch.Tensor | None = None
+    cpu_native_backend: str | None = None
     native_scale: torch.Tensor | None = None
     native_kernels: native.NativeKernels | None = None  # the build that packed it reads it
 
     def pack_for_cpu(self) -> int:
-        """Where our avx512 kernels load: serve every row count from our W8A16 GEMM's copy from
-        now on and drop the plain weight; the module can no longer be saved or moved. Returns
-        the copy's bytes (0 where nothing packs: off CPU, the avx2 build, K too long)."""
+        """Where our kernels load, serve every row count from one packed copy from now on and
+        drop the plain weight: the avx512 build's W8A16 GEMM, or at the avx2 level (fp32
+        activations) the fp32 GEMM's panels with each weight widened in registers; the module
+        can no longer be saved or moved. Returns the copy's bytes (0 where nothing packs: off
+        CPU, K too long, the avx2 level in 16-bit)."""
         if self.cpu_native_pack is None:
             kernels = native.w8a16_gemm_packs(self.qweight)
-            if kernels is None:
-                return 0
+            if kernels is not None:
+                self.cpu_native_backend = "cpu-native-gemm"
+                self.cpu_native_pack = kernels.w8a8_pack(self.qweight)  # one layout for both
+            else:
+                kernels = native.w8a16_panels_pack(self.qweight, self.compute_dtype)
+                if kernels is None:
+                    return 0
+                self.cpu_native_backend = "cpu-native-panels"
+                self.cpu_native_pack = kernels.w8a16_panels_pack(self.qweight)
             self.native_kernels = kernels
-            self.cpu_native_pack = kernels.w8a8_pack(self.qweight)  # one layout for both GEMMs
             self.native_scale = self.scale.float().contiguous()
             self.qweight = torch.empty(0, dtype=torch.int8)
         return self.cpu_native_pack.numel()
@@ -138,12 +151,18 @@ class Int8Linear(CompressedLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_native_pack is None:
             return int8_weight_matmul(x, self.qweight, self.scale)
-        record_backend("w8a16", "cpu-native-gemm")
+        record_backend("w8a16", self.cpu_native_backend)
         rows = x if x.stride(1) == 1 else x.contiguous()
+        if self.cpu_native_backend == "cpu-native-panels":
+            return self.native_kernels.w8a16_panels_gemm(
+                rows, self.cpu_native_pack, self.native_scale
+            )
         return self.native_kernels.w8a16_gemm(rows, self.cpu_native_pack, self.native_scale)
 
     def extra_repr(self) -> str:
-        packed = ", packed for cpu-native-gemm" if self.cpu_native_pack is not None else ""
+        packed = (
+            f", packed for {self.cpu_native_backend}" if self.cpu_native_pack is not None else ""
+        )
         return f"in_features={self.in_features}, out_features={self.out_features}, int8{packed}"
 
 

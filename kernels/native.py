@@ -367,9 +367,9 @@ class NativeKernels:
 
     @property
     def f32_gemm_only_copy(self) -> bool:
-        """Whether the fp32 GEMM is a dense fp32 weight's only copy, serving every row count: at
+        """Whether the fp32 GEMM's panels are a weight's only copy, serving every row count: at
         the avx2 level, where oneDNN's fp32 matmul is AVX2 code too and ours was 1.0-1.7x it from
-        1 to 128 rows (kernels/README.md)."""
+        1 to 128 rows, dense fp32 and int8 (widened in registers) alike (kernels/README.md)."""
         return self.isa == Isa.AVX2
 
     def f32_pack(self, weight: torch.Tensor) -> torch.Tensor:
@@ -393,6 +393,32 @@ class NativeKernels:
         )  # fmt: skip
         if status != 0:
             raise ValueError(f"slim_f32_gemm refused M={m} K={k} N={n}")
+        return out
+
+    def w8a16_panels_pack(self, qweight: torch.Tensor) -> torch.Tensor:
+        """int8 [N, K] -> the fp32 GEMM's panels, in int8 (`w8a16_panels_gemm` reads them)."""
+        n, k = qweight.shape
+        packed = torch.empty(int(self.library.slim_f32_packed_elements(n, k)), dtype=torch.int8)
+        self.library.slim_w8a16_panels_pack(
+            qweight.contiguous().data_ptr(), n, k, packed.data_ptr()
+        )
+        return packed
+
+    def w8a16_panels_gemm(
+        self, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """fp32 x [M >= 1, K] (unit column stride) @ (int8 weight [N, K] * scale [N] fp32).T ->
+        fp32 [M, N], the weight `w8a16_panels_pack`ed: each weight widened to fp32 in registers,
+        fp32 products and sums."""
+        m, k = x.shape
+        n = scale.shape[0]
+        out = torch.empty(m, n, dtype=torch.float32)
+        status = self.library.slim_w8a16_panels_gemm(
+            x.data_ptr(), m, k, x.stride(0), packed.data_ptr(), scale.data_ptr(), n,
+            out.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise ValueError(f"slim_w8a16_panels_gemm refused M={m} K={k} N={n}")
         return out
 
     def bf16_pack(self, weight: torch.Tensor) -> torch.Tensor:
@@ -512,6 +538,10 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
     library.slim_f32_packed_elements.argtypes = [i64, i64]
     library.slim_f32_pack.restype = None
     library.slim_f32_pack.argtypes = [ptr, i64, i64, ptr]
+    library.slim_w8a16_panels_pack.restype = None
+    library.slim_w8a16_panels_pack.argtypes = [ptr, i64, i64, ptr]
+    library.slim_w8a16_panels_gemm.restype = cint
+    library.slim_w8a16_panels_gemm.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
     library.slim_f32_gemm.restype = cint
     library.slim_f32_gemm.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
     library.slim_w4a16_gemv.restype = cint
@@ -690,6 +720,15 @@ def w8a16_gemm_packs(qweight: torch.Tensor) -> NativeKernels | None:
     if native is None or not native.w8a16_gemm_available or qweight.device.type != "cpu":
         return None
     return native if qweight.shape[1] <= native.w8a16_gemm_max_k else None
+
+
+def w8a16_panels_pack(qweight: torch.Tensor, compute_dtype: torch.dtype) -> NativeKernels | None:
+    """The library that packs and serves this int8 CPU weight [N, K] in the fp32 GEMM's panels
+    from now on, or None: at the avx2 level (`f32_gemm_only_copy`), fp32 activations."""
+    native = kernels()
+    if native is None or not native.f32_gemm_only_copy or compute_dtype != torch.float32:
+        return None
+    return native if qweight.device.type == "cpu" and qweight.dtype == torch.int8 else None
 
 
 def sparse24_packs(values: torch.Tensor) -> NativeKernels | None:

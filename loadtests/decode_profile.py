@@ -64,6 +64,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "full": None,
     "int8": {"method": "int8-weight-only"},
     "w8a8": {"method": "smoothquant-w8a8"},
+    "w4": {"method": "rtn", "bits": 4, "group_size": 64},
+    # Magnitude, not Wanda: the same 2:4 layout and kernels, without a calibration pass.
+    "sparse24": {"method": "magnitude", "sparsity": "2:4"},
 }
 MATMUL_KINDS = ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
 GROUPS = ("matmul", "attention", "rotary", "norm", "silu", "embedding", "sampling", "rest")

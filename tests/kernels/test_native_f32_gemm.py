@@ -2,16 +2,18 @@
 multiple of the 24-channel panel, odd K), with and without bias, strided rows, decode and prompt
 row counts (lone last groups of 4 rows), at each ISA level; the PackedLinear serving it: every
 row count as the only copy at the avx2 level, the lm_head's decode rows beside oneDNN's copy at
-the avx512 level."""
+the avx512 level; the same panels in int8 (W8A16, each weight widened in registers) and the
+Int8Linear serving every row count from them at the avx2 level."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from slimserve.kernels import cpu_isa, native
+from slimserve.kernels import Int8Linear, cpu_isa, native
 from slimserve.kernels.dense_cpu import PackedLinear, can_pack
 from slimserve.kernels.dispatch import chosen_backends
+from slimserve.kernels.int8 import quantize_int8_absmax
 
 pytestmark = pytest.mark.usefixtures("each_isa")
 
@@ -91,3 +93,39 @@ def test_packed_linear_serves_decode_rows_from_it(each_isa: cpu_isa.Isa) -> None
     torch.testing.assert_close(out, x[:2] @ weight.t() + bias, rtol=1e-5, atol=1e-4)
     many = torch.randn(9, 64)  # a prompt chunk: oneDNN's copy
     torch.testing.assert_close(module(many), many @ weight.t() + bias, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_int8_panels_match_fp64(n: int, k: int) -> None:
+    kernels = native.kernels()
+    weight, _, x = _case(n, k, seed=n * 5 + k)
+    qweight, scale = quantize_int8_absmax(weight)
+    qweight[0, : min(k, 3)] = torch.tensor([127, -127, -128][: min(k, 3)], dtype=torch.int8)
+    packed = kernels.w8a16_panels_pack(qweight)
+    dequant = qweight.double() * scale.double()[:, None]
+    for m in ROWS:
+        out = kernels.w8a16_panels_gemm(x[:m], packed, scale)
+        ref = x[:m].double() @ dequant.t()
+        # fp32 sums of exact products (|q| <= 128 widens exactly), then one multiply by the scale
+        magnitude = x[:m].double().abs() @ dequant.abs().t()
+        assert ((out.double() - ref).abs() <= (k + 2) * 2.0**-23 * magnitude + 1e-30).all(), m
+
+
+def test_at_the_avx2_level_an_fp32_int8_linear_serves_every_row_count_from_panels(
+    each_isa: cpu_isa.Isa,
+) -> None:
+    weight, bias, x = _case(100, 64, seed=6)
+    qweight, scale = quantize_int8_absmax(weight)
+    module = Int8Linear(qweight, scale, bias, torch.float32)
+    held = module.pack_for_cpu()
+    if each_isa != cpu_isa.Isa.AVX2:
+        assert module.cpu_native_backend != "cpu-native-panels"
+        return
+    assert held == 120 * 64 and module.qweight.numel() == 0  # one int8 copy, 24-channel panels
+    assert "packed for cpu-native-panels" in repr(module)
+    dequant = qweight.float() * scale[:, None]
+    for m in ROWS:
+        torch.testing.assert_close(module(x[:m]), x[:m] @ dequant.t() + bias, rtol=1e-5, atol=1e-3)
+    assert "cpu-native-panels" in chosen_backends()["w8a16"]
+    half = Int8Linear(qweight, scale, None, torch.bfloat16)
+    assert half.pack_for_cpu() == 0  # 16-bit activations: the GEMV and torch's paths serve
