@@ -30,13 +30,27 @@ SDIST = "llama-cpp-python"
 TOOLS = ("llama-server", "llama-quantize", "llama-perplexity")
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DGGML_NATIVE=ON",
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",  # the server's web page would be fetched from the network
 )
+# The CPU level a build targets: "native" (the host's best), or "avx2": what an AVX2-only CPU
+# such as AMD Zen 2 runs, built so on a newer one to compare at that level.
+ISA_FLAGS = {
+    "native": ("-DGGML_NATIVE=ON",),
+    "avx2": (
+        *("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON"),
+        *("-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF"),
+        *("-DGGML_AVX512_VNNI=OFF", "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF"),
+        *("-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"),
+    ),
+}
+
+
+def cmake_flags(isa: str) -> tuple[str, ...]:
+    return (*CMAKE_FLAGS, *ISA_FLAGS[isa])
 
 
 class LlamaCpp(BaseModel):
@@ -44,6 +58,7 @@ class LlamaCpp(BaseModel):
 
     version: str
     root: Path
+    isa: str = "native"  # a key of ISA_FLAGS
 
     @property
     def source(self) -> Path:
@@ -51,7 +66,7 @@ class LlamaCpp(BaseModel):
 
     @property
     def build_dir(self) -> Path:
-        return self.root / "build"
+        return self.root / ("build" if self.isa == "native" else f"build-{self.isa}")
 
     def binary(self, name: str) -> Path:
         return self.build_dir / "bin" / name
@@ -103,10 +118,11 @@ def _run_logged(command: list[str], log_path: Path, env: dict[str, str] | None =
 
 def _cmake_build(llamacpp: LlamaCpp, jobs: int) -> None:
     started = time.perf_counter()
-    build_log = llamacpp.root / "build.log"
-    log.info("configuring llama.cpp %s: %s", llamacpp.version, " ".join(CMAKE_FLAGS))
+    build_log = llamacpp.build_dir.with_suffix(".log")
+    flags = cmake_flags(llamacpp.isa)
+    log.info("configuring llama.cpp %s: %s", llamacpp.version, " ".join(flags))
     source, build = str(llamacpp.source), str(llamacpp.build_dir)
-    _run_logged(["cmake", "-S", source, "-B", build, *CMAKE_FLAGS], build_log)
+    _run_logged(["cmake", "-S", source, "-B", build, *flags], build_log)
     log.info("building %s with -j%d (output: %s)", ", ".join(TOOLS), jobs, build_log)
     targets = ["--target", *TOOLS]
     _run_logged(
@@ -115,13 +131,14 @@ def _cmake_build(llamacpp: LlamaCpp, jobs: int) -> None:
     log.info("built llama.cpp %s in %.0fs", llamacpp.version, time.perf_counter() - started)
 
 
-def ensure_llamacpp(jobs: int = 2) -> LlamaCpp:
-    """llama.cpp's server, quantizer and perplexity program, built once per sdist version."""
+def ensure_llamacpp(jobs: int = 2, isa: str = "native") -> LlamaCpp:
+    """llama.cpp's server, quantizer and perplexity program, built once per sdist version and
+    CPU level (one source tree and one set of GGUF files for every level)."""
     sdist = _sdist()
     version = _sdist_version(sdist)
-    llamacpp = LlamaCpp(version=version, root=_llamacpp_cache() / version)
+    llamacpp = LlamaCpp(version=version, root=_llamacpp_cache() / version, isa=isa)
     if llamacpp.built():
-        log.info("llama.cpp %s already built in %s", version, llamacpp.build_dir)
+        log.info("llama.cpp %s (%s) already built in %s", version, isa, llamacpp.build_dir)
         return llamacpp
     if not (llamacpp.source / "CMakeLists.txt").exists():
         _extract_llamacpp(sdist, llamacpp.source)

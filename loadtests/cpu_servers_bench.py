@@ -2,11 +2,13 @@
 
     python -m slimserve.loadtests.cpu_servers_bench \\
         --servers llamacpp-f32 llamacpp-bf16 llamacpp-q8_0 llamacpp-q4_1 slimserve \\
-        --concurrency 1 8 32
+        --concurrency 1 8 32 [--isa avx2]
 
 One server after another on the same machine, the same load for each (OpenAI chat completions,
 streaming, --tokens greedy tokens per request with ignore_eos, closed loop), and the perplexity
 of each row's weights on slimserve's held-out evaluation text. Prints a markdown table.
+`--isa avx2` compares at the level of an AVX2-only CPU (AMD Zen 2) on a newer one: llama.cpp
+built for AVX2 alone, slimserve (and torch, oneDNN) held to AVX2 by their environment variables.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import httpx
 from pydantic import BaseModel
 
 from slimserve.loadtests.cpu_servers import (
-    CMAKE_FLAGS,
     GGUF_TYPES,
+    ISA_FLAGS,
     LlamaCpp,
+    cmake_flags,
     ensure_gguf,
     ensure_llamacpp,
     llama_server_spec,
@@ -46,6 +49,15 @@ log = logging.getLogger("slimserve.loadtests.cpu_servers_bench")
 MODEL = "smollm2-135m-instruct"
 LLAMACPP_SERVERS = {f"llamacpp-{kind}": kind for kind in GGUF_TYPES}
 SERVERS = [*LLAMACPP_SERVERS, "slimserve", "vllm"]
+# What holds slimserve, torch and oneDNN to a CPU level (kernels/README.md, "Every CPU").
+ISA_ENVIRONMENT = {
+    "native": {},
+    "avx2": {
+        "SLIMSERVE_CPU_ISA": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+    },
+}
 
 
 class Entry(BaseModel):
@@ -161,7 +173,7 @@ def wait_for_quiet(args: argparse.Namespace) -> None:
 
 
 def measure_llamacpp(kind: str, args: argparse.Namespace) -> list[Entry]:
-    llamacpp = ensure_llamacpp(args.jobs)
+    llamacpp = ensure_llamacpp(args.jobs, args.isa)
     gguf = ensure_gguf(llamacpp, MODEL, kind)
     entry = Entry(label=f"llama.cpp {kind.upper()}", request_model=MODEL)
     slots = max(args.concurrency)
@@ -267,7 +279,8 @@ def header(args: argparse.Namespace, load_before: str, load_after: str) -> str:
             f"Load: {args.tokens} output tokens per request (ignore_eos, greedy), streaming chat "
             f"completions, {args.requests_per_stream} requests per stream, closed loop. "
             f"llama-server: `-np {top} -t {args.threads} -c {top * 128}`, built with "
-            f"{' '.join(CMAKE_FLAGS)}.",
+            f"{' '.join(cmake_flags(args.isa))}. Environment of every server: "
+            f"{ISA_ENVIRONMENT[args.isa] or 'as the host has it'}.",
             "Weights: llama.cpp F32 converted (convert_hf_to_gguf.py) from the HF directory "
             "slimserve materializes (bf16), BF16 and Q8_0 made from it (llama-quantize), Q4_1 the "
             "GGUF the model ships as (token embeddings Q8_0), which slimserve de-quantizes; "
@@ -304,12 +317,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--ppl-context", type=int, default=512)
     parser.add_argument("--log-dir", type=Path, default=cache_root() / "llama.cpp" / "logs")
+    parser.add_argument("--isa", choices=list(ISA_FLAGS), default="native", help="CPU level")
     return parser.parse_args()
 
 
 def main() -> None:
     configure_logging()
     args = parse_args()
+    # Inherited by every server process (and Ray's workers), and by the perplexity runs here.
+    os.environ.update(ISA_ENVIRONMENT[args.isa])
     args.log_dir.mkdir(parents=True, exist_ok=True)
     load_before = load_average()
     entries = [entry for server in args.servers for entry in measure(server, args)]
