@@ -154,8 +154,10 @@ def test_peak_from_the_gpu_table_the_config_and_a_cpu_measurement():
 
 def test_mfu_of_a_matmul_bound_prefill_is_a_fraction_of_the_measured_peak():
     """A 256-token prefill through wide layers is matmul bound: its FLOPs (from the FLOP model)
-    over its time, against the peak measured in the same dtype on the same thread, lie strictly
-    between 0 and 1 on every CPU (a peak measured in emulated bf16 on AVX2 gave ~40x)."""
+    over its time, against the peak measured in the same dtype on the same thread, are a
+    fraction near 1 on every CPU, not a multiple (a peak measured in emulated bf16 on AVX2 gave
+    ~40x). The bound is 2, not 1: both figures are timings on a shared machine, and a prefill
+    whose matmuls run as well as the peak's lands at 1.0 +- their noise (1.01 seen once)."""
     model = tiny(hidden=1024, heads=8)  # float32: what "auto" runs without native bf16
     flops = count_model_flops(model)
     peak = device_peak(torch.float32, None, 0.3).flops_per_second
@@ -169,7 +171,7 @@ def test_mfu_of_a_matmul_bound_prefill_is_a_fraction_of_the_measured_peak():
             best = min(best, time.perf_counter() - started)
     window = WindowWork(prefill_work(256), generated_tokens=1, seconds=best)
     used = utilization(flops, window, peak, replicas=1)
-    assert 0.0 < used.mfu < 1.0, (used.achieved_flops_per_second, peak)
+    assert 0.0 < used.mfu < 2.0, (used.achieved_flops_per_second, peak)
 
 
 def _mfu(client, variant: str) -> float:
