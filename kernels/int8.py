@@ -138,7 +138,7 @@ class Int8Linear(CompressedLinear):
                 self.cpu_native_backend = "cpu-native-gemm"
                 self.cpu_native_pack = kernels.w8a8_pack(self.qweight)  # one layout for both
             else:
-                kernels = native.w8a16_panels_pack(self.qweight, self.compute_dtype)
+                kernels = native.w8a16_panels_packs(self.qweight, self.compute_dtype)
                 if kernels is None:
                     return 0
                 self.cpu_native_backend = "cpu-native-panels"

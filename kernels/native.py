@@ -2,8 +2,9 @@
 decode step's rotary + cache writes + attention per sequence, residual add + RMSNorm, SiLU * up,
 in bf16 or fp32; `cpu_w8a8.cpp`: W8A8 per-token activation quantization, rescale, and a GEMM for
 few rows; `cpu_w8a16_gemm.cpp`: W8A16 on the W8A8 GEMM's packed layout, any rows;
-`cpu_bf16_gemm.cpp`: a bf16 GEMM for few rows, for the lm_head; `cpu_sparse24.cpp`: 2:4 sparse
-GEMMs reading only the kept half, fp32 and bf16; `cpu_sampling.cpp`: greedy choice per row),
+`cpu_bf16_gemm.cpp`: a bf16 GEMM for dense bf16 weights, any rows; `cpu_f32_gemm.cpp`: an fp32
+GEMM on panels of fp32 or int8 weights, any rows; `cpu_sparse24.cpp`: 2:4 sparse GEMMs reading
+only the kept half, fp32 and bf16; `cpu_sampling.cpp`: greedy choice per row),
 built once per machine and ISA into one library and called through ctypes (which releases the
 interpreter lock).
 
@@ -373,7 +374,7 @@ class NativeKernels:
         return self.isa == Isa.AVX2
 
     def f32_pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """fp32 [N, K] -> the fp32 GEMM's own layout (blocks of 8 channels, cpu_f32_gemm.cpp)."""
+        """fp32 [N, K] -> the fp32 GEMM's own layout (panels of 24 channels, cpu_f32_gemm.cpp)."""
         weight = weight.detach().contiguous()
         n, k = weight.shape
         packed = torch.empty(int(self.library.slim_f32_packed_elements(n, k)), dtype=torch.float32)
@@ -722,7 +723,7 @@ def w8a16_gemm_packs(qweight: torch.Tensor) -> NativeKernels | None:
     return native if qweight.shape[1] <= native.w8a16_gemm_max_k else None
 
 
-def w8a16_panels_pack(qweight: torch.Tensor, compute_dtype: torch.dtype) -> NativeKernels | None:
+def w8a16_panels_packs(qweight: torch.Tensor, compute_dtype: torch.dtype) -> NativeKernels | None:
     """The library that packs and serves this int8 CPU weight [N, K] in the fp32 GEMM's panels
     from now on, or None: at the avx2 level (`f32_gemm_only_copy`), fp32 activations."""
     native = kernels()
