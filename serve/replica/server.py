@@ -17,7 +17,6 @@ from slimserve.kernels import cpu_isa
 from slimserve.kernels.dispatch import chosen_backends, merged_backends
 
 from ..config import SlimserveConfig
-from ..engine.factory import build_engine
 from ..engine.limits import unavailable_error
 from ..engine.protocol import Engine
 from ..engine.threads import configure_threads
@@ -55,6 +54,10 @@ class VariantServer:
         in_process = options.name == "torch" and not options.separate_process
         configure_threads(options, runs_torch_engine=in_process)
         model_name = cfg.model_for(variant)
+        # Imported here: transformers takes seconds to import, and the process that builds the
+        # Ray Serve app (`slimserve serve`) imports this module without loading any model.
+        from ..engine.factory import build_engine
+
         built = build_engine(cfg, variant)
         self.engine: Engine = built.engine
         self.tokenizer, self.report = built.tokenizer, built.report

@@ -23,7 +23,7 @@ from slimserve.serve.config import load_config
 
 from .conftest import CONFIGS, ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import assert_disconnect_frees_slot
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -21,7 +21,7 @@ from slimserve.serve.ray_settings import apply_serve_environment
 
 from .conftest import CONFIGS, _free_port, running_gateway
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 MODEL = "smollm2-135m-instruct"
 ADMIN_TOKEN = "integration-admin"

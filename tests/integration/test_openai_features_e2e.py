@@ -16,7 +16,7 @@ from slimserve.serve.replica.server import VariantServer
 
 from .conftest import CONFIGS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 CONFIG = load_config(CONFIGS / "default.yaml", check_models=False)
 MODEL = CONFIG.public_model_name

@@ -24,7 +24,7 @@ from slimserve.serve.ray_settings import SERVE_ENVIRONMENT
 
 from .conftest import _free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("ray")]
 
 MODEL = "smollm2-135m-instruct"
 RAY = str(Path(sys.executable).parent / "ray")

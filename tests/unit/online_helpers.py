@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,21 @@ def online_config(
     return parse_config(data)
 
 
+def variant_servers(config: SlimserveConfig) -> dict[str, VariantServer]:
+    """One VariantServer per variant, started together as Ray Serve starts replicas: each
+    spends most of its start waiting for its engine process to import and load. Engines that
+    load in this process load one after another (transformers' loading context is global)."""
+    as_dict = config.model_dump(mode="json")
+    if not all(config.engine_for(name).separate_process for name in config.variants):
+        return {name: VariantServer(name, as_dict) for name in config.variants}
+    with ThreadPoolExecutor(len(config.variants)) as pool:
+        futures = {name: pool.submit(VariantServer, name, as_dict) for name in config.variants}
+    return {name: future.result() for name, future in futures.items()}
+
+
 @contextlib.contextmanager
 def online_gateway(config: SlimserveConfig) -> Iterator[tuple[TestClient, GatewayCore]]:
-    as_dict = config.model_dump(mode="json")
-    servers = {name: VariantServer(name, as_dict) for name in config.variants}
+    servers = variant_servers(config)
     core = GatewayCore(config, {n: InProcessBackend(s) for n, s in servers.items()})
     try:
         with TestClient(create_api(core)) as client:

@@ -13,7 +13,8 @@ from slimserve.kernels import cpu_isa
 from slimserve.serve.api.backends import InProcessBackend
 from slimserve.serve.api.gateway import GatewayCore, create_api
 from slimserve.serve.config import parse_config
-from slimserve.serve.replica.server import VariantServer
+
+from .online_helpers import variant_servers
 
 CHAT = "/v1/chat/completions"
 
@@ -32,8 +33,7 @@ def client(tiny_model_dir):
             "engine": {"max_model_len": 256, "max_num_seqs": 4, "torch_threads": 1},
         }
     )
-    as_dict = config.model_dump(mode="json")
-    servers = {name: VariantServer(name, as_dict) for name in config.variants}
+    servers = variant_servers(config)
     core = GatewayCore(config, {n: InProcessBackend(s) for n, s in servers.items()})
     with TestClient(create_api(core)) as test_client:
         yield test_client

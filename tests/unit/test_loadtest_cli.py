@@ -26,9 +26,10 @@ from slimserve.loadtests.plan_report import PlanReport
 from slimserve.serve.api.backends import InProcessBackend
 from slimserve.serve.api.gateway import GatewayCore
 from slimserve.serve.config import parse_config
-from slimserve.serve.replica.server import VariantServer
 
-from .online_helpers import online_config, serving, until
+from .online_helpers import online_config, serving, until, variant_servers
+
+pytestmark = pytest.mark.xdist_group("ray")  # starts Ray: see tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -40,7 +41,7 @@ SPLIT = {"full": 75, "int8": 25}
 def gateway(tiny_model_dir):
     config = online_config(tiny_model_dir, routing={"split": SPLIT}, self_bench={"enabled": False})
     as_dict = config.model_dump(mode="json")
-    servers = {name: VariantServer(name, as_dict) for name in config.variants}
+    servers = variant_servers(config)
     core = GatewayCore(config, {n: InProcessBackend(s) for n, s in servers.items()})
     try:
         with serving(core) as base:

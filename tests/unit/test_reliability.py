@@ -27,7 +27,9 @@ from slimserve.serve.config import ServerOptions, SlimserveConfig, parse_config
 from slimserve.serve.replica.server import VariantServer
 
 from .conftest import tiny_llama
-from .online_helpers import serving, until
+from .online_helpers import serving, until, variant_servers
+
+pytestmark = pytest.mark.xdist_group("ray")  # starts Ray: see tests/conftest.py
 
 CHAT = "/v1/chat/completions"
 LONG_CONTEXT = 8192  # a request that would hold its slot for thousands of steps
@@ -200,8 +202,7 @@ def faulty_gateway(tiny_model_dir):
         tiny_model_dir, variants={"full": {}, "spare": {}, "broken": {"model": "/no/such/model"}}
     )
     config.engine.max_model_len = 256
-    as_dict = config.model_dump(mode="json")
-    servers = {name: VariantServer(name, as_dict) for name in config.variants}
+    servers = variant_servers(config)
     handle = _FaultyHandle(servers["full"])
     backends: dict[str, Any] = {n: InProcessBackend(s) for n, s in servers.items()}
     backends["full"] = RayBackend("full", handle)
