@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from typing import Any
 
 from .api.access import warn_if_exposed
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 APP_NAME = "slimserve"
 
 
-def build_application(config: SlimserveConfig):  # -> ray.serve.Application
+def build_application(config: SlimserveConfig, listen: bool = False):  # -> ray.serve.Application
+    """`listen`: the gateway replica serves config.server's host:port itself (run_local)."""
     from ray import serve
 
     as_dict = config.model_dump(mode="json")
@@ -39,7 +41,7 @@ def build_application(config: SlimserveConfig):  # -> ray.serve.Application
         # (GatewayDeployment.reconfigure) without restarting anything.
         user_config=routing_user_config(config.routing),
     )
-    return gateway.bind(as_dict, variants)
+    return gateway.bind(as_dict, variants, listen)
 
 
 def variant_deployment_options(config: SlimserveConfig, variant: str) -> dict[str, Any]:
@@ -81,7 +83,8 @@ def _most_replicas(options: DeploymentOptions) -> int:
 
 
 def run_local(config: SlimserveConfig) -> None:
-    """Start a local Ray, the HTTP proxy and the app; returns once every replica is ready."""
+    """Start a local Ray, Serve (its HTTP proxy on a spare port) and the app, whose gateway
+    replica listens on the configured port; returns once every replica is ready."""
     import ray
     from ray import serve
 
@@ -96,8 +99,22 @@ def run_local(config: SlimserveConfig) -> None:
     log.info("Ray Serve settings: %s", apply_serve_environment())  # before Ray starts
     # address="local": always a fresh Ray of our own, never a cluster some other process started.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False)
-    serve.start(http_options={"host": config.server.host, "port": config.server.port})
-    serve.run(build_application(config), name=APP_NAME, route_prefix="/")
+    # The gateway replica listens on the configured port; Serve's proxy takes a spare one.
+    proxy_port = spare_port(config.server.host)
+    serve.start(http_options={"host": config.server.host, "port": proxy_port})
+    serve.run(build_application(config, listen=True), name=APP_NAME, route_prefix="/")
+    log.info(
+        "the gateway replica serves %s:%d itself (Serve's proxy, unused, is on port %d)",
+        config.server.host,
+        config.server.port,
+        proxy_port,
+    )
+
+
+def spare_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def shutdown_local() -> None:

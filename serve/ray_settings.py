@@ -6,8 +6,11 @@ Every streamed token crosses two Serve hops (replica -> gateway -> proxy), so on
 this is CPU the engine gets back (loadtests/README.md, "Gateway overhead", measures it per
 process).
 
-Its direct ingress (the ingress replica listening itself, no proxy) stays off: it binds replicas
-to ports from Serve's own range, not the port a config names. Logging stays as Serve's default.
+Its direct ingress (the ingress replica listening itself, no proxy) stays off: it binds a port
+from Serve's own range without SO_REUSEADDR, so an ingress replica restarted after a crash under
+traffic cannot bind again and Serve blocks the port for good. A local `slimserve serve` gets the
+same hop removed by the gateway's own listener (serve/api/listener.py). Logging stays as
+Serve's default.
 
 These are read from the environment when each Ray process imports Serve, so they must be set
 before Ray starts: `run_local` sets them for a local Ray; a cluster sets them on every node

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from ..config import RoutingConfig, SlimserveConfig
 from .backends import RayBackend
 from .gateway import GatewayCore, create_api
+from .listener import GatewayListener
 
 log = logging.getLogger(__name__)
 
@@ -17,16 +18,24 @@ log = logging.getLogger(__name__)
 class GatewayDeployment:
     """Ray Serve ingress: built with the variants' handles, serves the gateway's FastAPI app."""
 
-    def __init__(self, config: dict[str, Any], variants: dict[str, Any]) -> None:
+    def __init__(
+        self, config: dict[str, Any], variants: dict[str, Any], listen: bool = False
+    ) -> None:
+        """`listen`: serve the configured host:port from this replica itself (a local
+        `slimserve serve`, where Serve's proxy is moved aside); on a cluster clients come
+        through Serve's proxy."""
         from ..logs import configure_logging
 
         configure_logging()
         backends = {name: RayBackend(name, handle) for name, handle in variants.items()}
         self.core = GatewayCore(SlimserveConfig.model_validate(config), backends)
         self._user_config = routing_user_config(self.core.config.routing)
+        self.api = create_api(self.core)
+        server = self.core.config.server
+        self.listener = GatewayListener(self.api, server.host, server.port) if listen else None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.core)
+        return self.api
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Ray Serve calls this with the deployment's user_config: at start, and live whenever

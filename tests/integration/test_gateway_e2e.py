@@ -12,6 +12,7 @@ from collections import Counter
 
 import httpx
 import openai
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -209,7 +210,7 @@ def test_stream_is_valid_sse(gateway):
 
 
 def test_a_replica_killed_mid_stream_is_survived(gateway, gateway_log):
-    """Last in this module: it kills the int8 replica (SIGKILL, as the OOM killer would) and
+    """Near the end of this module: it kills the int8 replica (SIGKILL, as the OOM killer would) and
     waits for Ray Serve to bring it back, so that later tests find the gateway whole."""
     pid = httpx.get(f"{gateway}/v1/variants", timeout=30).json()["variants"]["int8"]["pid"]
     body = {
@@ -255,3 +256,37 @@ def test_a_replica_killed_mid_stream_is_survived(gateway, gateway_log):
     stats = httpx.get(f"{gateway}/v1/variants", timeout=30).json()["variants"]["int8"]
     assert stats["pid"] != pid and stats["cache_status"] == "hit"
     assert "measured before on this machine: reused" in gateway_log.read_text()
+
+
+def _listener(port: int) -> psutil.Process:
+    pids = {
+        c.pid
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
+    assert len(pids) == 1, pids
+    return psutil.Process(pids.pop())
+
+
+def test_the_gateway_replica_listens_itself_and_a_killed_one_comes_back_on_its_port(gateway):
+    """Last in this module. No HTTP proxy between client and gateway: the gateway replica
+    listens on the configured port itself. Killed (SIGKILL) after the tests above left its
+    connections in TIME_WAIT, Ray Serve starts another that listens on the same port, and
+    requests are answered again."""
+    port = int(gateway.rsplit(":", 1)[1])
+    listener = _listener(port)
+    assert "ServeReplica:slimserve:gateway" in " ".join(listener.cmdline())
+    listener.kill()
+    killed_at = time.monotonic()
+    while True:
+        assert time.monotonic() - killed_at < 120, "no gateway replica came back on the port"
+        try:
+            if httpx.get(f"{gateway}/health", timeout=5).json()["status"] == "ok":
+                break
+        except httpx.HTTPError:
+            pass  # nothing listens until the new replica starts
+        time.sleep(0.5)
+    successor = _listener(port)
+    assert successor.pid != listener.pid
+    assert "ServeReplica:slimserve:gateway" in " ".join(successor.cmdline())
+    assert _variant_of(gateway) in {"full", "int8"}

@@ -1,0 +1,61 @@
+"""The gateway replica's own HTTP listener: clients reach the gateway without Serve's proxy hop.
+
+Ray Serve's direct ingress does the same but binds without SO_REUSEADDR, so a gateway replica
+restarted after a crash cannot bind its port while the dead one's connections wait out
+TIME_WAIT, and Serve then blocks that port for good (loadtests/README.md, "Direct ingress").
+Here the socket takes SO_REUSEADDR, so a restarted replica listens where the old one did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import uvicorn
+from fastapi import FastAPI
+
+log = logging.getLogger(__name__)
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port; OSError (the port busy) is the caller's."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class GatewayListener:
+    """uvicorn serving `app` on the replica's running event loop from a socket bound now, so a
+    busy port fails the replica's start (Ray Serve then starts it again)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        self.sock = bound_socket(host, port)
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                lifespan="off",  # Ray Serve already ran the app's lifespan for its own ingress
+                access_log=False,
+                log_config=None,
+                timeout_keep_alive=75,
+            )
+        )
+        # The replica's signals stay Ray's: uvicorn must not take SIGTERM/SIGINT over.
+        self.server.capture_signals = contextlib.nullcontext
+        self.task = asyncio.get_running_loop().create_task(self.server.serve([self.sock]))
+        self.task.add_done_callback(self._ended)
+        log.info("the gateway replica listens on %s:%d", host, port)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the gateway's HTTP listener stopped: %r", task.exception())
+
+    def close(self) -> None:
+        self.server.should_exit = True
