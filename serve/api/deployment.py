@@ -37,6 +37,12 @@ class GatewayDeployment:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self.api
 
+    async def __del__(self) -> None:
+        """Ray Serve's graceful stop (after the app's lifespan shutdown): streams in flight on
+        the replica's own listener finish before the process goes."""
+        if self.listener is not None:
+            await self.listener.drain()
+
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Ray Serve calls this with the deployment's user_config: at start, and live whenever
         `serve deploy` brings a new one. It takes the routing section (bare or under

@@ -32,6 +32,10 @@ def bound_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Ray Serve stops a replica by force 20 s into its graceful stop (graceful_shutdown_timeout_s).
+DRAIN_SECONDS = 15.0
+
+
 class GatewayListener:
     """uvicorn serving `app` on the replica's running event loop from a socket bound now, so a
     busy port fails the replica's start (Ray Serve then starts it again)."""
@@ -45,6 +49,7 @@ class GatewayListener:
                 access_log=False,
                 log_config=None,
                 timeout_keep_alive=75,
+                timeout_graceful_shutdown=DRAIN_SECONDS,
             )
         )
         # The replica's signals stay Ray's: uvicorn must not take SIGTERM/SIGINT over.
@@ -57,5 +62,8 @@ class GatewayListener:
         if not task.cancelled() and task.exception() is not None:
             log.error("the gateway's HTTP listener stopped: %r", task.exception())
 
-    def close(self) -> None:
+    async def drain(self) -> None:
+        """Take no new connection and let the requests in flight finish (up to DRAIN_SECONDS):
+        Serve's own graceful stop counts only the requests that came through its proxy."""
         self.server.should_exit = True
+        await self.task
