@@ -2,9 +2,9 @@
 
 Ray Serve's throughput-optimized mode runs each replica's user code and its handle router on
 the replica's own event loop (no thread hop per streamed item) and talks to replicas over gRPC.
-Every streamed token crosses two Serve hops (replica -> gateway -> proxy), so on a small machine
-this is CPU the engine gets back (loadtests/README.md, "Gateway overhead", measures it per
-process).
+Every streamed token crosses the Serve hop replica -> gateway (and gateway -> proxy on a
+cluster), so on a small machine this is CPU the engine gets back (loadtests/README.md, "Gateway
+overhead", measures it per process).
 
 Its direct ingress (the ingress replica listening itself, no proxy) stays off: it binds a port
 from Serve's own range without SO_REUSEADDR, so an ingress replica restarted after a crash under
