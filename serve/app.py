@@ -17,6 +17,10 @@ from .replica.server import VariantServer
 log = logging.getLogger(__name__)
 
 APP_NAME = "slimserve"
+# How often a stopping replica looks whether its requests are done (Serve's default 2 s; Serve
+# logs each wait, hence not shorter): an idle replica stops 0.5 s in instead of 2 s, and a
+# stop of the whole app (gateway first, then the variants) takes 3 s less.
+STOP_POLL_SECONDS = 0.5
 
 
 def build_application(config: SlimserveConfig, listen: bool = False):  # -> ray.serve.Application
@@ -35,6 +39,7 @@ def build_application(config: SlimserveConfig, listen: bool = False):  # -> ray.
         # The gateway only relays streams; it must not take a CPU away from a variant.
         ray_actor_options={"num_cpus": 0, "resources": dict(config.server.gateway_resources)},
         max_ongoing_requests=4096,
+        graceful_shutdown_wait_loop_s=STOP_POLL_SECONDS,
         # One replica: its routing state (split, canary, shadow windows) is the gateway's.
         num_replicas=1,
         # The routing section, so `serve deploy` with a new user_config reweights live
@@ -61,6 +66,7 @@ def variant_deployment_options(config: SlimserveConfig, variant: str) -> dict[st
         "ray_actor_options": {"num_cpus": options.num_cpus, "resources": dict(options.resources)},
         "health_check_period_s": 3,  # a lost replica is noticed (and restarted) sooner
         "health_check_timeout_s": 30,
+        "graceful_shutdown_wait_loop_s": STOP_POLL_SECONDS,
     }
 
 
