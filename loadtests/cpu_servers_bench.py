@@ -40,9 +40,9 @@ from slimserve.loadtests.cpu_servers import (
     vllm_spec,
 )
 from slimserve.loadtests.decode_bench import PROMPTS, BenchRow, _one, closed_loop
-from slimserve.loadtests.ports import free_port
 from slimserve.models.paths import cache_root
 from slimserve.serve.logs import configure_logging
+from slimserve.serve.ports import free_port
 
 log = logging.getLogger("slimserve.loadtests.cpu_servers_bench")
 

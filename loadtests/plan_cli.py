@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from slimserve.loadtests.ports import free_port
+from slimserve.serve.ports import free_port
 
 if TYPE_CHECKING:
     from slimserve.loadtests.load_run import LoadSpec

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 from typing import Any
 
 from .api.access import warn_if_exposed
 from .api.deployment import GatewayDeployment, routing_user_config
 from .config import DeploymentOptions, SlimserveConfig, load_config
+from .ports import free_port
 from .ray_settings import apply_serve_environment
 from .replica.server import VariantServer
 
@@ -106,7 +106,7 @@ def run_local(config: SlimserveConfig) -> None:
     # address="local": always a fresh Ray of our own, never a cluster some other process started.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False)
     # The gateway replica listens on the configured port; Serve's proxy takes a spare one.
-    proxy_port = spare_port(config.server.host)
+    proxy_port = free_port(config.server.host)
     serve.start(http_options={"host": config.server.host, "port": proxy_port})
     serve.run(build_application(config, listen=True), name=APP_NAME, route_prefix="/")
     log.info(
@@ -115,12 +115,6 @@ def run_local(config: SlimserveConfig) -> None:
         config.server.port,
         proxy_port,
     )
-
-
-def spare_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def shutdown_local() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,21 +14,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from slimserve.serve.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "deploy/configs"
 STARTUP_TIMEOUT_S = 600
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_gateway(config: Path, log_path: Path) -> Iterator[str]:
     """Start `slimserve serve CONFIG` on a free port; yield its base URL once /health says 200."""
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable,
         "-m",

@@ -17,9 +17,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from slimserve.serve.ports import free_port
 from slimserve.serve.ray_settings import apply_serve_environment
 
-from .conftest import CONFIGS, _free_port, running_gateway
+from .conftest import CONFIGS, running_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
@@ -111,7 +112,7 @@ def test_serve_deploy_with_a_new_user_config_reweights_without_restart(tmp_path)
     }
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     with _local_serve(port) as client:
         _deploy(client, path)

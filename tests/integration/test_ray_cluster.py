@@ -20,9 +20,8 @@ import pytest
 
 from slimserve.serve.app import APP_NAME, build_application
 from slimserve.serve.config import parse_config
+from slimserve.serve.ports import free_port
 from slimserve.serve.ray_settings import SERVE_ENVIRONMENT
-
-from .conftest import _free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("ray")]
 
@@ -71,7 +70,7 @@ def _until(predicate, limit: float, what: str):
 
 @contextlib.contextmanager
 def _two_nodes(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = _free_port()
+    port = free_port()
     # Short: Ray's socket paths live under it and must fit in 107 characters.
     temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
     # Each node has one "slot": a variant replica needs one, so there is one per node. Only the
@@ -138,7 +137,7 @@ def test_replicas_on_two_nodes_serve_through_one_gateway_and_survive_a_node(tmp_
         ray.init(address=address, log_to_driver=False)
         try:
             _until(lambda: sum(n["Alive"] for n in ray.nodes()) == 2, 120, "the second node")
-            port = _free_port()
+            port = free_port()
             serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
             serve.run(build_application(config), name=APP_NAME, route_prefix="/")
             base = f"http://127.0.0.1:{port}"

@@ -4,7 +4,6 @@ model, the real FastAPI app, a TestClient. Shared by the MFU, shadow, canary and
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from slimserve.serve.api.backends import InProcessBackend
 from slimserve.serve.api.gateway import GatewayCore, create_api
 from slimserve.serve.config import SlimserveConfig, parse_config
+from slimserve.serve.ports import free_port
 from slimserve.serve.replica.server import VariantServer
 
 CHAT = "/v1/chat/completions"
@@ -96,12 +96,6 @@ def value(families: dict[str, Any], name: str, suffix: str = "", **labels: str) 
     values = sample_values(families[name], suffix, **labels)
     assert len(values) == 1, (name, labels, values)
     return values[0]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

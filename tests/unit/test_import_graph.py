@@ -43,6 +43,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve.config": BELOW_SERVE,
     "serve.logs": (),
     "serve.ray_settings": (),  # Ray Serve's environment, set by the composition root
+    "serve.ports": (),
     "serve.__init__": (),
 }
 
