@@ -329,6 +329,12 @@ class ServerOptions(_Strict):
     health_probe_seconds: float = Field(
         5.0, gt=0, description="how often the gateway probes each variant (up or down)"
     )
+    direct_streams: bool = Field(
+        True,
+        description="engine processes on the gateway replica's node send their streams' tokens "
+        "to it themselves, past the variant replica and Ray Serve's stream (the Serve call still "
+        "spans the request); false: every token travels through the variant replica",
+    )
     gateway_resources: dict[str, float] = Field(
         default_factory=dict,
         description="custom Ray resources the gateway replica needs: pins it to the nodes "

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from ..config import RoutingConfig, SlimserveConfig
+from ..engine.event_channel import EventInbox
 from .backends import RayBackend
 from .gateway import GatewayCore, create_api
 from .listener import GatewayListener
@@ -27,8 +28,11 @@ class GatewayDeployment:
         from ..logs import configure_logging
 
         configure_logging()
-        backends = {name: RayBackend(name, handle) for name, handle in variants.items()}
-        self.core = GatewayCore(SlimserveConfig.model_validate(config), backends)
+        cfg = SlimserveConfig.model_validate(config)
+        # Engine processes on this node send their streams' events here themselves.
+        self.inbox = EventInbox(_node_id()) if cfg.server.direct_streams else None
+        backends = {name: RayBackend(name, handle, self.inbox) for name, handle in variants.items()}
+        self.core = GatewayCore(cfg, backends)
         self._user_config = routing_user_config(self.core.config.routing)
         self.api = create_api(self.core)
         server = self.core.config.server
@@ -42,6 +46,8 @@ class GatewayDeployment:
         the replica's own listener finish before the process goes."""
         if self.listener is not None:
             await self.listener.drain()
+        if self.inbox is not None:
+            self.inbox.shutdown()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Ray Serve calls this with the deployment's user_config: at start, and live whenever
@@ -60,3 +66,9 @@ class GatewayDeployment:
 def routing_user_config(routing: RoutingConfig) -> dict[str, Any]:
     """The gateway deployment's user_config: the routing section as JSON."""
     return routing.model_dump(mode="json")
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()

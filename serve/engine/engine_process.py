@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -31,6 +32,7 @@ from slimserve.compression import CompressionReport
 
 from ..config import SlimserveConfig
 from ..observability.flops import FlopModel
+from .event_channel import connect
 from .limits import check_score_length, server_error
 from .threads import configure_threads
 from .torch_engine import (
@@ -40,7 +42,7 @@ from .torch_engine import (
     gather_targets,
     loop_reply,
 )
-from .types import EngineEvent, ErrorInfo, SamplingParams
+from .types import EngineEvent, ErrorInfo, ReplyTo, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,75 @@ class _PipeSink:
             return False
         return True
 
+    def finished(self, keys: list[int]) -> None:
+        """These requests' events went to their gateway: their streams here end. Call with
+        the lock held."""
+        for key in keys:
+            self.live.pop(key, None)
+        with contextlib.suppress(OSError, EOFError, BrokenPipeError):
+            self.conn.send(("finished", keys))
+
+
+class _OutletSink:
+    """Sends one step's events of the requests one gateway replica asked to get itself, in
+    one message to its inbox (event_channel.py); the replica hears only that they ended.
+    Keys are (the parent's key, the inbox's stream)."""
+
+    def __init__(self, connection: Connection, pipe: _PipeSink) -> None:
+        self.connection: Connection | None = connection
+        self.pipe = pipe
+
+    def send(self, items: list[tuple[tuple[int, int], EngineEvent]]) -> bool:
+        """With the pipe's lock held."""
+        if self.connection is not None:
+            try:
+                self.connection.send(("events", [(stream, event) for (_, stream), event in items]))
+                return True
+            except (OSError, EOFError, BrokenPipeError):
+                log.warning("a gateway replica's event inbox went away; its requests end")
+                with contextlib.suppress(OSError):
+                    self.connection.close()
+                self.connection = None
+        return False
+
+    def deliver(self, items: list[tuple[tuple[int, int], EngineEvent]]) -> bool:
+        with self.pipe.lock:
+            if self.send(items):
+                self.pipe.finished([key for (key, _), event in items if _terminal(event)])
+                return True
+        # The gateway that asked is gone: the replica's calls for these requests end with an
+        # error (nobody reads it), and the engine aborts them (the False).
+        gone = EngineEvent(
+            kind="error", error=server_error("the gateway replica that asked for it is gone")
+        )
+        self.pipe.deliver([(key, gone) for key in {key for (key, _), _ in items}])
+        return False
+
+
+class _Outlets:
+    """One connection per gateway inbox this engine sends to, opened on its first request."""
+
+    def __init__(self, pipe: _PipeSink) -> None:
+        self.pipe = pipe
+        self._sinks: dict[str, _OutletSink] = {}
+
+    def sink_for(self, reply_to: ReplyTo) -> _OutletSink | None:
+        """None when the inbox cannot be reached (the request is relayed instead)."""
+        sink = self._sinks.get(reply_to.address)
+        if sink is not None and sink.connection is not None:
+            return sink
+        try:
+            connection = connect(reply_to)
+        except (OSError, EOFError, AuthenticationError) as error:
+            log.warning("cannot reach a gateway's event inbox (%s); relaying its requests", error)
+            return None
+        sink = self._sinks[reply_to.address] = _OutletSink(connection, self.pipe)
+        return sink
+
+
+def _terminal(event: EngineEvent) -> bool:
+    return event.kind in ("done", "error")
+
 
 def _child_main(conn: Connection, config: dict[str, Any], variant: str) -> None:
     from ..logs import configure_logging
@@ -133,12 +204,12 @@ def _serve_pipe(conn: Connection, engine: TorchEngine) -> None:
     Runs no tensor math (that would start a second OpenMP team; see TorchEngine.run)."""
     sink = _PipeSink(conn, threading.Lock())
     try:
-        _answer_pipe(conn, engine, sink)
+        _answer_pipe(conn, engine, sink, _Outlets(sink))
     finally:
         engine.stop()
 
 
-def _answer_pipe(conn: Connection, engine: TorchEngine, sink: _PipeSink) -> None:
+def _answer_pipe(conn: Connection, engine: TorchEngine, sink: _PipeSink, outlets: _Outlets) -> None:
     next_stats = time.monotonic()
     while True:
         # Counters go out every STATS_PERIOD_S, busy or idle.
@@ -154,7 +225,7 @@ def _answer_pipe(conn: Connection, engine: TorchEngine, sink: _PipeSink) -> None
             return  # the replica is gone
         kind = message[0]
         if kind == "generate":
-            _admit(conn, engine, sink, *message[1:])
+            _admit(engine, sink, outlets, *message[1:])
         elif kind == "abort":
             seq = sink.live.pop(message[1], None)
             if seq is not None:
@@ -170,20 +241,24 @@ def _answer_pipe(conn: Connection, engine: TorchEngine, sink: _PipeSink) -> None
 
 
 def _admit(
-    conn: Connection,
     engine: TorchEngine,
     sink: _PipeSink,
+    outlets: _Outlets,
     key: int,
     request_id: str,
     prompt_ids: list[int],
     params: dict[str, Any],
+    reply_to: dict[str, Any] | None,
 ) -> None:
-    """Queue one request and answer "accepted" (or why not). Under the send lock, so
-    "accepted" leaves before the engine thread's first delta for it."""
+    """Queue one request and answer "accepted" (or why not), to its gateway's inbox when it
+    named one this process reaches, else over the pipe. Under the send lock, so "accepted"
+    leaves before the engine thread's first delta for it."""
+    outlet = outlets.sink_for(ReplyTo.model_validate(reply_to)) if reply_to else None
+    seq_sink, seq_key = (sink, key) if outlet is None else (outlet, (key, reply_to["stream"]))
     with sink.lock:
         try:
             seq = engine.submit(
-                request_id, prompt_ids, SamplingParams.model_validate(params), sink, key
+                request_id, prompt_ids, SamplingParams.model_validate(params), seq_sink, seq_key
             )
         except Exception as error:  # one bad request must not take the engine down
             log.exception("could not queue request %s", request_id)
@@ -193,7 +268,10 @@ def _admit(
         else:
             sink.live[key] = seq
             first = EngineEvent(kind="accepted", prompt_tokens=len(prompt_ids))
-        conn.send(("events", [(key, first)]))
+        if outlet is None or not outlet.send([(seq_key, first)]):
+            sink.conn.send(("events", [(key, first)]))
+        elif _terminal(first):
+            sink.finished([key])
 
 
 def _score_reply(sink: _PipeSink, key: int, token_ids: list[int], targets_only: bool):
@@ -301,10 +379,27 @@ class EngineProcess:
             self._dead = self._dead or f"engine process is gone: {error}"
             raise RuntimeError(self._dead) from error
 
-    async def generate(
+    def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[EngineEvent]:
         """Yields accepted, then deltas, then done; or a single error event."""
+        return self._stream(request_id, prompt_ids, params, None)
+
+    def forward(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, reply_to: ReplyTo
+    ) -> AsyncIterator[EngineEvent]:
+        """As generate, but the engine process sends the events to `reply_to` itself; this
+        yields only "forwarded" once the request ended there (or all of them, when the engine
+        process could not reach that inbox, or an error)."""
+        return self._stream(request_id, prompt_ids, params, reply_to)
+
+    async def _stream(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        reply_to: ReplyTo | None,
+    ) -> AsyncIterator[EngineEvent]:
         if self._dead is not None:
             yield _server_error(self._dead)
             return
@@ -312,7 +407,8 @@ class EngineProcess:
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         self._streams[key] = (asyncio.get_running_loop(), events)
         try:
-            self._send(("generate", key, request_id, prompt_ids, params.model_dump()))
+            route = reply_to.model_dump() if reply_to is not None else None
+            self._send(("generate", key, request_id, prompt_ids, params.model_dump(), route))
         except RuntimeError as error:
             self._streams.pop(key, None)
             yield _server_error(str(error))
@@ -362,6 +458,8 @@ class EngineProcess:
                 self._dispatch(message[1])
             elif kind == "score":
                 self._resolve_score(*message[1:])
+            elif kind == "finished":
+                self._dispatch([(key, _FORWARDED) for key in message[1]])
             elif kind == "stats":
                 self._stats = message[1]
         if self._closing:
@@ -378,7 +476,7 @@ class EngineProcess:
             entry = self._streams.get(key)
             if entry is None:
                 continue  # its caller already left
-            if event.kind in ("done", "error"):
+            if event.kind in ("done", "error", "forwarded"):
                 self._streams.pop(key, None)
             by_loop.setdefault(entry[0], []).append((entry[1], event))
         for loop, batch in by_loop.items():
@@ -394,6 +492,9 @@ class EngineProcess:
         self._dispatch([(key, failure) for key in list(self._streams)])
         for entry in list(self._scores.values()):
             loop_reply(*entry)(None, RuntimeError(self._dead))
+
+
+_FORWARDED = EngineEvent(kind="forwarded")
 
 
 def _server_error(message: str) -> EngineEvent:

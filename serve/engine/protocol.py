@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .types import EngineEvent, SamplingParams
+from .types import EngineEvent, ReplyTo, SamplingParams
 
 
 @runtime_checkable
@@ -59,4 +59,17 @@ class ScoringEngine(Engine, Protocol):
 
     async def target_logprobs(self, token_ids: list[int]) -> torch.Tensor:
         """float32 [len(token_ids) - 1]: the log-probability each next token got."""
+        ...
+
+
+@runtime_checkable
+class ForwardingEngine(Engine, Protocol):
+    """An engine that can send a request's events to the gateway replica itself
+    (event_channel.py), so they skip the variant replica and Ray Serve's stream."""
+
+    def forward(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, reply_to: ReplyTo
+    ) -> AsyncIterator[EngineEvent]:
+        """As generate, but the events go to `reply_to`; this yields "forwarded" once the
+        request ended there. Events it could not send there come here as from generate."""
         ...

@@ -168,7 +168,7 @@ async def drain_events(events: asyncio.Queue[EngineEvent]) -> AsyncIterator[Engi
                 break
             merged = merge_deltas(merged, following)
         yield merged
-        if merged.kind in ("done", "error"):
+        if merged.kind in ("done", "error", "forwarded"):
             return
 
 

@@ -75,7 +75,9 @@ class TokenLogprob(TopLogprob):
 
 
 class EngineEvent(BaseModel):
-    kind: Literal["accepted", "prompt", "delta", "done", "error"]
+    # "forwarded" ends a stream at the variant replica whose events the engine sent to the
+    # gateway itself (event_channel.py); it never reaches the gateway.
+    kind: Literal["accepted", "prompt", "delta", "done", "error", "forwarded"]
     text: str = ""  # on delta: the new text; on prompt: the prompt's text
     tokens: int = 0  # generated tokens this event stands for
     logprobs: list[TokenLogprob] | None = None  # on delta, when asked: one per token
@@ -103,6 +105,16 @@ def merge_deltas(first: EngineEvent, second: EngineEvent) -> EngineEvent:
     )
 
 
+class ReplyTo(BaseModel):
+    """Where the engine may send a request's events itself: a gateway replica's inbox
+    (event_channel.py)."""
+
+    address: str  # an abstract Unix socket name ("\0..."), reachable on its node only
+    authkey: str  # hex; the inbox answers only connections that prove they know it
+    node_id: str  # the Ray node of the inbox; another node's engine relays instead
+    stream: int  # this request's number in that inbox
+
+
 class GenerateRequest(BaseModel):
     """What the gateway sends a variant: a prompt as text or token ids, or chat messages."""
 
@@ -114,3 +126,16 @@ class GenerateRequest(BaseModel):
     # Send a "prompt" event (the prompt's text, and its log-probabilities when asked) first.
     echo: bool = False
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    # Where the engine may send the events itself (a gateway replica on its node); the variant
+    # replica decides, and relays them when it does not.
+    reply_to: ReplyTo | None = None
+
+    @property
+    def labels_tokens(self) -> bool:
+        """Whether the variant replica must fill in token texts (it has the tokenizer): such
+        events always come through it."""
+        return (
+            self.echo
+            or self.sampling.logprobs is not None
+            or (self.sampling.prompt_logprobs is not None)
+        )

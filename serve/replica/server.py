@@ -18,7 +18,7 @@ from slimserve.kernels.dispatch import chosen_backends, merged_backends
 
 from ..config import SlimserveConfig
 from ..engine.limits import unavailable_error
-from ..engine.protocol import Engine
+from ..engine.protocol import Engine, ForwardingEngine
 from ..engine.threads import configure_threads
 from ..engine.types import EngineEvent, ErrorInfo, GenerateRequest, TokenLogprob
 from ..logs import configure_logging
@@ -81,6 +81,8 @@ class VariantServer:
             "startup_seconds": round(time.perf_counter() - started, 3),
         }
         self.model_name = model_name
+        # How many requests' events the engine sent to the gateway itself, how many came here.
+        self.streams = {"forwarded": 0, "relayed": 0}
         log.info(
             "variant %s ready in %.1fs (load %.1fs, compress %.1fs, cache %s; %s on %s, "
             "CPU kernels at ISA level %s): %s",
@@ -149,7 +151,9 @@ class VariantServer:
         # The engine sends a prompt event only with prompt log-probabilities; echo without
         # them is answered here.
         echo_here = req.echo and req.sampling.prompt_logprobs is None
-        async for event in self.engine.generate(req.request_id, prompt_ids, req.sampling):
+        async for event in self._engine_events(req, prompt_ids):
+            if event.kind == "forwarded":  # the engine sent the events to the gateway itself
+                return
             if event.kind == "prompt":
                 self._describe_prompt(event, req, prompt_ids)
             elif event.kind == "delta" and event.logprobs:
@@ -159,6 +163,24 @@ class VariantServer:
                 prompt = EngineEvent(kind="prompt")
                 self._describe_prompt(prompt, req, prompt_ids)
                 yield prompt
+
+    def _engine_events(
+        self, req: GenerateRequest, prompt_ids: list[int]
+    ) -> AsyncIterator[EngineEvent]:
+        """The engine's events for a request, sent to the gateway's inbox by the engine itself
+        when the gateway named one on this node, the engine can, and no event needs this
+        replica's tokenizer (log-probabilities and echo are labelled here)."""
+        reply_to, engine = req.reply_to, self.engine
+        if (
+            reply_to is not None
+            and reply_to.node_id == self.node_id
+            and not req.labels_tokens
+            and isinstance(engine, ForwardingEngine)
+        ):
+            self.streams["forwarded"] += 1
+            return engine.forward(req.request_id, prompt_ids, req.sampling, reply_to)
+        self.streams["relayed"] += 1
+        return self.engine.generate(req.request_id, prompt_ids, req.sampling)
 
     async def score(self, request: dict[str, Any], reference: str, limit: int) -> dict[str, Any]:
         """Next-token log-probs of the request's prompt + `reference` (see serve.scoring)."""
@@ -210,6 +232,7 @@ class VariantServer:
             "cache_status": self.cache_status,
             "kernels": merged_backends(chosen_backends(), engine.get("kernels", {})),
             "engine": engine,
+            "streams": dict(self.streams),
             **self.bench.model_dump(exclude={"seconds", "self_bench_pending"}),
             "memory": memory_stats().model_dump(),
             **self.timings,

@@ -209,6 +209,25 @@ def test_stream_is_valid_sse(gateway):
     assert json.loads(lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"
 
 
+def _streams(gateway: str, variant: str) -> dict[str, int]:
+    return httpx.get(f"{gateway}/v1/variants", timeout=30).json()["variants"][variant]["streams"]
+
+
+def test_tokens_go_from_the_engine_to_the_gateway_directly_unless_labelled(client, gateway):
+    """The engine process sends a request's events to the gateway replica on its node itself;
+    a request whose tokens the variant replica must label (log-probabilities) goes through it.
+    Both answer the same text."""
+    before = _streams(gateway, "full")
+    asked = {"model": f"{MODEL}:full", "prompt": "The capital of France is", "max_tokens": 8}
+    plain = client.completions.create(**asked, temperature=0)
+    labelled = client.completions.create(**asked, temperature=0, logprobs=1)
+    after = _streams(gateway, "full")
+    assert after["forwarded"] - before["forwarded"] == 1
+    assert after["relayed"] - before["relayed"] == 1
+    assert plain.choices[0].text == labelled.choices[0].text
+    assert len(labelled.choices[0].logprobs.tokens) == 8
+
+
 def test_a_replica_killed_mid_stream_is_survived(gateway, gateway_log):
     """Near the end of this module: it kills the int8 replica (SIGKILL, as the OOM killer would) and
     waits for Ray Serve to bring it back, so that later tests find the gateway whole."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from slimserve.serve.engine.engine_process import EngineProcess, EngineStartError
+from slimserve.serve.engine.event_channel import EventInbox
 from slimserve.serve.engine.factory import build_torch_engine
 from slimserve.serve.engine.protocol import ScoringEngine
 from slimserve.serve.engine.types import SamplingParams
@@ -132,3 +133,94 @@ def test_a_killed_child_fails_requests_and_health(config):
         assert events[0].error.status == 500
     finally:
         engine.shutdown()
+
+
+# ---- events sent to the gateway's inbox by the engine process itself ---------------------------
+
+
+async def _forward(engine, name, prompt, reply_to, params=GREEDY):
+    return [event async for event in engine.forward(name, prompt, params, reply_to)]
+
+
+async def _until_end(events: asyncio.Queue) -> list:
+    received = []
+    while not received or received[-1].kind not in ("done", "error"):
+        received.append(await asyncio.wait_for(events.get(), 30))
+    return received
+
+
+def test_forwarded_events_reach_the_inbox_and_match_the_relayed_ones(process_engine):
+    prompt = [1, 5, 9, 200, 31]
+
+    async def scenario():
+        inbox = EventInbox("node-a")
+        try:
+            reply_to, events = inbox.open()
+            here = await _forward(process_engine, "direct", prompt, reply_to)
+            return here, await _until_end(events), await _run(process_engine, "relay", prompt)
+        finally:
+            inbox.shutdown()
+
+    here, direct, relayed = asyncio.run(scenario())
+    assert [e.kind for e in here] == ["forwarded"]  # the replica only learns that it ended
+    assert direct[0].kind == "accepted" and direct[-1].kind == "done"
+    assert direct[-1].completion_tokens == 10
+    assert _text(direct) == _text(relayed)
+
+
+def test_a_refused_forwarded_request_says_why_in_the_inbox(process_engine):
+    too_long = SamplingParams(temperature=0, max_tokens=10_000)
+
+    async def scenario():
+        inbox = EventInbox("node-a")
+        try:
+            reply_to, events = inbox.open()
+            here = await _forward(process_engine, "long", [1, 2, 3], reply_to, too_long)
+            return here, await _until_end(events)
+        finally:
+            inbox.shutdown()
+
+    here, direct = asyncio.run(scenario())
+    assert [e.kind for e in here] == ["forwarded"]
+    assert [e.kind for e in direct] == ["error"] and direct[0].error.status == 400
+
+
+def test_an_inbox_the_engine_cannot_reach_gets_nothing_and_the_replica_everything(
+    process_engine,
+):
+    async def scenario():
+        inbox = EventInbox("node-a")
+        try:
+            reply_to, events = inbox.open()
+            elsewhere = reply_to.model_copy(update={"address": "\0slimserve-inbox-nobody"})
+            return await _forward(process_engine, "relayed", [4, 5, 6], elsewhere), events
+        finally:
+            inbox.shutdown()
+
+    here, events = asyncio.run(scenario())
+    assert here[0].kind == "accepted" and here[-1].kind == "done"
+    assert here[-1].completion_tokens == 10 and events.empty()
+
+
+def test_a_gateway_gone_mid_stream_ends_the_request_and_frees_its_slot(process_engine):
+    before = process_engine.stats()["generated_tokens"]
+    params = SamplingParams(temperature=0, max_tokens=240, ignore_eos=True)
+
+    async def scenario():
+        inbox = EventInbox("node-a")
+        reply_to, events = inbox.open()
+        replica_side = asyncio.ensure_future(
+            _forward(process_engine, "orphan", [4, 5, 6], reply_to, params)
+        )
+        while (await asyncio.wait_for(events.get(), 30)).kind != "delta":
+            pass
+        inbox.shutdown()  # injected fault: the gateway replica goes away
+        return await asyncio.wait_for(replica_side, 30)
+
+    here = asyncio.run(scenario())
+    assert [e.kind for e in here] == ["error"]
+    assert "gateway replica" in here[0].error.message
+    time.sleep(1.5)  # the child reports its counters every 0.5 s once idle
+    stats = process_engine.stats()
+    assert stats["running"] == 0
+    assert stats["generated_tokens"] - before < 120

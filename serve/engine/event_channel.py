@@ -1,0 +1,132 @@
+"""A request's events straight from the engine process to the gateway replica that asked.
+
+Through Ray Serve every message of a stream crosses engine process -> variant replica ->
+gateway replica; at one stream each message cost the variant replica and Ray about 2 ms of CPU,
+on a 2-core machine whose engine wants both cores (loadtests/README.md, "Gateway overhead").
+When the gateway replica and the engine process share a node, the gateway opens an `EventInbox`
+(a Unix socket in the abstract namespace, so no file to clean up, with an auth key) and names it
+in the request (`ReplyTo`). The engine process then sends the request's events there itself, one
+message per engine step for all of that gateway's streams, and tells the variant replica only
+that the request ended. The Ray Serve call still spans the request, so Serve's routing,
+`max_ongoing_requests`, autoscaling and replica restarts work as before; only the tokens take
+the short way.
+
+The wire: `("events", [(stream, EngineEvent), ...])` per message, pickled by
+`multiprocessing.connection`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import socket
+import threading
+import uuid
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener
+
+from .types import EngineEvent, ReplyTo
+
+log = logging.getLogger(__name__)
+
+Items = list[tuple[asyncio.Queue, EngineEvent]]
+
+
+def connect(reply_to: ReplyTo) -> Connection:
+    """The engine side's connection to an inbox; OSError or AuthenticationError if none."""
+    return Client(reply_to.address, family="AF_UNIX", authkey=bytes.fromhex(reply_to.authkey))
+
+
+class EventInbox:
+    """Gateway side: takes connections from engine processes on this node and hands each
+    event to the queue of the stream it names, on that stream's event loop (one wake-up of a
+    loop per message, not per event)."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._authkey = secrets.token_bytes(16)
+        self._address = f"\0slimserve-inbox-{uuid.uuid4().hex}"
+        self._listener = Listener(self._address, family="AF_UNIX", authkey=self._authkey)
+        self._numbers = itertools.count()
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._connections: set[Connection] = set()
+        self._closed = False
+        threading.Thread(target=self._accept, name="event-inbox", daemon=True).start()
+
+    def open(self) -> tuple[ReplyTo, asyncio.Queue[EngineEvent]]:
+        """A new stream: the reply-to to send with the request and the queue its events land
+        in. Call `close(reply_to.stream)` when done with it."""
+        number = next(self._numbers)
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._streams[number] = (asyncio.get_running_loop(), events)
+        reply_to = ReplyTo(
+            address=self._address,
+            authkey=self._authkey.hex(),
+            node_id=self.node_id,
+            stream=number,
+        )
+        return reply_to, events
+
+    def close(self, stream: int) -> None:
+        """Events that still come for this stream are dropped."""
+        self._streams.pop(stream, None)
+
+    def shutdown(self) -> None:
+        """Stop listening and close every engine's connection: their engines end the streams
+        they were sending here."""
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for connection in list(self._connections):
+            # shutdown, not close: it wakes the reader thread blocked on it, and the peer.
+            with (
+                contextlib.suppress(OSError),
+                socket.fromfd(connection.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock,
+            ):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                connection = self._listener.accept()
+            except (OSError, EOFError, AuthenticationError):  # closed, or a failed handshake
+                if self._closed:
+                    return
+                log.warning("refused a connection to the event inbox", exc_info=True)
+                continue
+            threading.Thread(
+                target=self._read, args=(connection,), name="event-inbox-reader", daemon=True
+            ).start()
+
+    def _read(self, connection: Connection) -> None:
+        """One engine process's messages, until it or the inbox closes the connection."""
+        self._connections.add(connection)
+        try:
+            while True:
+                kind, items = connection.recv()
+                if kind == "events":
+                    self._dispatch(items)
+        except (EOFError, OSError):
+            pass
+        finally:
+            self._connections.discard(connection)
+            with contextlib.suppress(OSError):
+                connection.close()
+
+    def _dispatch(self, items: list[tuple[int, EngineEvent]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, Items] = {}
+        for stream, event in items:
+            entry = self._streams.get(stream)
+            if entry is not None:  # else its caller already left
+                by_loop.setdefault(entry[0], []).append((entry[1], event))
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that caller's loop is gone
+                loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(items: Items) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
