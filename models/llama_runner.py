@@ -289,8 +289,17 @@ class _NativeOps:
 
 class LlamaRunner:
     def __init__(
-        self, model: nn.Module, max_slots: int, max_len: int, pack_dense: bool = False
+        self,
+        model: nn.Module,
+        max_slots: int,
+        max_len: int,
+        pack_dense: bool = False,
+        store_slots: int = 0,
+        store_len: int = 0,
     ) -> None:
+        """`max_slots` sequences of up to `max_len` positions, plus a store of `store_slots`
+        shorter ones (`store_len` positions: kept prompt prefixes) that `move_slot` addresses
+        as slots max_slots.."""
         inner = getattr(model, "model", None)
         needed = ("embed_tokens", "layers", "norm", "rotary_emb")
         if inner is None or not all(hasattr(inner, name) for name in needed):
@@ -311,6 +320,9 @@ class LlamaRunner:
         shape = (len(inner.layers), max_slots, self.n_kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
+        store = (len(inner.layers), store_slots, self.n_kv_heads, store_len, self.head_dim)
+        self.k_store = torch.zeros(store, dtype=self.dtype)
+        self.v_store = torch.zeros(store, dtype=self.dtype)
         with torch.inference_mode():
             positions = torch.arange(max_len).unsqueeze(0)
             probe = torch.zeros(1, 1, cfg.hidden_size, dtype=self.dtype)
@@ -346,7 +358,8 @@ class LlamaRunner:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+        positions = self.k_cache.numel() + self.k_store.numel()
+        return 2 * positions * self.k_cache.element_size()
 
     @staticmethod
     def _project_qkv(plan: _LayerPlan, h: torch.Tensor) -> torch.Tensor:
@@ -553,8 +566,17 @@ class LlamaRunner:
         return self.step(token_ids, positions)[0]
 
     def move_slot(self, source: int, target: int, length: int) -> None:
-        """Copy a sequence's cached K/V to another slot (when the batch is compacted)."""
+        """Copy a sequence's first `length` cached positions to another slot (the batch
+        compacted, a prefix kept in or taken from the store)."""
         if source == target or length == 0:
             return
-        self.k_cache[:, target, :, :length] = self.k_cache[:, source, :, :length]
-        self.v_cache[:, target, :, :length] = self.v_cache[:, source, :, :length]
+        for cache, store in ((self.k_cache, self.k_store), (self.v_cache, self.v_store)):
+            into, to = self._locate(cache, store, target)
+            read, at = self._locate(cache, store, source)
+            into[:, to, :, :length] = read[:, at, :, :length]
+
+    def _locate(
+        self, cache: torch.Tensor, store: torch.Tensor, slot: int
+    ) -> tuple[torch.Tensor, int]:
+        """The tensor holding `slot` and its index there."""
+        return (cache, slot) if slot < self.max_slots else (store, slot - self.max_slots)

@@ -47,10 +47,18 @@ class EngineOptions(_Strict):
         "running decodes keep flowing",
     )
     prefix_cache_slots: int = Field(
-        2,
+        16,
         ge=0,
-        description="torch: KV slots that keep recent prompts, so requests sharing a prefix (a "
-        "system prompt) copy its K/V instead of recomputing it; 0 turns it off",
+        description="torch: recent prompts kept for reuse (up to prefix_cache_tokens each, in a "
+        "K/V store apart from the batch's slots), so requests sharing a prefix (a system prompt, "
+        "an earlier turn, a repeated prompt) copy its K/V instead of recomputing it; 0 turns it "
+        "off",
+    )
+    prefix_cache_tokens: int = Field(
+        256,
+        ge=8,
+        description="torch: the longest prefix kept per prompt; the store holds "
+        "prefix_cache_slots x this many positions of K/V",
     )
     torch_threads: int | None = Field(
         None,

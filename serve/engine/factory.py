@@ -50,6 +50,7 @@ def _limits(cfg: SlimserveConfig, variant: str) -> EngineLimits:
         max_queued_requests=options.max_queued_requests,
         prefill_chunk_tokens=options.prefill_chunk_tokens,
         prefix_cache_slots=options.prefix_cache_slots,
+        prefix_cache_tokens=options.prefix_cache_tokens,
     )
 
 

@@ -14,6 +14,7 @@ class EngineLimits:
     max_queued_requests: int
     prefill_chunk_tokens: int
     prefix_cache_slots: int = 0
+    prefix_cache_tokens: int = 256
 
 
 def context_error(prompt_ids: list[int], params: SamplingParams, limit: int) -> ErrorInfo | None:

@@ -1,9 +1,11 @@
-"""Prompt prefixes kept in reserved KV slots, so requests that share one skip recomputing it.
+"""Prompt prefixes kept in a K/V store, so requests that share one skip recomputing it.
 
-Chat traffic repeats a long prefix (the template's system prompt) in every request. Keys and
-values at positions before the first differing token depend only on the tokens before it, so a
-new request whose prompt starts like a kept one copies that K/V (a memcpy) instead of running the
-model over it. Entries are whole prompts of finished prefills, replaced least recently used.
+Chat traffic repeats a long prefix (the template's system prompt, the earlier turns) and load
+tests and evaluations repeat whole prompts. Keys and values at positions before the first
+differing token depend only on the tokens before it, so a new request whose prompt starts like a
+kept one copies that K/V (a memcpy) instead of running the model over it. Entries are the first
+`max_tokens` tokens of finished prefills, replaced least recently used. The store's entries are
+short (not whole context-length slots), so many prompts fit in the memory of a few slots.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class _Entry:
 
 @dataclass(frozen=True)
 class PrefixHit:
-    slot: int  # where the prefix's K/V sits
+    slot: int  # where the prefix's K/V sits (or goes)
     tokens: int  # how many leading prompt tokens it covers
 
 
@@ -37,7 +39,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, first_slot: int, slots: int) -> None:
+    def __init__(self, first_slot: int, slots: int, max_tokens: int) -> None:
+        """Entries in slots first_slot.., each holding up to `max_tokens` positions."""
+        self.max_tokens = max_tokens
         self._free = list(range(first_slot, first_slot + slots))
         self._entries: list[_Entry] = []
         self._clock = itertools.count()
@@ -56,13 +60,14 @@ class PrefixCache:
         best.last_used = next(self._clock)
         return PrefixHit(best.slot, best_tokens)
 
-    def slot_to_fill(self, prompt_ids: list[int]) -> int | None:
-        """The slot this fully cached prompt should be copied to, or None when a kept entry
-        already covers it (or it is too short to be worth keeping)."""
-        if len(prompt_ids) < MIN_REUSE_TOKENS or (not self._free and not self._entries):
+    def slot_to_fill(self, prompt_ids: list[int]) -> PrefixHit | None:
+        """Where to copy this fully cached prompt's first tokens (and how many), or None when
+        a kept entry already covers them (or the prompt is too short to be worth keeping)."""
+        kept = list(prompt_ids[: self.max_tokens])
+        if len(kept) < MIN_REUSE_TOKENS or (not self._free and not self._entries):
             return None
         for entry in self._entries:
-            if common_prefix(entry.token_ids, prompt_ids) == len(prompt_ids):
+            if common_prefix(entry.token_ids, kept) == len(kept):
                 entry.last_used = next(self._clock)
                 return None
         if self._free:
@@ -70,6 +75,6 @@ class PrefixCache:
             self._entries.append(entry)
         else:
             entry = min(self._entries, key=lambda e: e.last_used)
-        entry.token_ids = list(prompt_ids)
+        entry.token_ids = kept
         entry.last_used = next(self._clock)
-        return entry.slot
+        return PrefixHit(entry.slot, len(kept))

@@ -173,9 +173,9 @@ class Scheduler(Generic[S]):
             if not chunk.last:  # only the step's last chunk can stop short
                 self.prefilling.append(chunk.seq)
                 continue
-            target = self.prefix_cache.slot_to_fill(chunk.seq.prompt_ids)
-            if target is not None:
-                outcome.moves.append(SlotMove(chunk.slot, target, len(chunk.seq.prompt_ids)))
+            kept = self.prefix_cache.slot_to_fill(chunk.seq.prompt_ids)
+            if kept is not None:
+                outcome.moves.append(SlotMove(chunk.slot, kept.slot, kept.tokens))
             self.decoding.append(chunk.seq)
             outcome.joined.append(chunk.seq)
         return outcome

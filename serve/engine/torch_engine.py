@@ -181,19 +181,22 @@ class TorchEngine:
         self.tokenizer = tokenizer
         self.limits = limits
         # Slots: the batch, one for scoring (so it never waits for a free slot), then the
-        # prefix cache's.
+        # prefix cache's entries (shorter, in the runner's store).
         self.score_slot = limits.max_num_seqs
+        prefix_tokens = min(limits.prefix_cache_tokens, limits.max_model_len)
         self.scheduler: Scheduler[_Sequence] = Scheduler(
             limits.max_num_seqs,
             limits.prefill_chunk_tokens,
             limits.max_queued_requests,
-            PrefixCache(limits.max_num_seqs + 1, limits.prefix_cache_slots),
+            PrefixCache(limits.max_num_seqs + 1, limits.prefix_cache_slots, prefix_tokens),
         )
         self.runner = LlamaRunner(
             model,
-            limits.max_num_seqs + 1 + limits.prefix_cache_slots,
+            limits.max_num_seqs + 1,
             limits.max_model_len,
             pack_dense=True,
+            store_slots=limits.prefix_cache_slots,
+            store_len=prefix_tokens,
         )
         self._score_jobs: deque[_ScoreJob] = deque()
         self.eos_ids = self._eos_ids(model, tokenizer)

@@ -84,6 +84,28 @@ def test_move_slot_carries_the_cache():
     torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_prefix_kept_in_the_store_answers_as_if_recomputed():
+    """A prompt's first positions copied into the short store and back into another slot,
+    then the rest of the prompt prefilled there: the logits of a run that computed it all."""
+    model = tiny_llama(vocab_size=300)
+    reference_model = copy.deepcopy(model)
+    ids = list(range(3, 40))
+    runner = LlamaRunner(
+        model, max_slots=2, max_len=64, pack_dense=True, store_slots=3, store_len=24
+    )
+    with torch.inference_mode():
+        runner.prefill(1, ids, 0, want_logits=False)
+        runner.move_slot(1, 2 + 2, 24)  # into the store's third entry
+        runner.k_cache.zero_()  # nothing of the first run is left in the batch's slots
+        runner.v_cache.zero_()
+        runner.move_slot(2 + 2, 0, 24)
+        logits = runner.prefill(0, ids[24:], 24, want_logits=True)
+    expected = _hf_last_logits(reference_model, ids)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError):  # more than a store entry holds: refused, not cut
+        runner.move_slot(1, 2, 25)
+
+
 def _to_w8a8(model) -> None:
     from slimserve.kernels import W8A8Linear, quantize_int8_absmax
 

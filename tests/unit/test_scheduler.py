@@ -24,9 +24,9 @@ class Seq:
 
 
 def _scheduler(
-    slots: int = 4, budget: int = 16, queue: int = 8, prefix_slots: int = 0
+    slots: int = 4, budget: int = 16, queue: int = 8, prefix_slots: int = 0, prefix_len: int = 64
 ) -> Scheduler[Seq]:
-    return Scheduler(slots, budget, queue, PrefixCache(slots + 1, prefix_slots))
+    return Scheduler(slots, budget, queue, PrefixCache(slots + 1, prefix_slots, prefix_len))
 
 
 def _queue(scheduler: Scheduler[Seq], *lengths: int) -> list[Seq]:

@@ -166,7 +166,7 @@ def test_full_queue_is_refused_with_503(tokenizer):
     assert events[0].kind == "error" and events[0].error.status == 503
 
 
-def _engine_with_prefix_slots(tokenizer, slots: int) -> TorchEngine:
+def _engine_with_prefix_slots(tokenizer, slots: int, tokens: int = 256) -> TorchEngine:
     return TorchEngine(
         tiny_llama(seed=0),
         tokenizer,
@@ -176,6 +176,7 @@ def _engine_with_prefix_slots(tokenizer, slots: int) -> TorchEngine:
             max_queued_requests=8,
             prefill_chunk_tokens=16,
             prefix_cache_slots=slots,
+            prefix_cache_tokens=tokens,
         ),
     )
 
@@ -185,21 +186,24 @@ def test_a_shared_prompt_prefix_is_copied_not_recomputed_and_answers_stay_the_sa
     prompts = [shared + _prompt(tokenizer, tail) for tail in (" Hi!", " What is 2+2?", " Bye.")]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     answers = {}
-    for slots in (0, 2):
-        engine = _engine_with_prefix_slots(tokenizer, slots)
+    # (slots, positions kept per prompt): none, whole prompts, only their first 9 positions
+    for slots, tokens in ((0, 256), (2, 256), (2, 9)):
+        engine = _engine_with_prefix_slots(tokenizer, slots, tokens)
         engine.start()
         try:
             texts = []
             for i, prompt in enumerate(prompts):  # one at a time: each can reuse the last
                 events = asyncio.run(_collect(engine, f"p{i}", prompt, params))
                 texts.append("".join(e.text for e in events if e.kind == "delta"))
-            answers[slots] = (texts, engine.stats())
+            answers[slots, tokens] = (texts, engine.stats())
         finally:
             engine.shutdown()
-    assert answers[2][0] == answers[0][0]
-    assert answers[0][1]["prefix_cached_tokens"] == 0
+    none, whole, short = answers[0, 256], answers[2, 256], answers[2, 9]
+    assert whole[0] == none[0] and short[0] == none[0]
+    assert none[1]["prefix_cached_tokens"] == 0
     # The second and third prompts found the shared part (at least) in the cache ...
-    assert answers[2][1]["prefix_cached_tokens"] >= 2 * len(shared)
+    assert whole[1]["prefix_cached_tokens"] >= 2 * len(shared)
+    assert short[1]["prefix_cached_tokens"] == 2 * 9  # ... or its first 9 positions
     # ... and ran only the rest through the model.
-    computed = answers[2][1]["prompt_tokens"]
-    assert computed == sum(map(len, prompts)) - answers[2][1]["prefix_cached_tokens"]
+    for _, stats in (whole, short):
+        assert stats["prompt_tokens"] == sum(map(len, prompts)) - stats["prefix_cached_tokens"]
