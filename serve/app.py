@@ -10,7 +10,6 @@ from typing import Any
 from .api.access import warn_if_exposed
 from .api.deployment import GatewayDeployment, routing_user_config
 from .config import DeploymentOptions, SlimserveConfig, load_config
-from .ports import free_port
 from .ray_settings import apply_serve_environment
 from .replica.server import VariantServer
 
@@ -89,8 +88,8 @@ def _most_replicas(options: DeploymentOptions) -> int:
 
 
 def run_local(config: SlimserveConfig) -> None:
-    """Start a local Ray, Serve (its HTTP proxy on a spare port) and the app, whose gateway
-    replica listens on the configured port; returns once every replica is ready."""
+    """Start a local Ray, Serve (without its HTTP proxy) and the app, whose gateway replica
+    listens on the configured port; returns once every replica is ready."""
     import ray
     from ray import serve
 
@@ -105,16 +104,11 @@ def run_local(config: SlimserveConfig) -> None:
     log.info("Ray Serve settings: %s", apply_serve_environment())  # before Ray starts
     # address="local": always a fresh Ray of our own, never a cluster some other process started.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False)
-    # The gateway replica listens on the configured port; Serve's proxy takes a spare one.
-    proxy_port = free_port(config.server.host)
-    serve.start(http_options={"host": config.server.host, "port": proxy_port})
+    # The gateway replica listens on the configured port itself, so Serve runs no HTTP proxy
+    # (one process fewer polling on a small machine).
+    serve.start(proxy_location="Disabled")
     serve.run(build_application(config, listen=True), name=APP_NAME, route_prefix="/")
-    log.info(
-        "the gateway replica serves %s:%d itself (Serve's proxy, unused, is on port %d)",
-        config.server.host,
-        config.server.port,
-        proxy_port,
-    )
+    log.info("the gateway replica serves %s:%d itself", config.server.host, config.server.port)
 
 
 def shutdown_local() -> None:

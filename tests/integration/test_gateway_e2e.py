@@ -295,6 +295,8 @@ def test_the_gateway_replica_listens_itself_and_a_killed_one_comes_back_on_its_p
     port = int(gateway.rsplit(":", 1)[1])
     listener = _listener(port)
     assert "ServeReplica:slimserve:gateway" in " ".join(listener.cmdline())
+    names = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
+    assert not [n for n in names if "ProxyActor" in n]  # Serve runs no HTTP proxy here
     listener.kill()
     killed_at = time.monotonic()
     while True:
