@@ -339,9 +339,10 @@ class ServerOptions(_Strict):
     )
     direct_streams: bool = Field(
         True,
-        description="engine processes on the gateway replica's node send their streams' tokens "
-        "to it themselves, past the variant replica and Ray Serve's stream (the Serve call still "
-        "spans the request); false: every token travels through the variant replica",
+        description="on the gateway replica's node, engine processes (or the variant replicas, "
+        "for tokens they label and engines they run themselves) send streams' tokens to it "
+        "themselves, not on Ray Serve's stream (the Serve call still spans the request); false: "
+        "every token travels through the variant replica and Serve",
     )
     gateway_resources: dict[str, float] = Field(
         default_factory=dict,

@@ -58,9 +58,9 @@ class RayBackend:
     (backpressure, a lost replica, an exception in the replica) ends the stream with an error
     event, so that the caller always gets a word, never a dropped stream.
 
-    With an `inbox`, a request names it and an engine process on this node sends the events
-    there itself (event_channel.py); the Serve call still spans the request and brings what
-    the replica relays or fails with."""
+    With an `inbox`, a request names it, and an engine process or a variant replica on this
+    node sends the events there itself (event_channel.py); the Serve call still spans the
+    request and brings what the replica relays (from another node) or fails with."""
 
     def __init__(self, variant: str, handle: Any, inbox: EventInbox | None = None) -> None:
         self.variant = variant
@@ -70,7 +70,7 @@ class RayBackend:
         self._finishing: set[asyncio.Task] = set()  # Serve calls whose stream already ended
 
     def generate(self, request: GenerateRequest) -> AsyncGenerator[EngineEvent, None]:
-        if self.inbox is None or request.labels_tokens:
+        if self.inbox is None:
             return self._relayed(request)
         return self._direct(request, self.inbox)
 

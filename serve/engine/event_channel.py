@@ -1,4 +1,5 @@
-"""A request's events straight from the engine process to the gateway replica that asked.
+"""A request's events straight from the engine process (or the variant replica) to the gateway
+replica that asked.
 
 Through Ray Serve every message of a stream crosses engine process -> variant replica ->
 gateway replica; at one stream each message cost the variant replica and Ray about 2 ms of CPU,
@@ -9,7 +10,9 @@ in the request (`ReplyTo`). The engine process then sends the request's events t
 message per engine step for all of that gateway's streams, and tells the variant replica only
 that the request ended. The Ray Serve call still spans the request, so Serve's routing,
 `max_ongoing_requests`, autoscaling and replica restarts work as before; only the tokens take
-the short way.
+the short way. Where the events come from the replica itself (tokens it labels, engines in its
+own process such as vLLM), it sends them to the inbox through an `EventOutlet` in the same way,
+past Serve's stream.
 
 The wire: `("events", [(stream, EngineEvent), ...])` per message, pickled by
 `multiprocessing.connection`.
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import queue
 import secrets
 import socket
 import threading
@@ -36,8 +40,65 @@ Items = list[tuple[asyncio.Queue, EngineEvent]]
 
 
 def connect(reply_to: ReplyTo) -> Connection:
-    """The engine side's connection to an inbox; OSError or AuthenticationError if none."""
+    """The sending side's connection to an inbox; OSError or AuthenticationError if none."""
     return Client(reply_to.address, family="AF_UNIX", authkey=bytes.fromhex(reply_to.authkey))
+
+
+class EventOutlet:
+    """A variant replica's connection to one inbox, for engines that run in the replica's own
+    process (vLLM, or torch in-process): a thread writes, so the replica's event loop never
+    waits on the socket."""
+
+    def __init__(self, reply_to: ReplyTo) -> None:
+        self._connection = connect(reply_to)  # OSError / AuthenticationError: none to use
+        self._pending: queue.SimpleQueue[list[tuple[int, EngineEvent]] | None] = queue.SimpleQueue()
+        self.broken = False
+        threading.Thread(target=self._write, name="event-outlet", daemon=True).start()
+
+    def send(self, items: list[tuple[int, EngineEvent]]) -> bool:
+        """Queue one message of (stream, event) pairs; False once the inbox is gone."""
+        if self.broken:
+            return False
+        self._pending.put(items)
+        return True
+
+    def close(self) -> None:
+        self._pending.put(None)
+
+    def _write(self) -> None:
+        with self._connection:
+            while (items := self._pending.get()) is not None:
+                try:
+                    self._connection.send(("events", items))
+                except (OSError, EOFError):
+                    log.warning("a gateway replica's event inbox went away")
+                    self.broken = True
+                    return
+
+
+class EventOutlets:
+    """A replica's outlets, one per inbox it sends to, opened on first use."""
+
+    def __init__(self) -> None:
+        self._outlets: dict[str, EventOutlet] = {}
+
+    def outlet_for(self, reply_to: ReplyTo) -> EventOutlet | None:
+        """None when the inbox cannot be reached (the caller relays instead)."""
+        outlet = self._outlets.get(reply_to.address)
+        if outlet is not None and not outlet.broken:
+            return outlet
+        try:
+            outlet = EventOutlet(reply_to)
+        except (OSError, EOFError, AuthenticationError) as error:
+            log.warning("cannot reach a gateway's event inbox (%s); relaying its requests", error)
+            return None
+        self._outlets[reply_to.address] = outlet
+        return outlet
+
+    def close(self) -> None:
+        for outlet in self._outlets.values():
+            outlet.close()
+        self._outlets.clear()
 
 
 class EventInbox:
@@ -128,5 +189,5 @@ class EventInbox:
 
 
 def _put_all(items: Items) -> None:
-    for queue, event in items:
-        queue.put_nowait(event)
+    for events, event in items:
+        events.put_nowait(event)

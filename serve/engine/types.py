@@ -126,14 +126,14 @@ class GenerateRequest(BaseModel):
     # Send a "prompt" event (the prompt's text, and its log-probabilities when asked) first.
     echo: bool = False
     sampling: SamplingParams = Field(default_factory=SamplingParams)
-    # Where the engine may send the events itself (a gateway replica on its node); the variant
-    # replica decides, and relays them when it does not.
+    # Where the events may go straight (a gateway replica's inbox): the variant replica decides
+    # whether its engine process sends them there, it does, or Serve's stream carries them.
     reply_to: ReplyTo | None = None
 
     @property
     def labels_tokens(self) -> bool:
         """Whether the variant replica must fill in token texts (it has the tokenizer): such
-        events always come through it."""
+        events come from it, never straight from an engine process."""
         return (
             self.echo
             or self.sampling.logprobs is not None

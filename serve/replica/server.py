@@ -17,6 +17,7 @@ from slimserve.kernels import cpu_isa
 from slimserve.kernels.dispatch import chosen_backends, merged_backends
 
 from ..config import SlimserveConfig
+from ..engine.event_channel import EventOutlet, EventOutlets
 from ..engine.limits import unavailable_error
 from ..engine.protocol import Engine, ForwardingEngine
 from ..engine.threads import configure_threads
@@ -81,8 +82,11 @@ class VariantServer:
             "startup_seconds": round(time.perf_counter() - started, 3),
         }
         self.model_name = model_name
-        # How many requests' events the engine sent to the gateway itself, how many came here.
-        self.streams = {"forwarded": 0, "relayed": 0}
+        # Who was to send each request's events to the gateway: the engine process itself
+        # (it relays them here if it cannot reach the inbox), this replica straight to the
+        # inbox, or this replica through Ray Serve's stream.
+        self.streams = {"from_engine": 0, "from_replica": 0, "through_serve": 0}
+        self.outlets = EventOutlets()
         log.info(
             "variant %s ready in %.1fs (load %.1fs, compress %.1fs, cache %s; %s on %s, "
             "CPU kernels at ISA level %s): %s",
@@ -129,15 +133,44 @@ class VariantServer:
         self._label(event.prompt_logprobs or ())
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        """The request's events, a batch per message (see pacing.py), as plain dicts."""
+        """The request's events, a batch per message (see pacing.py), as plain dicts; nothing
+        when they went to the gateway's inbox (`reply_to`) straight from the engine process or
+        from here."""
         if self.failure is not None:
             info = unavailable_error(f"variant {self.variant} is unavailable: {self.failure}")
             yield [EngineEvent(kind="error", error=info).model_dump()]
             return
-        async for batch in paced_batches(
-            self._events(GenerateRequest.model_validate(request)), self.pacer
-        ):
+        req = GenerateRequest.model_validate(request)
+        outlet = self._outlet(req)
+        if outlet is not None and req.reply_to is not None:
+            self.streams["from_replica"] += 1
+            async for batch in paced_batches(self._events(req), self.pacer):
+                if not outlet.send([(req.reply_to.stream, event) for event in batch]):
+                    return  # the gateway that asked is gone: closing the events aborts it
+            return
+        self.streams["from_engine" if self._engine_forwards(req) else "through_serve"] += 1
+        async for batch in paced_batches(self._events(req), self.pacer):
             yield [event.model_dump() for event in batch]
+
+    def _outlet(self, req: GenerateRequest) -> EventOutlet | None:
+        """This replica's connection to the gateway's inbox, when the events should go there
+        from here: the gateway is on this node and the engine does not send them itself."""
+        if req.reply_to is None or req.reply_to.node_id != self.node_id:
+            return None
+        if self._engine_forwards(req):
+            return None
+        return self.outlets.outlet_for(req.reply_to)
+
+    def _engine_forwards(self, req: GenerateRequest) -> bool:
+        """Whether the engine process sends this request's events to the gateway itself: it
+        can, and no event needs this replica's tokenizer (log-probabilities and echo are
+        labelled here)."""
+        return (
+            req.reply_to is not None
+            and req.reply_to.node_id == self.node_id
+            and not req.labels_tokens
+            and isinstance(self.engine, ForwardingEngine)
+        )
 
     async def _events(self, req: GenerateRequest) -> AsyncIterator[EngineEvent]:
         try:
@@ -167,20 +200,12 @@ class VariantServer:
     def _engine_events(
         self, req: GenerateRequest, prompt_ids: list[int]
     ) -> AsyncIterator[EngineEvent]:
-        """The engine's events for a request, sent to the gateway's inbox by the engine itself
-        when the gateway named one on this node, the engine can, and no event needs this
-        replica's tokenizer (log-probabilities and echo are labelled here)."""
-        reply_to, engine = req.reply_to, self.engine
-        if (
-            reply_to is not None
-            and reply_to.node_id == self.node_id
-            and not req.labels_tokens
-            and isinstance(engine, ForwardingEngine)
-        ):
-            self.streams["forwarded"] += 1
+        """The engine's events for a request; only "forwarded" when the engine process sends
+        them to the gateway's inbox itself."""
+        engine, reply_to = self.engine, req.reply_to
+        if self._engine_forwards(req) and isinstance(engine, ForwardingEngine) and reply_to:
             return engine.forward(req.request_id, prompt_ids, req.sampling, reply_to)
-        self.streams["relayed"] += 1
-        return self.engine.generate(req.request_id, prompt_ids, req.sampling)
+        return engine.generate(req.request_id, prompt_ids, req.sampling)
 
     async def score(self, request: dict[str, Any], reference: str, limit: int) -> dict[str, Any]:
         """Next-token log-probs of the request's prompt + `reference` (see serve.scoring)."""
@@ -251,6 +276,9 @@ class VariantServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        outlets = getattr(self, "outlets", None)
+        if outlets is not None:
+            outlets.close()
 
 
 def _ray_node_id() -> str | None:

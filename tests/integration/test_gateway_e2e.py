@@ -213,17 +213,17 @@ def _streams(gateway: str, variant: str) -> dict[str, int]:
     return httpx.get(f"{gateway}/v1/variants", timeout=30).json()["variants"][variant]["streams"]
 
 
-def test_tokens_go_from_the_engine_to_the_gateway_directly_unless_labelled(client, gateway):
+def test_tokens_go_from_the_engine_or_the_replica_straight_to_the_gateway(client, gateway):
     """The engine process sends a request's events to the gateway replica on its node itself;
-    a request whose tokens the variant replica must label (log-probabilities) goes through it.
-    Both answer the same text."""
+    those the variant replica labels (log-probabilities) it sends itself; none travel on Ray
+    Serve's stream. Both answer the same text."""
     before = _streams(gateway, "full")
     asked = {"model": f"{MODEL}:full", "prompt": "The capital of France is", "max_tokens": 8}
     plain = client.completions.create(**asked, temperature=0)
     labelled = client.completions.create(**asked, temperature=0, logprobs=1)
     after = _streams(gateway, "full")
-    assert after["forwarded"] - before["forwarded"] == 1
-    assert after["relayed"] - before["relayed"] == 1
+    change = {sender: after[sender] - before[sender] for sender in after}
+    assert change == {"from_engine": 1, "from_replica": 1, "through_serve": 0}
     assert plain.choices[0].text == labelled.choices[0].text
     assert len(labelled.choices[0].logprobs.tokens) == 8
 

@@ -91,6 +91,10 @@ def test_vllm_errors_are_openai_errors(client):
 def test_vllm_disconnect_aborts_the_request(vllm_gateway):
     stats = assert_disconnect_frees_slot(vllm_gateway, MODEL, "vllm")
     assert stats["engine_name"] == "vllm"
+    # vLLM runs in the replica's process: the replica sends the tokens to the gateway's inbox
+    # itself, none on Serve's stream.
+    assert stats["streams"]["from_replica"] > 0
+    assert stats["streams"]["through_serve"] == stats["streams"]["from_engine"] == 0
 
 
 def test_metrics_cover_the_vllm_variant(vllm_gateway, client):

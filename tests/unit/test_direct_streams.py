@@ -1,7 +1,9 @@
-"""The gateway's side of a forwarded stream (RayBackend with an inbox), with faults injected on
-purpose through a stand-in for Ray Serve's handle: a Serve call that ends while the stream's end
-never reaches the inbox, a Serve call that fails, a caller that leaves. The real path (Ray
-Serve, the engine process) is tested in tests/integration/test_gateway_e2e.py."""
+"""Streams whose events go to the gateway's inbox. The gateway's side (RayBackend with an
+inbox), with faults injected on purpose through a stand-in for Ray Serve's handle: a Serve call
+that ends while the stream's end never reaches the inbox, a Serve call that fails, a caller that
+leaves. The variant replica's side, on real VariantServers of a tiny model: the engine process
+or the replica sends the events, or, from another node, Serve's stream carries them. The whole
+path through Ray Serve is tested in tests/integration/test_gateway_e2e.py."""
 
 from __future__ import annotations
 
@@ -9,10 +11,16 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import pytest
+
 from slimserve.serve.api import backends
 from slimserve.serve.api.backends import RayBackend
 from slimserve.serve.engine.event_channel import EventInbox, connect
 from slimserve.serve.engine.types import EngineEvent, GenerateRequest, ReplyTo, SamplingParams
+
+from .online_helpers import online_config, variant_servers
+
+LOGPROBS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
 
 
 class _Call:
@@ -121,20 +129,101 @@ def test_a_caller_that_leaves_cancels_the_serve_call():
     assert call.cancelled
 
 
-def test_a_request_whose_tokens_need_labels_goes_through_the_replica():
+def test_without_an_inbox_no_request_names_one():
     async def replica(reply_to: ReplyTo | None) -> None:
         assert reply_to is None
 
-    labelled = REQUEST.model_copy(update={"echo": True})
-
     async def scenario():
-        inbox = EventInbox("node-a")
         handle = _Handle(replica)
-        try:
-            events = [e async for e in RayBackend("full", handle, inbox).generate(labelled)]
-        finally:
-            inbox.shutdown()
+        events = [e async for e in RayBackend("full", handle).generate(REQUEST)]
         return events, handle.calls[0]
 
     events, call = asyncio.run(scenario())
     assert call.payload["reply_to"] is None and events == []
+
+
+# ---- the variant replica's side: who sends the events --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir):
+    """The same variant with its engine in its own process and in the replica's process."""
+    config = online_config(
+        tiny_model_dir,
+        variants={"child": {}, "here": {"engine": {"separate_process": False}}},
+        routing={},
+    )
+    built = variant_servers(config)
+    for server in built.values():
+        server.node_id = "node-a"  # outside Ray: the node the test's inbox says it is on
+    yield built
+    for server in built.values():
+        server.engine.shutdown()
+        server.outlets.close()
+
+
+def _generate(server, request: GenerateRequest):
+    async def scenario():
+        inbox = EventInbox("node-a")
+        try:
+            reply_to, events = inbox.open()
+            asked = request.model_copy(update={"reply_to": reply_to})
+            through_serve = [b async for b in server.generate(asked.model_dump())]
+            received = []
+            while not received or received[-1].kind not in ("done", "error"):
+                received.append(await asyncio.wait_for(events.get(), 30))
+            return through_serve, received
+        finally:
+            inbox.shutdown()
+
+    return asyncio.run(scenario())
+
+
+GREEDY = GenerateRequest(
+    request_id="g",
+    prompt_token_ids=[1, 5, 9, 200, 31],
+    sampling=SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+)
+
+
+@pytest.mark.parametrize(
+    ("variant", "sender", "request_"),
+    [
+        ("child", "from_engine", GREEDY),
+        ("here", "from_replica", GREEDY),
+        # Log-probabilities are labelled with token texts in the replica: it sends them.
+        ("child", "from_replica", GREEDY.model_copy(update={"sampling": LOGPROBS})),
+    ],
+)
+def test_the_events_reach_the_inbox_and_nothing_comes_through_serve(
+    servers, variant, sender, request_
+):
+    server = servers[variant]
+    before = dict(server.streams)
+    through_serve, received = _generate(server, request_)
+    assert through_serve == []
+    assert received[0].kind == "accepted" and received[-1].kind == "done"
+    assert sum(e.tokens for e in received if e.kind == "delta") == 6
+    if request_.sampling.logprobs is not None:
+        labelled = [lp for e in received if e.kind == "delta" for lp in e.logprobs]
+        assert len(labelled) == 6 and all(lp.token for lp in labelled)
+    assert server.streams[sender] == before[sender] + 1
+
+
+def test_a_request_from_another_node_comes_through_serve(servers):
+    server = servers["here"]
+    before = server.streams["through_serve"]
+
+    async def scenario():
+        inbox = EventInbox("node-b")
+        try:
+            reply_to, events = inbox.open()
+            asked = GREEDY.model_copy(update={"reply_to": reply_to})
+            return [b async for b in server.generate(asked.model_dump())], events
+        finally:
+            inbox.shutdown()
+
+    batches, events = asyncio.run(scenario())
+    kinds = [item["kind"] for batch in batches for item in batch]
+    assert kinds[0] == "accepted" and kinds[-1] == "done" and events.empty()
+    assert server.streams["through_serve"] == before + 1
