@@ -39,3 +39,10 @@ def test_a_stage_without_a_process_is_an_error():
     snapshot = {0: ("client", 1.0)}
     with pytest.raises(RuntimeError, match="no process found"):
         _spent(snapshot, snapshot)
+
+
+def test_a_local_gateway_without_a_serve_proxy_is_measured():
+    """A local `slimserve serve` runs no Serve proxy: that stage may be absent, no other."""
+    stages = [stage for stage in STAGES if stage != "HTTP proxy"]
+    snapshot = {pid: (stage, 1.0) for pid, stage in enumerate(stages)}
+    assert "HTTP proxy" not in _spent(snapshot, snapshot)
