@@ -7,8 +7,11 @@ concurrency.
         --concurrency 1 8 32
 
 CPU time, unlike tok/s, does not move with what else the host runs, so it compares serving
-layers reliably on a shared machine. The load is decode_bench's (streaming chat, greedy,
-ignore_eos, closed loop); run it on the machine the gateway runs on.
+layers reliably on a shared machine. Each row also gives the variant's MFU as the gateway
+exports it right after that load (over its `mfu.window_seconds`, 30 s by default: give each
+concurrency enough requests to fill it), which should rise with the streams. The load is
+decode_bench's (streaming chat, greedy, ignore_eos, closed loop); run it on the machine the
+gateway runs on.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections import defaultdict
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from slimserve.serve.app import APP_NAME
@@ -43,6 +47,7 @@ class CpuRow(BaseModel):
     output_tokens_per_s: float
     ttft_p50_ms: float
     ms_per_token: dict[str, float]  # stage -> CPU ms per output token
+    mfu: float | None  # the gateway's MFU of the variant right after the load (its window)
 
 
 def _stage(process: psutil.Process, variant_replica: str) -> str | None:
@@ -110,6 +115,7 @@ async def measure(url: str, variant: str, concurrency: int, requests: int, token
     before = _cpu_seconds(variant)
     row = await bench_variant(url, f"{public}:{variant}", variant, concurrency, requests, tokens)
     spent = _spent(before, _cpu_seconds(variant))
+    mfu = await _mfu(url, variant)
     per_token = {
         stage: round(1000 * spent.get(stage, 0.0) / row.output_tokens, 3) for stage in STAGES
     }
@@ -119,13 +125,25 @@ async def measure(url: str, variant: str, concurrency: int, requests: int, token
         output_tokens_per_s=row.output_tokens_per_s,
         ttft_p50_ms=row.ttft_p50_ms,
         ms_per_token=per_token,
+        mfu=mfu,
     )
+
+
+async def _mfu(url: str, variant: str) -> float | None:
+    """slimserve_variant_mfu_ratio of `variant` from the gateway's /metrics."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "slimserve_variant_mfu_ratio" and sample.labels["variant"] == variant:
+                return sample.value
+    return None
 
 
 def render(rows: list[CpuRow]) -> str:
     head = "| concurrency | output tok/s | TTFT p50 ms | "
-    head += " | ".join(STAGES) + " | serving layers |"
-    lines = [head, "|" + "---|" * (len(STAGES) + 4)]
+    head += " | ".join(STAGES) + " | serving layers | MFU |"
+    lines = [head, "|" + "---|" * (len(STAGES) + 5)]
     for row in rows:
         cells = [f"{row.ms_per_token[stage]:.3f}" for stage in STAGES]
         layers = sum(
@@ -134,7 +152,7 @@ def render(rows: list[CpuRow]) -> str:
         lines.append(
             f"| {row.concurrency} | {row.output_tokens_per_s} | {row.ttft_p50_ms} | "
             + " | ".join(cells)
-            + f" | {layers:.3f} |"
+            + f" | {layers:.3f} | {'-' if row.mfu is None else f'{row.mfu:.4f}'} |"
         )
     return "\n".join(lines)
 
