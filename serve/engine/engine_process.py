@@ -32,7 +32,7 @@ from slimserve.compression import CompressionReport
 
 from ..config import SlimserveConfig
 from ..observability.flops import FlopModel
-from .event_channel import connect
+from .event_channel import closed_by_inbox, connect
 from .limits import check_score_length, server_error
 from .threads import configure_threads
 from .torch_engine import (
@@ -155,6 +155,7 @@ class _Outlets:
         sink = self._sinks.get(reply_to.address)
         if sink is not None and sink.connection is not None:
             return sink
+        self._drop_gone()  # a new inbox: a gateway replica may have replaced one
         try:
             connection = connect(reply_to)
         except (OSError, EOFError, AuthenticationError) as error:
@@ -162,6 +163,17 @@ class _Outlets:
             return None
         sink = self._sinks[reply_to.address] = _OutletSink(connection, self.pipe)
         return sink
+
+    def _drop_gone(self) -> None:
+        """Forget the inboxes that closed; their connections close here too. Under the pipe's
+        lock: the engine thread sends on them under it."""
+        with self.pipe.lock:
+            for address, sink in list(self._sinks.items()):
+                if sink.connection is None or closed_by_inbox(sink.connection):
+                    if sink.connection is not None:
+                        sink.connection.close()
+                        sink.connection = None
+                    del self._sinks[address]
 
 
 def _terminal(event: EngineEvent) -> bool:

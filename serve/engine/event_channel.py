@@ -44,6 +44,15 @@ def connect(reply_to: ReplyTo) -> Connection:
     return Client(reply_to.address, family="AF_UNIX", authkey=bytes.fromhex(reply_to.authkey))
 
 
+def closed_by_inbox(connection: Connection) -> bool:
+    """An inbox never writes back: a connection with something to read is one it closed (a
+    gateway replica that went away)."""
+    try:
+        return connection.poll(0)
+    except (OSError, EOFError, ValueError):  # ValueError: closed here already
+        return True
+
+
 class EventOutlet:
     """A variant replica's connection to one inbox, for engines that run in the replica's own
     process (vLLM, or torch in-process): a thread writes, so the replica's event loop never
@@ -64,6 +73,9 @@ class EventOutlet:
 
     def close(self) -> None:
         self._pending.put(None)
+
+    def gone(self) -> bool:
+        return self.broken or closed_by_inbox(self._connection)
 
     def _write(self) -> None:
         with self._connection:
@@ -87,6 +99,7 @@ class EventOutlets:
         outlet = self._outlets.get(reply_to.address)
         if outlet is not None and not outlet.broken:
             return outlet
+        self._drop_gone()  # a new inbox: a gateway replica may have replaced one
         try:
             outlet = EventOutlet(reply_to)
         except (OSError, EOFError, AuthenticationError) as error:
@@ -99,6 +112,12 @@ class EventOutlets:
         for outlet in self._outlets.values():
             outlet.close()
         self._outlets.clear()
+
+    def _drop_gone(self) -> None:
+        for address, outlet in list(self._outlets.items()):
+            if outlet.gone():
+                outlet.close()
+                del self._outlets[address]
 
 
 class EventInbox:

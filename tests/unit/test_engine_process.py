@@ -224,3 +224,27 @@ def test_a_gateway_gone_mid_stream_ends_the_request_and_frees_its_slot(process_e
     stats = process_engine.stats()
     assert stats["running"] == 0
     assert stats["generated_tokens"] - before < 120
+
+
+def test_the_engine_forgets_the_inboxes_of_gateways_that_went_away(process_engine):
+    """Each gateway replica that Ray restarts opens a new inbox: the engine process must not
+    keep a dead connection for every one it ever sent to."""
+    import psutil
+
+    child = psutil.Process(process_engine.pid)
+
+    async def one_gateway():
+        inbox = EventInbox("node-a")
+        try:
+            reply_to, events = inbox.open()
+            await _forward(process_engine, "g", [1, 5, 9, 200, 31], reply_to)
+            await _until_end(events)
+        finally:
+            inbox.shutdown()
+
+    asyncio.run(one_gateway())
+    asyncio.run(one_gateway())
+    settled = child.num_fds()
+    for _ in range(4):
+        asyncio.run(one_gateway())
+    assert child.num_fds() <= settled
