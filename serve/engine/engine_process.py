@@ -21,7 +21,6 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator
-from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -32,7 +31,7 @@ from slimserve.compression import CompressionReport
 
 from ..config import SlimserveConfig
 from ..observability.flops import FlopModel
-from .event_channel import closed_by_inbox, connect
+from .event_channel import closed_by_inbox, try_connect
 from .limits import check_score_length, server_error
 from .threads import configure_threads
 from .torch_engine import (
@@ -156,10 +155,8 @@ class _Outlets:
         if sink is not None and sink.connection is not None:
             return sink
         self._drop_gone()  # a new inbox: a gateway replica may have replaced one
-        try:
-            connection = connect(reply_to)
-        except (OSError, EOFError, AuthenticationError) as error:
-            log.warning("cannot reach a gateway's event inbox (%s); relaying its requests", error)
+        connection = try_connect(reply_to)
+        if connection is None:
             return None
         sink = self._sinks[reply_to.address] = _OutletSink(connection, self.pipe)
         return sink

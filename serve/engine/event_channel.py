@@ -44,6 +44,16 @@ def connect(reply_to: ReplyTo) -> Connection:
     return Client(reply_to.address, family="AF_UNIX", authkey=bytes.fromhex(reply_to.authkey))
 
 
+def try_connect(reply_to: ReplyTo) -> Connection | None:
+    """connect, or None (said in the log) when the inbox cannot be reached: the caller relays
+    the request's events instead."""
+    try:
+        return connect(reply_to)
+    except (OSError, EOFError, AuthenticationError) as error:
+        log.warning("cannot reach a gateway's event inbox (%s); relaying its requests", error)
+        return None
+
+
 def closed_by_inbox(connection: Connection) -> bool:
     """An inbox never writes back: a connection with something to read is one it closed (a
     gateway replica that went away)."""
@@ -58,8 +68,8 @@ class EventOutlet:
     process (vLLM, or torch in-process): a thread writes, so the replica's event loop never
     waits on the socket."""
 
-    def __init__(self, reply_to: ReplyTo) -> None:
-        self._connection = connect(reply_to)  # OSError / AuthenticationError: none to use
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
         self._pending: queue.SimpleQueue[list[tuple[int, EngineEvent]] | None] = queue.SimpleQueue()
         self.broken = False
         threading.Thread(target=self._write, name="event-outlet", daemon=True).start()
@@ -100,12 +110,10 @@ class EventOutlets:
         if outlet is not None and not outlet.broken:
             return outlet
         self._drop_gone()  # a new inbox: a gateway replica may have replaced one
-        try:
-            outlet = EventOutlet(reply_to)
-        except (OSError, EOFError, AuthenticationError) as error:
-            log.warning("cannot reach a gateway's event inbox (%s); relaying its requests", error)
+        connection = try_connect(reply_to)
+        if connection is None:
             return None
-        self._outlets[reply_to.address] = outlet
+        outlet = self._outlets[reply_to.address] = EventOutlet(connection)
         return outlet
 
     def close(self) -> None:

@@ -61,6 +61,8 @@ class VariantServer:
 
         built = build_engine(cfg, variant)
         self.engine: Engine = built.engine
+        # The same engine, when it can send events to the gateway's inbox itself.
+        self._forwarder = self.engine if isinstance(self.engine, ForwardingEngine) else None
         self.tokenizer, self.report = built.tokenizer, built.report
         self.cache_status = built.cache_status
         self.engine.start()
@@ -141,38 +143,33 @@ class VariantServer:
             yield [EngineEvent(kind="error", error=info).model_dump()]
             return
         req = GenerateRequest.model_validate(request)
-        outlet = self._outlet(req)
+        sender, outlet = self._sender(req)
+        self.streams[sender] += 1
+        events = self._events(req, forward=sender == "from_engine")
         if outlet is not None and req.reply_to is not None:
-            self.streams["from_replica"] += 1
-            async for batch in paced_batches(self._events(req), self.pacer):
+            async for batch in paced_batches(events, self.pacer):
                 if not outlet.send([(req.reply_to.stream, event) for event in batch]):
                     return  # the gateway that asked is gone: closing the events aborts it
             return
-        self.streams["from_engine" if self._engine_forwards(req) else "through_serve"] += 1
-        async for batch in paced_batches(self._events(req), self.pacer):
+        async for batch in paced_batches(events, self.pacer):
             yield [event.model_dump() for event in batch]
 
-    def _outlet(self, req: GenerateRequest) -> EventOutlet | None:
-        """This replica's connection to the gateway's inbox, when the events should go there
-        from here: the gateway is on this node and the engine does not send them itself."""
-        if req.reply_to is None or req.reply_to.node_id != self.node_id:
-            return None
-        if self._engine_forwards(req):
-            return None
-        return self.outlets.outlet_for(req.reply_to)
+    def _sender(self, req: GenerateRequest) -> tuple[str, EventOutlet | None]:
+        """Who sends this request's events to the gateway (a key of `streams`), and this
+        replica's connection to the gateway's inbox when it is this replica. The engine process
+        does when the gateway is on this node, the engine can, and no event needs this
+        replica's tokenizer (log-probabilities and echo are labelled here)."""
+        reply_to = req.reply_to
+        if reply_to is None or reply_to.node_id != self.node_id:
+            return "through_serve", None
+        if self._forwarder is not None and not req.labels_tokens:
+            return "from_engine", None
+        outlet = self.outlets.outlet_for(reply_to)
+        return ("from_replica", outlet) if outlet is not None else ("through_serve", None)
 
-    def _engine_forwards(self, req: GenerateRequest) -> bool:
-        """Whether the engine process sends this request's events to the gateway itself: it
-        can, and no event needs this replica's tokenizer (log-probabilities and echo are
-        labelled here)."""
-        return (
-            req.reply_to is not None
-            and req.reply_to.node_id == self.node_id
-            and not req.labels_tokens
-            and isinstance(self.engine, ForwardingEngine)
-        )
-
-    async def _events(self, req: GenerateRequest) -> AsyncIterator[EngineEvent]:
+    async def _events(self, req: GenerateRequest, forward: bool) -> AsyncIterator[EngineEvent]:
+        """The request's events, their tokens' texts filled in. With `forward` the engine
+        process sends them to the gateway's inbox itself, and this ends when it says they did."""
         try:
             prompt_ids = self._prompt_ids(req)
         except Exception as error:  # e.g. a chat template that rejects the role order
@@ -184,7 +181,13 @@ class VariantServer:
         # The engine sends a prompt event only with prompt log-probabilities; echo without
         # them is answered here.
         echo_here = req.echo and req.sampling.prompt_logprobs is None
-        async for event in self._engine_events(req, prompt_ids):
+        if forward and self._forwarder is not None and req.reply_to is not None:
+            engine_events = self._forwarder.forward(
+                req.request_id, prompt_ids, req.sampling, req.reply_to
+            )
+        else:
+            engine_events = self.engine.generate(req.request_id, prompt_ids, req.sampling)
+        async for event in engine_events:
             if event.kind == "forwarded":  # the engine sent the events to the gateway itself
                 return
             if event.kind == "prompt":
@@ -196,16 +199,6 @@ class VariantServer:
                 prompt = EngineEvent(kind="prompt")
                 self._describe_prompt(prompt, req, prompt_ids)
                 yield prompt
-
-    def _engine_events(
-        self, req: GenerateRequest, prompt_ids: list[int]
-    ) -> AsyncIterator[EngineEvent]:
-        """The engine's events for a request; only "forwarded" when the engine process sends
-        them to the gateway's inbox itself."""
-        engine, reply_to = self.engine, req.reply_to
-        if self._engine_forwards(req) and isinstance(engine, ForwardingEngine) and reply_to:
-            return engine.forward(req.request_id, prompt_ids, req.sampling, reply_to)
-        return engine.generate(req.request_id, prompt_ids, req.sampling)
 
     async def score(self, request: dict[str, Any], reference: str, limit: int) -> dict[str, Any]:
         """Next-token log-probs of the request's prompt + `reference` (see serve.scoring)."""
