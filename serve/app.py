@@ -106,7 +106,11 @@ def run_local(config: SlimserveConfig) -> None:
     ray.init(address="local", num_cpus=cpus, include_dashboard=False)
     # The gateway replica listens on the configured port itself, so Serve runs no HTTP proxy
     # (one process fewer polling on a small machine).
-    serve.start(proxy_location="Disabled")
+    # http_options only name the address in Serve's own "ready at" line: nothing binds it.
+    serve.start(
+        proxy_location="Disabled",
+        http_options={"host": config.server.host, "port": config.server.port},
+    )
     serve.run(build_application(config, listen=True), name=APP_NAME, route_prefix="/")
     log.info("the gateway replica serves %s:%d itself", config.server.host, config.server.port)
 
