@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from ..config import RoutingConfig, SlimserveConfig
-from ..engine.event_channel import EventInbox
+from ..engine.event_channel import EventInbox, this_node
 from .backends import RayBackend
 from .gateway import GatewayCore, create_api
 from .listener import GatewayListener
@@ -29,8 +29,9 @@ class GatewayDeployment:
 
         configure_logging()
         cfg = SlimserveConfig.model_validate(config)
-        # Engine processes on this node send their streams' events here themselves.
-        self.inbox = EventInbox(_node_id()) if cfg.server.direct_streams else None
+        # Engine processes and variant replicas on this node send streams' events here.
+        node = this_node()
+        self.inbox = EventInbox(node) if cfg.server.direct_streams and node is not None else None
         backends = {name: RayBackend(name, handle, self.inbox) for name, handle in variants.items()}
         self.core = GatewayCore(cfg, backends)
         self._user_config = routing_user_config(self.core.config.routing)
@@ -66,9 +67,3 @@ class GatewayDeployment:
 def routing_user_config(routing: RoutingConfig) -> dict[str, Any]:
     """The gateway deployment's user_config: the routing section as JSON."""
     return routing.model_dump(mode="json")
-
-
-def _node_id() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id()

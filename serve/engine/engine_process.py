@@ -33,9 +33,9 @@ from ..config import SlimserveConfig
 from ..observability.flops import FlopModel
 from .event_channel import closed_by_inbox, try_connect
 from .limits import check_score_length, server_error
+from .loop_delivery import deliver_to_streams
 from .threads import configure_threads
 from .torch_engine import (
-    LoopSink,
     TorchEngine,
     drain_events,
     gather_targets,
@@ -480,16 +480,15 @@ class EngineProcess:
         self._fail_everything()
 
     def _dispatch(self, items: list[tuple[int, EngineEvent]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        found = []
         for key, event in items:
-            entry = self._streams.get(key)
-            if entry is None:
+            stream = self._streams.get(key)
+            if stream is None:
                 continue  # its caller already left
             if event.kind in ("done", "error", "forwarded"):
                 self._streams.pop(key, None)
-            by_loop.setdefault(entry[0], []).append((entry[1], event))
-        for loop, batch in by_loop.items():
-            LoopSink(loop).deliver(batch)  # False when that caller's loop is gone: nothing to do
+            found.append((stream, event))
+        deliver_to_streams(found)
 
     def _resolve_score(self, key: int, value: torch.Tensor | None, error: str | None) -> None:
         entry = self._scores.get(key)

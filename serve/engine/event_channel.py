@@ -32,11 +32,10 @@ import uuid
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 
+from .loop_delivery import Stream, deliver_to_streams
 from .types import EngineEvent, ReplyTo
 
 log = logging.getLogger(__name__)
-
-Items = list[tuple[asyncio.Queue, EngineEvent]]
 
 
 def connect(reply_to: ReplyTo) -> Connection:
@@ -139,7 +138,7 @@ class EventInbox:
         self._address = f"\0slimserve-inbox-{uuid.uuid4().hex}"
         self._listener = Listener(self._address, family="AF_UNIX", authkey=self._authkey)
         self._numbers = itertools.count()
-        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[int, Stream] = {}
         self._connections: set[Connection] = set()
         self._closed = False
         threading.Thread(target=self._accept, name="event-inbox", daemon=True).start()
@@ -205,16 +204,12 @@ class EventInbox:
                 connection.close()
 
     def _dispatch(self, items: list[tuple[int, EngineEvent]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, Items] = {}
-        for stream, event in items:
-            entry = self._streams.get(stream)
-            if entry is not None:  # else its caller already left
-                by_loop.setdefault(entry[0], []).append((entry[1], event))
-        for loop, batch in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that caller's loop is gone
-                loop.call_soon_threadsafe(_put_all, batch)
+        streams = ((self._streams.get(number), event) for number, event in items)
+        deliver_to_streams((s, event) for s, event in streams if s is not None)  # else it left
 
 
-def _put_all(items: Items) -> None:
-    for events, event in items:
-        events.put_nowait(event)
+def this_node() -> str | None:
+    """The Ray node this process runs on; None outside Ray (tests, tools)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

@@ -36,6 +36,7 @@ from .limits import (
     token_range_error,
 )
 from .logits import SequenceLogits, logprob_rows, token_logprobs
+from .loop_delivery import LoopSink
 from .prefix_cache import PrefixCache
 from .sampling import make_generator, sample_tokens
 from .scheduler import Chunk, Scheduler, SlotMove, StepPlan
@@ -52,26 +53,6 @@ class EventSink(Protocol):
     def deliver(self, items: list[tuple[Any, EngineEvent]]) -> bool:
         """False when the receiver is gone: its sequences are aborted."""
         ...
-
-
-class LoopSink:
-    """In-process delivery: one wake-up of the caller's event loop per step, not per token
-    (a call_soon_threadsafe per token per sequence would keep the loop and the GIL busy)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-
-    def deliver(self, items: list[tuple[Any, EngineEvent]]) -> bool:
-        try:
-            self.loop.call_soon_threadsafe(put_all, items)
-        except RuntimeError:  # that caller's event loop is gone
-            return False
-        return True
-
-
-def put_all(items: list[tuple[asyncio.Queue, EngineEvent]]) -> None:
-    for queue, event in items:
-        queue.put_nowait(event)
 
 
 @dataclass

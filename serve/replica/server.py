@@ -17,7 +17,7 @@ from slimserve.kernels import cpu_isa
 from slimserve.kernels.dispatch import chosen_backends, merged_backends
 
 from ..config import SlimserveConfig
-from ..engine.event_channel import EventOutlet, EventOutlets
+from ..engine.event_channel import EventOutlet, EventOutlets, this_node
 from ..engine.limits import unavailable_error
 from ..engine.protocol import Engine, ForwardingEngine
 from ..engine.threads import configure_threads
@@ -37,7 +37,7 @@ class VariantServer:
     def __init__(self, variant: str, config: dict[str, Any]) -> None:
         configure_logging()
         self.variant = variant
-        self.node_id = _ray_node_id()
+        self.node_id = this_node()
         # Why this variant cannot serve, when it failed to load: the replica stays up to say
         # so (to the gateway's probe and every request) while the other variants serve.
         self.failure: str | None = None
@@ -272,9 +272,3 @@ class VariantServer:
         outlets = getattr(self, "outlets", None)
         if outlets is not None:
             outlets.close()
-
-
-def _ray_node_id() -> str | None:
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
