@@ -4,12 +4,15 @@ the hook that packs a module for CPU serving (`pack_for_cpu`, applied to a whole
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 from torch import nn
 
 from .artifact import dtype_from_name, dtype_name, require_keys
+
+if TYPE_CHECKING:
+    from .decode_step import NativeProjection
 
 
 class CompressedLinear(nn.Module):
@@ -67,6 +70,12 @@ class CompressedLinear(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] in compute_dtype -> [M, N] in compute_dtype, without the bias."""
         raise NotImplementedError
+
+    def native_projection(self) -> NativeProjection | None:
+        """This projection as the one-call decode step reads it (kernels/decode_step.py), or
+        None where no packed copy of ours serves decode rows (the default): the engine then
+        calls the modules one by one."""
+        return None
 
     def pack_for_cpu(self) -> int:
         """Move the weight into the layout the CPU kernels read fastest, once, before serving;

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import native
+from .decode_step import NativeProjection, ProjectKind
 from .dispatch import record_backend
 
 # The blocked layout oneDNN picks depends on this batch-size hint; 8 was as fast as the best
@@ -95,6 +96,22 @@ class PackedLinear(nn.Module):
             return 0
         self.native_packed = kernels.f32_pack(weight)
         return self.native_packed.numel() * self.native_packed.element_size()
+
+    def native_projection(self) -> NativeProjection | None:
+        """This projection as the one-call decode step reads it (kernels/decode_step.py), or
+        None where our GEMM's copy is not its only one (oneDNN serves some rows)."""
+        if self._own is None:
+            return None
+        bf16 = self.dtype == torch.bfloat16
+        return NativeProjection(
+            ProjectKind.BF16_GEMM if bf16 else ProjectKind.F32_GEMM,
+            self.dtype,
+            self.native_packed,
+            self.bias,
+            self.out_features,
+            self.in_features,
+            self._own,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._own is not None:

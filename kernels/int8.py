@@ -26,6 +26,7 @@ from torch import nn
 from . import cpu_paths, native
 from .artifact import dtype_from_name, dtype_name, require_keys
 from .base import CompressedLinear
+from .decode_step import NativeProjection, ProjectKind
 from .dispatch import record_backend
 from .triton_support import TRITON_DTYPES, triton_runs_on
 
@@ -158,6 +159,20 @@ class Int8Linear(CompressedLinear):
                 rows, self.cpu_native_pack, self.native_scale
             )
         return self.native_kernels.w8a16_gemm(rows, self.cpu_native_pack, self.native_scale)
+
+    def native_projection(self) -> NativeProjection | None:
+        if self.cpu_native_pack is None or self.bias is not None:
+            return None
+        panels = self.cpu_native_backend == "cpu-native-panels"
+        return NativeProjection(
+            ProjectKind.W8A16_PANELS if panels else ProjectKind.W8A16_GEMM,
+            self.compute_dtype,
+            self.cpu_native_pack,
+            self.native_scale,
+            self.out_features,
+            self.in_features,
+            self.native_kernels,
+        )
 
     def extra_repr(self) -> str:
         packed = (

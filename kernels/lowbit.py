@@ -18,6 +18,7 @@ import torch
 from . import cpu_paths, native
 from .artifact import dtype_from_name, require_keys
 from .base import CompressedLinear
+from .decode_step import NativeProjection, ProjectKind
 from .dispatch import record_backend
 from .packing import pack_int3, pack_int4
 from .reference import lowbit_matmul_reference, lowbit_unpack
@@ -196,6 +197,28 @@ class LowBitLinear(CompressedLinear):
             int(meta["group_size"]),
             bool(meta["has_bias"]),
             dtype_from_name(meta["dtype"]),
+        )
+
+    def native_projection(self) -> NativeProjection | None:
+        """Where our 4-bit GEMV serves (the avx2 level), for the rows it takes."""
+        kernels = native.kernels()
+        if self.bits != 4 or self.bias is not None or kernels is None:
+            return None
+        if kernels.w4a16_max_rows < 1 or not native.w4a16_weight_supported(
+            self.in_features, self.qweight, self.scales, self.zeros, self.group_size
+        ):
+            return None
+        return NativeProjection(
+            ProjectKind.W4A16_GEMV,
+            self.compute_dtype,
+            self.qweight,
+            self.scales,
+            self.out_features,
+            self.in_features,
+            kernels,
+            max_rows=kernels.w4a16_max_rows,
+            zeros=self.zeros,
+            group=self.group_size,
         )
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ SOURCES = tuple(
         "cpu_sparse24.cpp",
         "cpu_sampling.cpp",
         "cpu_threads.cpp",
+        "cpu_decode_step.cpp",
     )
 )
 # No contraction of a product and a sum into one FMA unless a kernel asks for it by intrinsic:
@@ -590,6 +591,10 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
     for name in ("slim_sparse24_f32", "slim_sparse24_bf16"):
         getattr(library, name).restype = cint
         getattr(library, name).argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
+    library.slim_decode_step_workspace_bytes.restype = i64
+    library.slim_decode_step_workspace_bytes.argtypes = [ptr, i64]
+    library.slim_decode_step.restype = cint
+    library.slim_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr]
     library.slim_rescale_rows.restype = cint
     library.slim_rescale_rows.argtypes = [ptr, ptr, i64, i64, cint, ptr]
     return NativeKernels(library, isa)
@@ -653,17 +658,24 @@ def w4a16_gemv_supported(
     32 (one 16-byte load = 32 codes), group <= 256, contiguous buffers, dtypes it reads."""
     if x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPE_CODES:
         return False
-    k = x.shape[1]
+    if not w4a16_weight_supported(x.shape[1], qweight, scales, zeros, group):
+        return False
+    native = serving_kernels()
+    return native is not None and 1 <= x.shape[0] <= native.w4a16_max_rows
+
+
+def w4a16_weight_supported(
+    k: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int
+) -> bool:
+    """A 4-bit weight of K inputs the kernel reads: K and the group in multiples of 32, group
+    <= 256, contiguous CPU buffers of dtypes it knows."""
     if k % 32 or group % 32 or group > 256 or k % group or qweight.shape[1] * 2 != k:
         return False
     if qweight.dtype != torch.uint8 or scales.dtype not in _DTYPE_CODES:
         return False
-    if zeros.dtype != scales.dtype or not all(
+    return zeros.dtype == scales.dtype and all(
         t.is_contiguous() and t.device.type == "cpu" for t in (qweight, scales, zeros)
-    ):
-        return False
-    native = serving_kernels()
-    return native is not None and 1 <= x.shape[0] <= native.w4a16_max_rows
+    )
 
 
 def decode_attention_supported(

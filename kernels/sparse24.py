@@ -21,6 +21,7 @@ import torch
 
 from . import native
 from .base import CompressedLinear
+from .decode_step import NativeProjection, ProjectKind
 from .dispatch import record_backend
 from .packing import compress_24, pack_24_blocks
 from .reference import sparse24_matmul_reference
@@ -111,6 +112,19 @@ class SparseLinear(CompressedLinear):
             self.values = torch.empty(0, dtype=self.values.dtype)
             self.meta_bits = torch.empty(0, dtype=torch.uint8)
         return sum(t.numel() * t.element_size() for t in (self.cpu_values, self.cpu_codes))
+
+    def native_projection(self) -> NativeProjection | None:
+        if self.cpu_values is None or self.bias is not None:
+            return None
+        return NativeProjection(
+            ProjectKind.SPARSE24,
+            self.compute_dtype,
+            self.cpu_values,
+            self.cpu_codes,
+            self.out_features,
+            self.in_features,
+            self.native_kernels,
+        )
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_values is None:

@@ -32,6 +32,7 @@ import torch
 
 from . import cpu_paths, native
 from .base import CompressedLinear
+from .decode_step import NativeProjection, ProjectKind
 from .dispatch import record_backend
 from .reference import (
     int8_int8_matmul_reference,
@@ -148,6 +149,25 @@ class W8A8Linear(CompressedLinear):
         if self.cpu_native_pack is None:
             self.cpu_native_pack = kernels.w8a8_pack(self.qweight)
         return self.cpu_native_pack.numel()
+
+    def native_projection(self) -> NativeProjection | None:
+        kernels = native.kernels()
+        if self.cpu_native_pack is None or self.bias is not None or kernels is None:
+            return None
+        if self.in_features > kernels.w8a8_gemm_max_k:
+            return None
+        # Beside oneDNN's copy, ours serves only decode batches up to the GEMM's rows.
+        max_rows = None if self.cpu_pack is None else kernels.w8a8_gemm_max_rows
+        return NativeProjection(
+            ProjectKind.W8A8_GEMM,
+            self.compute_dtype,
+            self.cpu_native_pack,
+            self.weight_scale,
+            self.out_features,
+            self.in_features,
+            kernels,
+            max_rows,
+        )
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         own = self.cpu_native_pack

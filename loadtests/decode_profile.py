@@ -6,16 +6,17 @@
 Per variant, the default model is compressed in-process and served by the engine's runner
 (`LlamaRunner`, projections fused and dense ones prepacked as the engine builds it) on one torch
 thread. At each batch, `batch` slots hold the same prompt; at each position a decode step
-(forward + greedy choice, as the engine samples) runs plain, then again with timers around every
-matmul module, the ops between them (residual add + RMSNorm, rotary + KV write + attention,
-SiLU * up), the embedding lookup and the greedy choice: alternating, so load from other work on
-the machine hits both alike. Timers count exclusive CPU time of the decoding thread (a region
-less the regions timed inside it), which other processes competing for the cores leave mostly
-unchanged; each region's time is less the timers' own cost inside a region (measured on an
-empty region), and the rest of a step (the plain step's CPU time less the timed parts) is Python
-and scheduling. Our native kernels run through ctypes, unseen by
-torch.profiler, so the timers wrap the runner's callables from outside, and the backend of each
-matmul call is read from `record_backend`.
+(forward + greedy choice, as the engine samples) runs plain as the engine runs it (every layer
+in one native call where the model allows: kernels/decode_step.py), plain again with one call
+per kernel, then per kernel with timers around every matmul module, the ops between them
+(residual add + RMSNorm, rotary + KV write + attention, SiLU * up), the embedding lookup and
+the greedy choice: alternating, so load from other work on the machine hits all three alike.
+Timers count exclusive CPU time of the decoding thread (a region less the regions timed inside
+it), which other processes competing for the cores leave mostly unchanged; each region's time
+is less the timers' own cost inside a region (measured on an empty region), and the rest of a
+step (the per-call plain step's CPU time less the timed parts) is Python and scheduling. Our
+native kernels run through ctypes, unseen by torch.profiler, so the timers wrap the runner's
+callables from outside, and the backend of each matmul call is read from `record_backend`.
 
 The floor: the bytes a step must read (every weight once, the KV cache up to each sequence's
 position) over this machine's single-thread read bandwidth, measured here as the best of several
@@ -89,7 +90,7 @@ class Op:
         return GROUPS.index(self.group), kind, self.name, self.backend
 
 
-REST = Op("rest", "Python, scheduling (plain step - timed)")
+REST = Op("rest", "Python, scheduling (per-call step - timed)")
 
 
 class StepTimer:
@@ -180,8 +181,9 @@ class StepTimes:
 @dataclass
 class BatchProfile:
     batch: int
-    plain: StepTimes  # no timers
-    timed: StepTimes  # with timers
+    plain: StepTimes  # no timers, as the engine steps (in one call where it can)
+    per_call: StepTimes  # no timers, one Python call per kernel
+    timed: StepTimes  # per kernel, with timers
     timer: StepTimer
     timer_cost: float  # CPU seconds a timer adds inside each region it times
     weight_bytes: int  # per step: every weight once
@@ -193,13 +195,13 @@ class BatchProfile:
         return len(self.timed.cpu)
 
     def ms_per_step(self) -> dict[Op, float]:
-        """Exclusive CPU ms per step by op (less the timers' cost), and the rest of the plain
+        """Exclusive CPU ms per step by op (less the timers' cost), and the rest of the per-call
         step."""
         per_step = {
             op: 1e3 * (s - self.timer.calls[op] * self.timer_cost) / self.steps
             for op, s in self.timer.seconds.items()
         }
-        per_step[REST] = 1e3 * statistics.fmean(self.plain.cpu) - sum(per_step.values())
+        per_step[REST] = 1e3 * statistics.fmean(self.per_call.cpu) - sum(per_step.values())
         return per_step
 
     def floor_ms(self, op: Op, bandwidth: float) -> float | None:
@@ -331,6 +333,19 @@ def _matmul_modules(runner: LlamaRunner) -> list[tuple[Any, str]]:
     return found
 
 
+_ABSENT = object()
+
+
+@contextmanager
+def per_call(runner: LlamaRunner) -> Iterator[None]:
+    """The runner stepping one Python call per kernel while inside."""
+    step, runner.native_step = runner.native_step, None
+    try:
+        yield
+    finally:
+        runner.native_step = step
+
+
 @contextmanager
 def instrumented(
     runner: LlamaRunner, timer: StepTimer, tap: BackendTap, sizes: dict[Op, int]
@@ -345,7 +360,8 @@ def instrumented(
     patched: list[tuple[Any, str, Any]] = []
 
     def patch(owner: Any, name: str, replacement: Any) -> None:
-        patched.append((owner, name, owner.__dict__.get(name)))  # None: a class attribute
+        # absent: a class attribute, deleted again on the way out
+        patched.append((owner, name, owner.__dict__.get(name, _ABSENT)))
         setattr(owner, name, replacement)
 
     def wrap_ops(ops: Any) -> Any:
@@ -355,6 +371,7 @@ def instrumented(
         ops.gated = timer.timed(ops.gated, _fixed(Op("silu", "SiLU(gate) * up")))
         return ops
 
+    patch(runner, "native_step", None)  # per kernel, so that each can be timed
     for owner, kind in _matmul_modules(runner):
         module = getattr(owner, kind)
         patch(owner, kind, TimedCall(module, timer, _matmul_op(kind, module, tap, sizes)))
@@ -368,7 +385,7 @@ def instrumented(
             yield
     finally:
         for owner, name, original in reversed(patched):
-            if original is None:
+            if original is _ABSENT:
                 delattr(owner, name)
             else:
                 setattr(owner, name, original)
@@ -407,15 +424,18 @@ def profile_batch(
     timer, tap = StepTimer(), BackendTap()
     matmul_bytes: dict[Op, int] = {}
     timed_sample = timer.timed(plain_sample, _fixed(Op("sampling", "greedy choice")))
-    plain, timed = StepTimes(), StepTimes()
+    plain, per_call_plain, timed = StepTimes(), StepTimes(), StepTimes()
     positions = range(len(prompt), len(prompt) + steps)
     for position in positions:
         decode_step(runner, batch, position, token, plain_sample, plain)
+        with per_call(runner):
+            decode_step(runner, batch, position, token, plain_sample, per_call_plain)
         with instrumented(runner, timer, tap, matmul_bytes):
             decode_step(runner, batch, position, token, timed_sample, timed)
     return BatchProfile(
         batch,
         plain,
+        per_call_plain,
         timed,
         timer,
         timer.in_region_cost(),
@@ -437,8 +457,9 @@ def profile_variant(
     weight_bytes = weights_read_per_step(model)
     max_len = len(prompt) + max(steps, WARMUP_STEPS) + 8
     runner = LlamaRunner(model, max_slots=max(batches), max_len=max_len, pack_dense=True)
-    log.info("%s: %.1f MB of weights read per step, native decode ops: %s", variant,
-             weight_bytes / 1e6, runner.native_decode)  # fmt: skip
+    log.info("%s: %.1f MB of weights read per step, native decode ops: %s, one-call step: %s",
+             variant, weight_bytes / 1e6, runner.native_decode,
+             runner.native_step is not None)  # fmt: skip
     with torch.inference_mode():
         for slot in range(max(batches)):
             runner.prefill(slot, prompt, 0, want_logits=False)
@@ -446,9 +467,10 @@ def profile_variant(
     for batch in batches:
         profiles.append(profile_batch(runner, batch, prompt, steps, weight_bytes))
         plain = profiles[-1].plain
-        log.info("%s batch %d: %.2f ms/step, %.2f CPU ms/step (medians), load %s", variant,
-                 batch, 1e3 * statistics.median(plain.wall), 1e3 * statistics.median(plain.cpu),
-                 load_average())  # fmt: skip
+        log.info("%s batch %d: %.2f ms/step (%.2f per call), %.2f CPU ms/step (medians), "
+                 "load %s", variant, batch, 1e3 * statistics.median(plain.wall),
+                 1e3 * statistics.median(profiles[-1].per_call.wall),
+                 1e3 * statistics.median(plain.cpu), load_average())  # fmt: skip
     return VariantProfile(variant, dtype, profiles)
 
 
@@ -459,9 +481,9 @@ def _group_ms(per_step: dict[Op, float], groups: tuple[str, ...]) -> float:
 def summary_table(variants: list[VariantProfile], bandwidth: float) -> str:
     lines = [
         "| variant | dtype | batch | weights MB | KV MB | floor tok/s | tok/CPU-s | of floor "
-        "| tok/s wall | CPU ms/step | matmuls | attention | norms, SiLU, rotary "
-        "| embed + sampling | rest | timers add |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tok/s wall | per-call tok/s wall | CPU ms/step | matmuls | attention "
+        "| norms, SiLU, rotary | embed + sampling | rest | timers add |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant in variants:
         for p in variant.batches:
@@ -470,7 +492,8 @@ def summary_table(variants: list[VariantProfile], bandwidth: float) -> str:
             rate = 1e3 * p.batch / step_ms
             wall_rate = p.batch / statistics.median(p.plain.wall)
             per_step = p.ms_per_step()
-            timers_add = 1e3 * (statistics.fmean(p.timed.cpu) - statistics.fmean(p.plain.cpu))
+            per_call_rate = p.batch / statistics.median(p.per_call.wall)
+            timers_add = 1e3 * (statistics.fmean(p.timed.cpu) - statistics.fmean(p.per_call.cpu))
             cells = [
                 variant.name,
                 variant.dtype,
@@ -481,6 +504,7 @@ def summary_table(variants: list[VariantProfile], bandwidth: float) -> str:
                 f"{rate:.1f}",
                 f"{rate / floor:.0%}",
                 f"{wall_rate:.1f}",
+                f"{per_call_rate:.1f}",
                 f"{step_ms:.2f}",
                 *(
                     f"{_group_ms(per_step, groups):.2f}"

@@ -22,6 +22,12 @@ from torch import nn
 
 from slimserve.kernels import native
 from slimserve.kernels.base import pack_model_for_cpu
+from slimserve.kernels.decode_step import (
+    DecodeLayer,
+    DecodeShape,
+    NativeDecodeStep,
+    NativeProjection,
+)
 from slimserve.kernels.dense_cpu import PackedLinear
 from slimserve.kernels.fuse import fuse_linears
 
@@ -71,6 +77,12 @@ class _RMSNorm:
 
 def _norm(module: nn.Module) -> nn.Module | _RMSNorm:
     return _RMSNorm(module) if type(module).__name__ in _PLAIN_RMS_NORMS else module
+
+
+def _native_projection(module: nn.Module) -> NativeProjection | None:
+    """The module as the one-call decode step reads it, or None (plain or unpacked modules)."""
+    describe = getattr(module, "native_projection", None)
+    return None if describe is None else describe()
 
 
 def _is_silu(act: object) -> bool:
@@ -356,6 +368,36 @@ class LlamaRunner:
             )
         )
 
+        # Every layer of a decode-only step in one native call, where each projection is one
+        # of our packed layouts (kernels/decode_step.py); else the per-call loop in `step`.
+        self.native_step = self._one_call_step() if self.native_decode else None
+
+    def _one_call_step(self) -> NativeDecodeStep | None:
+        kernels = native.kernels()
+        layers = []
+        for index, plan in enumerate(self.layers):
+            parts = [
+                _native_projection(module) for module in (plan.qkv, plan.o, plan.gate_up, plan.down)
+            ]
+            if any(p is None or p.dtype != self.dtype or p.kernels is not kernels for p in parts):
+                return None
+            layers.append(
+                DecodeLayer(
+                    *parts,
+                    input_norm=plan.input_norm.weight,
+                    input_eps=plan.input_norm.eps,
+                    post_norm=plan.post_norm.weight,
+                    post_eps=plan.post_norm.eps,
+                    k_cache=self.k_cache[index],
+                    v_cache=self.v_cache[index],
+                )
+            )
+        shape = DecodeShape(self.n_heads, self.n_kv_heads, self.head_dim, self.scaling)
+        norm = self.final_norm
+        return NativeDecodeStep(
+            kernels, layers, self.cos, self.sin, norm.weight, norm.eps, shape, self.max_slots
+        )
+
     @property
     def kv_cache_bytes(self) -> int:
         positions = self.k_cache.numel() + self.k_store.numel()
@@ -467,6 +509,8 @@ class LlamaRunner:
         """
         batch = len(decode_ids)
         self._check_chunks(batch, chunks)
+        if self._steps_in_one_call(batch, chunks):
+            return self._one_call_decode(decode_ids, decode_positions)
         ops = self._step_ops(decode_positions, chunks)
         chunk_ids = [token for chunk in chunks for token in chunk.token_ids]
         x = self.embed(torch.tensor(list(decode_ids) + chunk_ids, dtype=torch.long))
@@ -483,6 +527,20 @@ class LlamaRunner:
             delta = plan.down(ops.gated(plan, h))
         rows, logits = ops.finish(x, delta, self.final_norm)
         return self._split_logits(rows, batch, chunks, logits)
+
+    def _steps_in_one_call(self, batch: int, chunks: Sequence[PrefillChunk]) -> bool:
+        one_call = self.native_step
+        if one_call is None or chunks or not 1 <= batch <= one_call.max_rows:
+            return False
+        return native.serving_kernels() is not None
+
+    def _one_call_decode(
+        self, decode_ids: list[int], decode_positions: list[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """`step` for decoding sequences alone, every layer in one native call."""
+        x = self.embed(torch.tensor(decode_ids, dtype=torch.long)).contiguous()
+        rows = self.native_step.run(x, torch.tensor(decode_positions, dtype=torch.long))
+        return self.lm_head(rows).float(), []
 
     def _step_ops(
         self, decode_positions: list[int], chunks: Sequence[PrefillChunk]

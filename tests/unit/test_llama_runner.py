@@ -260,6 +260,7 @@ def test_native_steps_match_the_eager_path_with_the_same_cache(dtype: torch.dtyp
     eager = LlamaRunner(eager_model, max_slots=5, max_len=96, pack_dense=True)
     assert fast.native_decode
     eager.native_decode = False
+    eager.native_step = None
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (9, 23, 4, 30, 7)]
     worst = 0.0
