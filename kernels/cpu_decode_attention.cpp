@@ -17,7 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <atomic>
+
 #include "cpu_bf16.h"
+#include "cpu_threads.h"
 
 #define SLIM_AVX512 SLIM_TARGET_AVX512
 
@@ -281,26 +284,30 @@ SLIM_AVX512 static int decode_attention(const typename E::T *qkv, int64_t qkv_st
     if (positions[b] + 1 > longest) longest = positions[b] + 1;
   }
   const int64_t group = heads / kv_heads, slot_size = kv_heads * max_len * head_dim;
-  T *q_rot = (T *)malloc((size_t)(heads * head_dim) * sizeof(T));
-  float *q_f32 = (float *)malloc((size_t)(heads * head_dim) * sizeof(float));
-  float *scores = (float *)malloc((size_t)(group * (longest + 16)) * sizeof(float));
-  if (q_rot == NULL || q_f32 == NULL || scores == NULL) {
+  // Sequences shared out across the kernels' threads (cpu_threads.h): each writes only its own
+  // cache slot and output row, so the result does not depend on the split. At batch 32 a layer's
+  // attention read ~4 MB of fp32 cache on one thread while the other core waited.
+  std::atomic<int> failed{0};
+  slim_parallel(batch, [&](int64_t first, int64_t end) {
+    T *q_rot = (T *)malloc((size_t)(heads * head_dim) * sizeof(T));
+    float *q_f32 = (float *)malloc((size_t)(heads * head_dim) * sizeof(float));
+    float *scores = (float *)malloc((size_t)(group * (longest + 16)) * sizeof(float));
+    if (q_rot != NULL && q_f32 != NULL && scores != NULL) {
+      for (int64_t b = first; b < end; b++) {
+        const int64_t position = positions[b];
+        attend_sequence<E>(qkv + b * qkv_stride, cos_table + position * head_dim,
+                           sin_table + position * head_dim, k_cache + b * slot_size,
+                           v_cache + b * slot_size, max_len, position, heads, kv_heads, head_dim,
+                           scaling, q_rot, q_f32, scores, out + b * heads * head_dim);
+      }
+    } else {
+      failed.store(1, std::memory_order_relaxed);
+    }
     free(q_rot);
     free(q_f32);
     free(scores);
-    return -1;
-  }
-  for (int64_t b = 0; b < batch; b++) {
-    const int64_t position = positions[b];
-    attend_sequence<E>(qkv + b * qkv_stride, cos_table + position * head_dim,
-                       sin_table + position * head_dim, k_cache + b * slot_size,
-                       v_cache + b * slot_size, max_len, position, heads, kv_heads, head_dim,
-                       scaling, q_rot, q_f32, scores, out + b * heads * head_dim);
-  }
-  free(q_rot);
-  free(q_f32);
-  free(scores);
-  return 0;
+  });
+  return failed.load() ? -1 : 0;
 }
 
 #define SLIM_DECODE_ATTENTION(NAME, E)                                                          \

@@ -1,7 +1,8 @@
-"""The native kernels' own thread pool (kernels/cpu_threads.{h,cpp}): every matmul kernel gives
-the same bits whether a call runs on 1, 2 or 3 threads (each output channel is computed whole by
-one thread, so the split must not change a sum), at ragged channel counts that leave threads
-uneven or empty shares; the pool keeps working in a forked child; bad counts are refused."""
+"""The native kernels' own thread pool (kernels/cpu_threads.{h,cpp}): every matmul kernel and the
+decode attention give the same bits whether a call runs on 1, 2 or 3 threads (each output
+channel, or each sequence, is computed whole by one thread, so the split must not change a sum),
+at ragged channel counts that leave threads uneven or empty shares; the pool keeps working in a
+forked child; bad counts are refused."""
 
 from __future__ import annotations
 
@@ -93,6 +94,27 @@ def test_w4a16_is_thread_count_independent(kernels, rows: int, n: int, k: int) -
     zeros = (torch.rand(n, k // 32, generator=gen) * 15).bfloat16()
     x = _x(rows, k, torch.bfloat16, seed=k + 4)
     _same_at_every_count(kernels, lambda: kernels.w4a16_gemv(x, qweight, scales, zeros, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch", [1, 3, 9])
+def test_decode_attention_is_thread_count_independent(kernels, batch: int, dtype) -> None:
+    """Sequences at ragged positions shared out across threads: the same outputs and the same
+    cached keys and values at every count."""
+    heads, kv_heads, dim, max_len = 6, 2, 32, 40
+    gen = torch.Generator().manual_seed(batch)
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    cos = torch.randn(max_len, dim, generator=gen).to(dtype)
+    sin = torch.randn(max_len, dim, generator=gen).to(dtype)
+    caches = torch.randn(2, batch, kv_heads, max_len, dim, generator=gen).to(dtype)
+    positions = torch.tensor([(7 * b + 3) % max_len for b in range(batch)])
+
+    def attend() -> torch.Tensor:
+        k_cache, v_cache = caches[0].clone(), caches[1].clone()
+        out = kernels.decode_attention(qkv, cos, sin, k_cache, v_cache, positions, heads, 0.25)
+        return torch.cat([out.flatten(), k_cache.flatten(), v_cache.flatten()])
+
+    _same_at_every_count(kernels, attend)
 
 
 def _child_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, queue) -> None:
