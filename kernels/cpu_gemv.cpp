@@ -354,16 +354,11 @@ static void w4_group_rows(const int16_t *codes, int64_t kp, const double *xscale
 }
 #endif
 
-// out[M, N] = x[M, K] @ dequant(w[N, K/2], scales[N, K/G], zeros[N, K/G]).T in x's dtype.
-// Returns 0, or -1 outside the kernel's limits (checked first in Python): K % 32 == 0,
-// G % 32 == 0, K % G == 0, G <= W4_MAX_GROUP, 1 <= M <= W4_MAX_ROWS.
-extern "C" int slim_w4a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, const uint8_t *w,
-                               const void *scales, const void *zeros, int sdtype, int64_t group,
-                               int64_t n, void *out) {
 #if defined(SLIM_ISA_AVX2)
-  if (m < 1 || m > W4_MAX_ROWS || k < 32 || k % 32 || group < 32 || group % 32 ||
-      group > W4_MAX_GROUP || k % group || n < 1)
-    return -1;
+// Up to W4_MAX_ROWS rows of slim_w4a16_gemv (its limits checked there).
+static int w4a16_rows(const void *x, int xdtype, int64_t m, int64_t k, const uint8_t *w,
+                      const void *scales, const void *zeros, int sdtype, int64_t group, int64_t n,
+                      void *out) {
   const int64_t groups = k / group;
   int16_t *codes = (int16_t *)aligned_alloc(32, (size_t)(m * k) * sizeof(int16_t));
   float *group_sums = (float *)calloc((size_t)(m * groups), sizeof(float));
@@ -405,6 +400,30 @@ extern "C" int slim_w4a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, 
   });
   free(codes);
   free(group_sums);
+  return 0;
+}
+#endif
+
+// out[M, N] = x[M, K] @ dequant(w[N, K/2], scales[N, K/G], zeros[N, K/G]).T in x's dtype, x and
+// out contiguous; any M >= 1, in passes of W4_MAX_ROWS rows that each read the weight once. A
+// prompt's rows take the same passes: torch's int4pack matmul, the other path at this level,
+// took 120-190 ms per call at 40-64 rows of a 3072 x 576 layer where the passes take 1.7-2.8 ms
+// (kernels/README.md). Returns 0, or -1 outside the kernel's limits (checked first in Python):
+// K % 32 == 0, G % 32 == 0, K % G == 0, G <= W4_MAX_GROUP.
+extern "C" int slim_w4a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, const uint8_t *w,
+                               const void *scales, const void *zeros, int sdtype, int64_t group,
+                               int64_t n, void *out) {
+#if defined(SLIM_ISA_AVX2)
+  if (m < 1 || k < 32 || k % 32 || group < 32 || group % 32 || group > W4_MAX_GROUP ||
+      k % group || n < 1)
+    return -1;
+  const int64_t item = xdtype == SLIM_F32 ? 4 : 2;
+  for (int64_t r0 = 0; r0 < m; r0 += W4_MAX_ROWS) {
+    const int64_t rows = m - r0 < W4_MAX_ROWS ? m - r0 : W4_MAX_ROWS;
+    const int status = w4a16_rows((const char *)x + r0 * k * item, xdtype, rows, k, w, scales,
+                                  zeros, sdtype, group, n, (char *)out + r0 * n * item);
+    if (status != 0) return status;
+  }
   return 0;
 #else
   (void)x, (void)xdtype, (void)m, (void)k, (void)w, (void)scales, (void)zeros, (void)sdtype;

@@ -141,7 +141,7 @@ def w4a16_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> 
         return LowBitLinear.from_codes(codes, scales, zeros, group, 4, None, torch.float32)
 
     def ours(kernels: native.NativeKernels, x: torch.Tensor, modules: list) -> Calls:
-        if x.shape[0] > kernels.w4a16_max_rows:
+        if kernels.w4a16_max_rows == 0:
             return None
         gemv = kernels.w4a16_gemv
         return [

@@ -200,7 +200,7 @@ class LowBitLinear(CompressedLinear):
         )
 
     def native_projection(self) -> NativeProjection | None:
-        """Where our 4-bit GEMV serves (the avx2 level), for the rows it takes."""
+        """Where our 4-bit GEMV serves (the avx2 level)."""
         kernels = native.kernels()
         if self.bits != 4 or self.bias is not None or kernels is None:
             return None
@@ -216,7 +216,6 @@ class LowBitLinear(CompressedLinear):
             self.out_features,
             self.in_features,
             kernels,
-            max_rows=kernels.w4a16_max_rows,
             zeros=self.zeros,
             group=self.group_size,
         )

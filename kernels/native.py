@@ -166,7 +166,8 @@ class NativeKernels:
 
     @functools.cached_property
     def w4a16_max_rows(self) -> int:
-        """Rows the 4-bit GEMV takes: 32 on avx2, 0 on avx512 (torch's int4pack serves there)."""
+        """Rows per pass of the 4-bit GEMV, which takes any row count in such passes: 32 on
+        avx2, 0 on avx512 (torch's int4pack serves there)."""
         return int(self.library.slim_w4a16_max_rows())
 
     def w4a16_gemv(
@@ -654,14 +655,15 @@ def w8a16_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
 def w4a16_gemv_supported(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int
 ) -> bool:
-    """A CPU call the 4-bit kernel takes: rows within its limit, K and the group in multiples of
-    32 (one 16-byte load = 32 codes), group <= 256, contiguous buffers, dtypes it reads."""
+    """A CPU call the 4-bit kernel takes: any rows where it serves (the avx2 build), K and the
+    group in multiples of 32 (one 16-byte load = 32 codes), group <= 256, contiguous buffers,
+    dtypes it reads."""
     if x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPE_CODES:
         return False
     if not w4a16_weight_supported(x.shape[1], qweight, scales, zeros, group):
         return False
     native = serving_kernels()
-    return native is not None and 1 <= x.shape[0] <= native.w4a16_max_rows
+    return native is not None and native.w4a16_max_rows > 0 and x.shape[0] >= 1
 
 
 def w4a16_weight_supported(
