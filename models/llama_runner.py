@@ -505,7 +505,10 @@ class LlamaRunner:
         for its last token, or [n, vocab] with `chunk.logits == "all"`).
 
         Between the matmuls run native kernels when the model qualifies (`_NativeOps`), else
-        torch ops (`_EagerOps`); the loop and the modules are the same.
+        torch ops (`_EagerOps`); the loop and the modules are the same. A step of decoding
+        sequences alone runs every layer in one native call instead where each projection is
+        one of our packed layouts (`native_step`, kernels/decode_step.py): the same kernels in
+        the same order, the same logits.
         """
         batch = len(decode_ids)
         self._check_chunks(batch, chunks)
