@@ -223,8 +223,9 @@ class NativeDecodeStep:
         """x [B, hidden]: the embedded tokens of slots 0..B-1, at `positions` (int64 [B]); the
         residual is updated in place. Returns the final-normed rows [B, hidden]."""
         batch = x.shape[0]
-        if not 1 <= batch <= self.max_rows or x.dtype != self.dtype or not x.is_contiguous():
-            raise ValueError(f"one-call decode step: {batch} rows of {x.dtype}")
+        rows_fit = 1 <= batch <= self.max_rows and x.shape == (batch, self.hidden)
+        if not rows_fit or x.dtype != self.dtype or not x.is_contiguous():
+            raise ValueError(f"one-call decode step: rows {tuple(x.shape)} of {x.dtype}")
         plain = positions.shape == (batch,) and positions.stride(0) == 1
         if positions.dtype != torch.int64 or not plain:
             raise ValueError(f"one-call decode step: positions {positions.tolist()}")

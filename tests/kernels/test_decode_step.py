@@ -189,3 +189,17 @@ def test_projection_kinds_name_the_layouts_the_engine_packs(each_isa: Isa):
     int8 = _runner(torch.float32, "int8").native_step
     assert {layer.qkv.kind for layer in dense.layers} == {ProjectKind.F32_GEMM}
     assert {layer.down.kind for layer in int8.layers} == {ProjectKind.W8A16_PANELS}
+
+
+def test_rows_the_plan_was_not_built_for_are_refused(each_isa: Isa):
+    runner = _runner(torch.float32 if each_isa == Isa.AVX2 else torch.bfloat16, "int8")
+    step = runner.native_step
+    if step is None:
+        pytest.skip("no one-call step here")
+    positions = torch.tensor([3])
+    with pytest.raises(ValueError, match="rows"):
+        step.run(torch.zeros(1, step.hidden + 1, dtype=step.dtype), positions)
+    with pytest.raises(ValueError, match="rows"):
+        step.run(torch.zeros(step.max_rows + 1, step.hidden, dtype=step.dtype), positions)
+    with pytest.raises(ValueError, match="positions"):
+        step.run(torch.zeros(2, step.hidden, dtype=step.dtype), positions)
