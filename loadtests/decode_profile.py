@@ -333,9 +333,6 @@ def _matmul_modules(runner: LlamaRunner) -> list[tuple[Any, str]]:
     return found
 
 
-_ABSENT = object()
-
-
 @contextmanager
 def per_call(runner: LlamaRunner) -> Iterator[None]:
     """The runner stepping one Python call per kernel while inside."""
@@ -360,8 +357,7 @@ def instrumented(
     patched: list[tuple[Any, str, Any]] = []
 
     def patch(owner: Any, name: str, replacement: Any) -> None:
-        # absent: a class attribute, deleted again on the way out
-        patched.append((owner, name, owner.__dict__.get(name, _ABSENT)))
+        patched.append((owner, name, owner.__dict__.get(name)))  # None: a class attribute
         setattr(owner, name, replacement)
 
     def wrap_ops(ops: Any) -> Any:
@@ -371,7 +367,6 @@ def instrumented(
         ops.gated = timer.timed(ops.gated, _fixed(Op("silu", "SiLU(gate) * up")))
         return ops
 
-    patch(runner, "native_step", None)  # per kernel, so that each can be timed
     for owner, kind in _matmul_modules(runner):
         module = getattr(owner, kind)
         patch(owner, kind, TimedCall(module, timer, _matmul_op(kind, module, tap, sizes)))
@@ -385,7 +380,7 @@ def instrumented(
             yield
     finally:
         for owner, name, original in reversed(patched):
-            if original is _ABSENT:
+            if original is None:
                 delattr(owner, name)
             else:
                 setattr(owner, name, original)
@@ -430,7 +425,7 @@ def profile_batch(
         decode_step(runner, batch, position, token, plain_sample, plain)
         with per_call(runner):
             decode_step(runner, batch, position, token, plain_sample, per_call_plain)
-        with instrumented(runner, timer, tap, matmul_bytes):
+        with per_call(runner), instrumented(runner, timer, tap, matmul_bytes):
             decode_step(runner, batch, position, token, timed_sample, timed)
     return BatchProfile(
         batch,
