@@ -229,19 +229,17 @@ static GroupKernel<E> group_kernel(int64_t chunks) {
   return table[chunks - 1];
 }
 
-// One sequence: rotary on its q and k, the new key and value written at `position` of its slot
-// caches [kv_heads, max_len, head_dim], attention of every query head over keys 0..position.
-// q_rot [heads * head_dim] (in E), q_f32 [heads * head_dim] and scores
-// [group * (position + 17)] are scratch.
+// One sequence's new token: rotary on its q (scaled, into q_f32 [heads * head_dim]) and k, the
+// new key and value written at `position` of its slot caches [kv_heads, max_len, head_dim].
+// q_rot [heads * head_dim] (in E) is scratch.
 template <class E>
-SLIM_AVX512 static void attend_sequence(const typename E::T *qkv, const typename E::T *cos,
-                                        const typename E::T *sin, typename E::T *k_cache,
-                                        typename E::T *v_cache, int64_t max_len,
-                                        int64_t position, int64_t heads, int64_t kv_heads,
-                                        int64_t head_dim, float scaling, typename E::T *q_rot,
-                                        float *q_f32, float *scores, typename E::T *out) {
+SLIM_AVX512 static void prepare_sequence(const typename E::T *qkv, const typename E::T *cos,
+                                         const typename E::T *sin, typename E::T *k_cache,
+                                         typename E::T *v_cache, int64_t max_len,
+                                         int64_t position, int64_t heads, int64_t kv_heads,
+                                         int64_t head_dim, float scaling, typename E::T *q_rot,
+                                         float *q_f32) {
   using T = typename E::T;
-  const int64_t group = heads / kv_heads, length = position + 1;
   for (int64_t h = 0; h < heads; h++)
     rotate<E>(qkv + h * head_dim, cos, sin, head_dim, q_rot + h * head_dim);
   // The scaling folds into q here (one rounding in fp32, not in bf16).
@@ -253,11 +251,6 @@ SLIM_AVX512 static void attend_sequence(const typename E::T *qkv, const typename
     rotate<E>(k_new, cos, sin, head_dim, k_cache + (g * max_len + position) * head_dim);
     memcpy(v_cache + (g * max_len + position) * head_dim, v_new, (size_t)head_dim * sizeof(T));
   }
-  const GroupKernel<E> kernel = group_kernel<E>(head_dim / 16);
-  for (int64_t g = 0; g < kv_heads; g++)
-    kernel(q_f32 + g * group * head_dim, k_cache + g * max_len * head_dim,
-           v_cache + g * max_len * head_dim, length, group, scores, length + 16,
-           out + g * group * head_dim);
 }
 
 // Every decoding sequence of a step, one layer. Sequence b: its row of qkv
@@ -284,29 +277,45 @@ SLIM_AVX512 static int decode_attention(const typename E::T *qkv, int64_t qkv_st
     if (positions[b] + 1 > longest) longest = positions[b] + 1;
   }
   const int64_t group = heads / kv_heads, slot_size = kv_heads * max_len * head_dim;
-  // Sequences shared out across the kernels' threads (cpu_threads.h): each writes only its own
-  // cache slot and output row, so the result does not depend on the split. At batch 32 a layer's
-  // attention read ~4 MB of fp32 cache on one thread while the other core waited.
-  std::atomic<int> failed{0};
-  slim_parallel(batch, [&](int64_t first, int64_t end) {
-    T *q_rot = (T *)malloc((size_t)(heads * head_dim) * sizeof(T));
-    float *q_f32 = (float *)malloc((size_t)(heads * head_dim) * sizeof(float));
-    float *scores = (float *)malloc((size_t)(group * (longest + 16)) * sizeof(float));
-    if (q_rot != NULL && q_f32 != NULL && scores != NULL) {
-      for (int64_t b = first; b < end; b++) {
-        const int64_t position = positions[b];
-        attend_sequence<E>(qkv + b * qkv_stride, cos_table + position * head_dim,
-                           sin_table + position * head_dim, k_cache + b * slot_size,
-                           v_cache + b * slot_size, max_len, position, heads, kv_heads, head_dim,
-                           scaling, q_rot, q_f32, scores, out + b * heads * head_dim);
-      }
-    } else {
-      failed.store(1, std::memory_order_relaxed);
-    }
+  const int64_t width = heads * head_dim;
+  T *q_rot = (T *)malloc((size_t)width * sizeof(T));
+  float *q_f32 = (float *)malloc((size_t)(batch * width) * sizeof(float));
+  if (q_rot == NULL || q_f32 == NULL) {
     free(q_rot);
     free(q_f32);
+    return -1;
+  }
+  // Each sequence's new key and value go into the cache before any query reads it.
+  for (int64_t b = 0; b < batch; b++) {
+    const int64_t position = positions[b];
+    prepare_sequence<E>(qkv + b * qkv_stride, cos_table + position * head_dim,
+                        sin_table + position * head_dim, k_cache + b * slot_size,
+                        v_cache + b * slot_size, max_len, position, heads, kv_heads, head_dim,
+                        scaling, q_rot, q_f32 + b * width);
+  }
+  free(q_rot);
+  // (sequence, K/V head) pairs shared out across the kernels' threads (cpu_threads.h): each
+  // writes only its own output heads, so the result does not depend on the split. At one
+  // sequence its K/V heads still split (the other thread waited through every layer's
+  // attention); at batch 32 a layer's attention read ~4 MB of fp32 cache on one thread.
+  const GroupKernel<E> kernel = group_kernel<E>(head_dim / 16);
+  std::atomic<int> failed{0};
+  slim_parallel(batch * kv_heads, [&](int64_t first, int64_t end) {
+    float *scores = (float *)malloc((size_t)(group * (longest + 16)) * sizeof(float));
+    if (scores == NULL) {
+      failed.store(1, std::memory_order_relaxed);
+      return;
+    }
+    for (int64_t unit = first; unit < end; unit++) {
+      const int64_t b = unit / kv_heads, g = unit % kv_heads, length = positions[b] + 1;
+      const T *keys = k_cache + b * slot_size + g * max_len * head_dim;
+      const T *values = v_cache + b * slot_size + g * max_len * head_dim;
+      kernel(q_f32 + b * width + g * group * head_dim, keys, values, length, group, scores,
+             length + 16, out + b * width + g * group * head_dim);
+    }
     free(scores);
   });
+  free(q_f32);
   return failed.load() ? -1 : 0;
 }
 
