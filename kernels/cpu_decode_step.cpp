@@ -2,8 +2,9 @@
 // builds the plan from the engine's packed modules).
 //
 // Why: called one by one from Python, a step's ~150 kernel calls (4 projections, 2 norms,
-// attention and SiLU per layer) each paid 3-8 us of interpreter, ctypes and tensor allocation:
-// ~1.8 ms of an 8.5 ms int8 step at one sequence (kernels/README.md). Here the same kernels run
+// attention and SiLU per layer) each paid 3-8 us of interpreter, ctypes and tensor allocation,
+// and the pool's second thread waited through every gap: in one call an int8 step at one
+// sequence went from 8.5 to 5.9 ms at the avx2 level (kernels/README.md). Here the same kernels run
 // in the same order on the same inputs, so the result is bit-identical to the per-call path; the
 // intermediate rows live in one workspace the caller allocates once.
 //
