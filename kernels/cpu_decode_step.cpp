@@ -117,36 +117,38 @@ int attend(const SlimDecodeModel &model, const SlimDecodeLayer &layer, const voi
       model.heads, model.kv_heads, model.head_dim, model.scaling, (float *)out);
 }
 
-// The step's intermediate rows, carved from one workspace (64-byte aligned parts).
+// The step's intermediate rows, carved from one workspace.
 struct Rows {
   char *h, *qkv, *attn, *delta, *gate_up, *act;
 };
 
 int64_t aligned(int64_t bytes) { return (bytes + 63) & ~(int64_t)63; }
 
-int64_t element_bytes(const SlimDecodeModel &model) {
-  return model.dtype == SLIM_STEP_BF16 ? 2 : 4;
-}
-
-// Widths in elements of the parts, in Rows' order.
-void widths(const SlimDecodeModel &model, int64_t out[6]) {
+// Lays `batch` rows of each part out from `base` (64-byte aligned parts, in Rows' order) into
+// `rows`; returns the bytes they take.
+int64_t lay_out(const SlimDecodeModel &model, int64_t batch, uintptr_t base, Rows &rows) {
   const SlimDecodeLayer &first = model.layer[0];
-  out[0] = model.hidden;
-  out[1] = first.qkv.n;
-  out[2] = model.heads * model.head_dim;
-  out[3] = model.hidden;
-  out[4] = first.gate_up.n;
-  out[5] = first.down.k;
+  const int64_t item = model.dtype == SLIM_STEP_BF16 ? 2 : 4;
+  uintptr_t at = base;
+  auto take = [&](int64_t width) {
+    char *part = (char *)at;
+    at += aligned(batch * width * item);
+    return part;
+  };
+  rows.h = take(model.hidden);
+  rows.qkv = take(first.qkv.n);
+  rows.attn = take(model.heads * model.head_dim);
+  rows.delta = take(model.hidden);
+  rows.gate_up = take(first.gate_up.n);
+  rows.act = take(first.down.k);
+  return (int64_t)(at - base);
 }
 
 }  // namespace
 
 extern "C" int64_t slim_decode_step_workspace_bytes(const SlimDecodeModel *model, int64_t batch) {
-  int64_t width[6];
-  widths(*model, width);
-  int64_t total = 64;  // room to align the start
-  for (int64_t w : width) total += aligned(batch * w * element_bytes(*model));
-  return total;
+  Rows unused;
+  return 64 + lay_out(*model, batch, 0, unused);  // 64: room to align the start
 }
 
 // Every layer, then the final norm, for `batch` decoding sequences (slots 0..batch-1, their new
@@ -156,17 +158,8 @@ extern "C" int64_t slim_decode_step_workspace_bytes(const SlimDecodeModel *model
 extern "C" int slim_decode_step(const SlimDecodeModel *model, void *x, int64_t batch,
                                 const int64_t *positions, void *workspace, void *out) {
   if (batch < 1 || model->layers < 1) return -1;
-  int64_t width[6];
-  widths(*model, width);
-  char *cursor = (char *)(((uintptr_t)workspace + 63) & ~(uintptr_t)63);
-  char **parts[6];
   Rows rows;
-  parts[0] = &rows.h, parts[1] = &rows.qkv, parts[2] = &rows.attn, parts[3] = &rows.delta;
-  parts[4] = &rows.gate_up, parts[5] = &rows.act;
-  for (int i = 0; i < 6; i++) {
-    *parts[i] = cursor;
-    cursor += aligned(batch * width[i] * element_bytes(*model));
-  }
+  lay_out(*model, batch, ((uintptr_t)workspace + 63) & ~(uintptr_t)63, rows);
   const int32_t dtype = model->dtype;
   const void *delta = NULL;  // what the last layer adds to the residual, added by the next norm
   for (int64_t l = 0; l < model->layers; l++) {
