@@ -9,6 +9,7 @@ plan` commands do; a gateway they deploy runs in a process of its own).
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -142,17 +143,30 @@ def run_load(spec: LoadSpec, progress: bool = True, web_ui_port: int | None = No
     locustfile.record_listeners.extend(listeners)
     started = time.perf_counter()
     interrupted = False
+
+    def stop_on_ctrl_c(signum: int, frame: object) -> None:
+        # A KeyboardInterrupt would surface in whichever greenlet runs (often a user's record
+        # listener) and kill it rather than the run; instead the first Ctrl-C stops the users with
+        # their drain and the main greenlet returns what finished. A second one is Python's own.
+        nonlocal interrupted
+        interrupted = True
+        signal.signal(signal.SIGINT, previous_handler)
+        log.warning("interrupted: stopping the users, keeping what finished (Ctrl-C again: now)")
+        gevent.spawn(runner.quit)
+
+    previous_handler = signal.signal(signal.SIGINT, stop_on_ctrl_c)
     try:
         # Locust warns above 100 users/s; open-loop arrivals wait for spawning to complete.
         runner.start(spec.users, spawn_rate=min(spec.users, 100))
         deadline = gevent.spawn_later(spec.seconds, runner.quit)
         runner.greenlet.join()
         deadline.kill(block=False)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the second Ctrl-C, while the users drain: no more waiting
         interrupted = True
-        log.warning("interrupted: stopping the users, keeping what finished")
-        runner.quit()
+        runner.user_greenlets.kill(block=True)
+        runner.greenlet.kill(block=True)
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
         for listener in listeners:
             locustfile.record_listeners.remove(listener)
         live.close()
