@@ -61,13 +61,17 @@ from slimserve.serve.logs import configure_logging
 
 log = logging.getLogger("slimserve.loadtests.decode_profile")
 
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "full": None,
-    "int8": {"method": "int8-weight-only"},
-    "w8a8": {"method": "smoothquant-w8a8"},
-    "w4": {"method": "rtn", "bits": 4, "group_size": 64},
+VARIANTS: dict[str, list[dict[str, Any]]] = {
+    "full": [],
+    "int8": [{"method": "int8-weight-only"}],
+    "w8a8": [{"method": "smoothquant-w8a8"}],
+    # deploy/configs/compressed.yaml's: Q4_1-like groups, the tied embedding / lm_head in int8.
+    "w4": [
+        {"method": "rtn", "bits": 4, "group_size": 32, "zero_point": "float"},
+        {"method": "int8-weight-only"},
+    ],
     # Magnitude, not Wanda: the same 2:4 layout and kernels, without a calibration pass.
-    "sparse24": {"method": "magnitude", "sparsity": "2:4"},
+    "sparse24": [{"method": "magnitude", "sparsity": "2:4"}],
 }
 MATMUL_KINDS = ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
 GROUPS = ("matmul", "attention", "rotary", "norm", "silu", "embedding", "sampling", "rest")
@@ -253,12 +257,12 @@ def resolve_dtype(name: str) -> str:
 def compress(reference: nn.Module, variant: str) -> nn.Module:
     """A fresh copy of `reference`, compressed as the variant says."""
     model = copy.deepcopy(reference)
-    spec = VARIANTS[variant]
-    if spec is None:
+    specs = TypeAdapter(list[CompressionSpec]).validate_python(VARIANTS[variant])
+    if not specs:
         return model
-    parsed = TypeAdapter(CompressionSpec).validate_python(spec)
-    parsed.check_model(model.config)
-    report = apply_compression(model, [parsed])
+    for spec in specs:
+        spec.check_model(model.config)
+    report = apply_compression(model, specs)
     log.info("%s: %s", variant, report.summary())
     return model
 
