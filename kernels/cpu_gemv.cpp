@@ -287,20 +287,23 @@ SLIM_AVX512 static int w8a16_gemv_vnni(const void *x, int xdtype, int64_t m, int
 // gives 32 codes: the low nibbles are the even positions, the high ones the odd, so the
 // activation codes are stored in that order (per 32: the 16 even, then the 16 odd). Served where
 // torch's int4pack is slow (the avx2 build: 5-40x slower than the fp32 dense matmul there).
-#if defined(SLIM_ISA_AVX2)
 static const int64_t W4_MAX_ROWS = 32;
-#else
-static const int64_t W4_MAX_ROWS = 0;  // avx512: torch's int4pack serves
-#endif
 static const int64_t W4_MAX_GROUP = 256;
 
 extern "C" int64_t slim_w4a16_max_rows(void) { return W4_MAX_ROWS; }
 
+// The 4-bit kernel is AVX2 + FMA code; in the avx512 build it may use the upper 16 vector
+// registers too.
 #if defined(SLIM_ISA_AVX2)
+#define SLIM_W4
+#else
+#define SLIM_W4 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
+#endif
+
 // One of a group's scales or zero points, broadcast; the dtype is a template argument so that
 // the loop over groups carries no branch.
 template <int SD>
-static inline __m256 broadcast_scale(const void *base, int64_t i) {
+SLIM_W4 static inline __m256 broadcast_scale(const void *base, int64_t i) {
   if constexpr (SD == SLIM_F32) return _mm256_broadcast_ss((const float *)base + i);
   else if constexpr (SD == SLIM_BF16)
     return _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)((const uint16_t *)base)[i] << 16));
@@ -309,7 +312,7 @@ static inline __m256 broadcast_scale(const void *base, int64_t i) {
 
 // Eight consecutive scales or zero points as fp32.
 template <int SD>
-static inline __m256 load_scales8(const void *base, int64_t i) {
+SLIM_W4 static inline __m256 load_scales8(const void *base, int64_t i) {
   if constexpr (SD == SLIM_F32) return _mm256_loadu_ps((const float *)base + i);
   const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
   if constexpr (SD == SLIM_BF16)
@@ -317,7 +320,7 @@ static inline __m256 load_scales8(const void *base, int64_t i) {
   else return _mm256_cvtph_ps(half);
 }
 
-static inline float sum8(__m256 v) {
+SLIM_W4 static inline float sum8(__m256 v) {
   float lanes[8];
   _mm256_storeu_ps(lanes, v);
   double sum = 0.0;
@@ -328,7 +331,7 @@ static inline float sum8(__m256 v) {
 // sum_g scale[g] * zero[g] * S_g for weight row n and activation row m (the zero points' share,
 // subtracted once per output rather than per group).
 template <int SD>
-static inline float w4_zero_term(const void *scales, const void *zeros, int64_t n, int64_t groups,
+SLIM_W4 static inline float w4_zero_term(const void *scales, const void *zeros, int64_t n, int64_t groups,
                                  const float *group_sums) {
   const int64_t base = n * groups;
   __m256 acc = _mm256_setzero_ps();
@@ -351,7 +354,7 @@ static inline float w4_zero_term(const void *scales, const void *zeros, int64_t 
 // kept across loads). Loops run weight row outer, activation row inner, so that only the
 // ROWS x WR fp32 sums live in registers.
 template <int ROWS, int WR, int SD, bool G32>
-static void w4_block(const int16_t *codes, int64_t k, const double *xscale,
+SLIM_W4 static void w4_block(const int16_t *codes, int64_t k, const double *xscale,
                      const float *group_sums, int64_t groups, const uint8_t *w,
                      const void *scales, const void *zeros, int64_t group, int64_t n,
                      int64_t n_total, void *out, int odtype, int64_t row0) {
@@ -428,7 +431,7 @@ static void w4_block(const int16_t *codes, int64_t k, const double *xscale,
 // Weight rows [n_begin, n_end), WR per pass (the last n % WR one at a time), against ROWS
 // activation rows.
 template <int ROWS, int WR, int SD, bool G32>
-static void w4_passes(const int16_t *codes, int64_t k, const double *xscale,
+SLIM_W4 static void w4_passes(const int16_t *codes, int64_t k, const double *xscale,
                       const float *group_sums, int64_t groups, const uint8_t *w,
                       const void *scales, const void *zeros, int64_t group, int64_t n_begin,
                       int64_t n_end, int64_t n_total, void *out, int odtype) {
@@ -445,7 +448,7 @@ static void w4_passes(const int16_t *codes, int64_t k, const double *xscale,
 // weight rows per pass, two meet two, more go four at a time against each weight row (the
 // registers hold ROWS x WR accumulators).
 template <int SD, bool G32>
-static void w4_rows_range(const int16_t *codes, int64_t m, int64_t k, const double *xscale,
+SLIM_W4 static void w4_rows_range(const int16_t *codes, int64_t m, int64_t k, const double *xscale,
                           const float *group_sums, int64_t groups, const uint8_t *w,
                           const void *scales, const void *zeros, int64_t group, int64_t n_begin,
                           int64_t n_end, int64_t n_total, void *out, int odtype) {
@@ -480,7 +483,7 @@ static void w4_rows_range(const int16_t *codes, int64_t m, int64_t k, const doub
 }
 
 // Up to W4_MAX_ROWS rows of slim_w4a16_gemv (its limits checked there).
-static int w4a16_rows(const void *x, int xdtype, int64_t m, int64_t k, const uint8_t *w,
+SLIM_W4 static int w4a16_rows(const void *x, int xdtype, int64_t m, int64_t k, const uint8_t *w,
                       const void *scales, const void *zeros, int sdtype, int64_t group, int64_t n,
                       void *out) {
   const int64_t groups = k / group;
@@ -518,7 +521,6 @@ static int w4a16_rows(const void *x, int xdtype, int64_t m, int64_t k, const uin
   free(group_sums);
   return 0;
 }
-#endif
 
 // out[M, N] = x[M, K] @ dequant(w[N, K/2], scales[N, K/G], zeros[N, K/G]).T in x's dtype, x and
 // out contiguous; any M >= 1, in passes of W4_MAX_ROWS rows that each read the weight once. A
@@ -529,7 +531,6 @@ static int w4a16_rows(const void *x, int xdtype, int64_t m, int64_t k, const uin
 extern "C" int slim_w4a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, const uint8_t *w,
                                const void *scales, const void *zeros, int sdtype, int64_t group,
                                int64_t n, void *out) {
-#if defined(SLIM_ISA_AVX2)
   if (m < 1 || k < 32 || k % 32 || group < 32 || group % 32 || group > W4_MAX_GROUP ||
       k % group || n < 1)
     return -1;
@@ -541,11 +542,6 @@ extern "C" int slim_w4a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, 
     if (status != 0) return status;
   }
   return 0;
-#else
-  (void)x, (void)xdtype, (void)m, (void)k, (void)w, (void)scales, (void)zeros, (void)sdtype;
-  (void)group, (void)n, (void)out;
-  return -1;
-#endif
 }
 
 extern "C" int64_t slim_w8a16_max_rows(void) { return MAX_ROWS; }

@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from .cpu_isa import Isa
 from .reference import chunked_rows_matmul, per_token_codes
 
 log = logging.getLogger(__name__)
@@ -171,3 +172,9 @@ def onednn_int8_matmul(
 W8A16_INT8PACK_MAX_M = 24
 # int4pack is still 1.4x faster than the fp32 de-quantize reference at M=64 on all three shapes.
 LOWBIT_INT4PACK_MAX_M = 64
+# Rows per call up to which our 4-bit GEMV serves where int4pack could too, by ISA level. At avx2
+# int4pack is 5-50x slower at every row count; at avx512 (its AVX-512 kernel) it is level with
+# ours at one row and 1.3-1.7x faster from two (3072 x 576, bf16, weights in cache;
+# kernels/README.md). The one-call decode step runs ours at every row count: the per-call work it
+# saves is worth more than that (decode_profile, same page).
+NATIVE_W4_ROWS_BESIDE_INT4PACK = {Isa.AVX2: LOWBIT_INT4PACK_MAX_M, Isa.AVX512: 1}

@@ -4,9 +4,11 @@ W[n, k] = (code[n, k] - zeros[n, k // g]) * scales[n, k // g]; scales and zeros 
 compute dtype (zeros in code units). Codes are bit-packed, see slimserve.kernels.packing.
 
 Dispatch (`select_lowbit_backend`): Triton on CUDA (GEMV kernel for M <= LOWBIT_GEMV_MAX_M, GEMM
-above); on CPU `torch._weight_int4pack_mm_for_cpu` up to `cpu_paths.LOWBIT_INT4PACK_MAX_M` rows when
-the shape allows it, over a copy converted once when the weights are set (3-bit codes fit the 4-bit
-kernel unchanged); the reference (de-quantize, dense matmul) otherwise.
+above); on CPU our 4-bit GEMV (`slim_w4a16_gemv`) where its shapes fit, except that at the avx512
+level `torch._weight_int4pack_mm_for_cpu` takes 2 to `cpu_paths.LOWBIT_INT4PACK_MAX_M` rows
+(faster there per call); int4pack also serves 3-bit codes (they fit the 4-bit kernel unchanged)
+over a copy converted once when the weights are set; the reference (de-quantize, dense matmul)
+otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Self
 
 import torch
 
-from . import cpu_paths, native
+from . import cpu_isa, cpu_paths, native
 from .artifact import dtype_from_name, require_keys
 from .base import CompressedLinear
 from .decode_step import NativeProjection, ProjectKind
@@ -32,20 +34,21 @@ def select_lowbit_backend(
     cpu_pack: tuple[torch.Tensor, torch.Tensor] | None,
     native_4bit: bool = False,
 ) -> str:
-    """`native_4bit`: our 4-bit GEMV takes this call (`native.w4a16_gemv_supported`)."""
+    """`native_4bit`: our 4-bit GEMV takes this call (`native.w4a16_gemv_supported`); where
+    torch's int4pack copy takes it too, the rows decide (`NATIVE_W4_ROWS_BESIDE_INT4PACK`)."""
     if triton_runs_on(x) and x.dtype in TRITON_DTYPES:
         return "triton-gemv" if x.shape[0] <= LOWBIT_GEMV_MAX_M else "triton-gemm"
-    if native_4bit:
-        return "cpu-native-gemv"
-    if (
+    int4pack_fits = (
         cpu_pack is not None
         and x.device.type == "cpu"
         and cpu_pack[0].device.type == "cpu"
         and x.dtype == cpu_pack[1].dtype
         and x.shape[0] <= cpu_paths.LOWBIT_INT4PACK_MAX_M
-    ):
-        return "cpu-int4pack"
-    return "reference"
+    )
+    native_rows = cpu_paths.NATIVE_W4_ROWS_BESIDE_INT4PACK.get(cpu_isa.active(), 0)
+    if native_4bit and not (int4pack_fits and x.shape[0] > native_rows):
+        return "cpu-native-gemv"
+    return "cpu-int4pack" if int4pack_fits else "reference"
 
 
 def lowbit_weight_matmul(
@@ -200,7 +203,7 @@ class LowBitLinear(CompressedLinear):
         )
 
     def native_projection(self) -> NativeProjection | None:
-        """Where our 4-bit GEMV serves (the avx2 level)."""
+        """Our 4-bit GEMV, for the one-call decode step at every ISA level."""
         kernels = native.kernels()
         if self.bits != 4 or self.bias is not None or kernels is None:
             return None

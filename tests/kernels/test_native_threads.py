@@ -86,8 +86,6 @@ def test_bf16_gemm_is_thread_count_independent(kernels, rows: int, n: int, k: in
 
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 1, 64), (3, 37, 128), (8, 1000, 576)])
 def test_w4a16_is_thread_count_independent(kernels, rows: int, n: int, k: int) -> None:
-    if kernels.w4a16_max_rows == 0:
-        pytest.skip("the 4-bit GEMV serves in the avx2 build only")
     gen = torch.Generator().manual_seed(n + 4)
     qweight = pack_int4(torch.randint(0, 16, (n, k), generator=gen))
     scales = (torch.rand(n, k // 32, generator=gen) * 0.02).bfloat16()

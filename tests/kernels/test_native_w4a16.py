@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimserve.kernels import LowBitLinear, native
+from slimserve.kernels import LowBitLinear, cpu_paths, native
 from slimserve.kernels.cpu_isa import Isa
 from slimserve.kernels.dispatch import chosen_backends
+from slimserve.kernels.lowbit import select_lowbit_backend
 from slimserve.kernels.packing import pack_int4
 
 pytestmark = pytest.mark.usefixtures("each_isa")
@@ -54,10 +55,7 @@ def test_matches_fp64_at_every_row_count(each_isa: Isa, dtype, n, k, group) -> N
     codes, scales, zeros = _weights(n, k, group, dtype, seed=n + k)
     qweight = pack_int4(codes)
     x_all = (torch.randn(77, k) * torch.logspace(-2, 2, 77)[:, None]).to(dtype)
-    supported = native.w4a16_gemv_supported(x_all[:1], qweight, scales, zeros, group)
-    assert supported == (each_isa == Isa.AVX2)  # avx512: torch's int4pack serves
-    if not supported:
-        return
+    assert native.w4a16_gemv_supported(x_all[:1], qweight, scales, zeros, group)
     weight = _dequant(codes, scales, zeros, group)
     for m in (1, 2, 3, 4, 5, 8, 13, 32, 33, 77):  # past 32: passes of 32 rows, the last ragged
         out = kernels.w4a16_gemv(x_all[:m], qweight, scales, zeros, group)
@@ -69,8 +67,6 @@ def test_matches_fp64_at_every_row_count(each_isa: Isa, dtype, n, k, group) -> N
 def test_largest_sums_are_exact(each_isa: Isa, group: int) -> None:
     """Codes at 15, zero points 0, activations all at +-absmax (codes +-32767): per group
     256 x 15 x 32767, the most an int32 lane-sum meets."""
-    if each_isa != Isa.AVX2:
-        pytest.skip("the 4-bit GEMV serves at the avx2 level only")
     kernels = _kernels()
     k, n = 1024, 4
     codes = torch.full((n, k), 15)
@@ -105,9 +101,23 @@ def test_lowbit_linear_runs_it_through_the_dispatch(each_isa: Isa) -> None:
     codes, scales, zeros = _weights(40, 576, 64, torch.float32, seed=3)
     module = LowBitLinear.from_codes(codes, scales, zeros, 64, 4, None, torch.float32)
     x = torch.randn(1, 3, 576)
-    args = (x[0], module.qweight, module.scales, module.zeros, 64)
-    assert native.w4a16_gemv_supported(*args) == (each_isa == Isa.AVX2)
+    assert native.w4a16_gemv_supported(x[0], module.qweight, module.scales, module.zeros, 64)
     out = module(x)
-    if each_isa == Isa.AVX2:
-        assert "cpu-native-gemv" in chosen_backends()["w4a16"]
+    assert "cpu-native-gemv" in chosen_backends()["w4a16"]  # N % 16 != 0: no int4pack copy
     _check(out[0], x[0], _dequant(codes, module.scales, module.zeros, 64), 32767, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_decide_between_it_and_int4pack(each_isa: Isa, dtype: torch.dtype) -> None:
+    """Beside torch's int4pack copy: ours at every row count at the avx2 level (int4pack is
+    5-50x slower there), at one row and past int4pack's rows at the avx512 level."""
+    codes, scales, zeros = _weights(48, 576, 64, dtype, seed=5)
+    module = LowBitLinear.from_codes(codes, scales, zeros, 64, 4, None, dtype)
+    pack = (module.cpu_qweight, module.cpu_scales_zeros)
+    assert pack[0] is not None
+    most = cpu_paths.LOWBIT_INT4PACK_MAX_M
+    for rows in (1, 2, 8, most, most + 1):
+        x = torch.randn(rows, 576).to(dtype)
+        ours = each_isa == Isa.AVX2 or rows == 1 or rows > most
+        expected = "cpu-native-gemv" if ours else "cpu-int4pack"
+        assert select_lowbit_backend(x, pack, native_4bit=True) == expected, rows
