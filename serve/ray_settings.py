@@ -31,6 +31,13 @@ SERVE_ENVIRONMENT: dict[str, str] = {
     # Handle calls go over gRPC in this mode, whose replica servers take 4 MiB messages by
     # default; a shadow comparison's log-probabilities (tokens x vocabulary) are far larger.
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),
+    # Serve's controller loop (10 passes a second by default) and each replica's and router's
+    # export of Serve's own cached metrics (every 100 ms) poll whether or not anything changed:
+    # ~4% of a core on an idle local gateway, and at one stream half of Ray's CPU per token
+    # (loadtests/README.md). Half a second still restarts a dead replica or applies a scaling
+    # decision well within a health check period (10 s); slimserve's own metrics are not these.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }
 
 
