@@ -6,8 +6,9 @@
     python -m slimserve.kernels.isa_bench --op w4a16 --rows 1 8 32
 
 W8A8 runs against the fp32 dense matmul (what a full variant runs where `engine.dtype: auto` is
-fp32) and the exact fp32-chunk reference. W8A16 and W4A16 (group 64; fp32 activations) run
-against torch's int8pack / int4pack and the fp32 dense matmul. A pass cycles through `--copies`
+fp32) and the exact fp32-chunk reference. W8A16 and W4A16 (`--group`, default 64; activations
+in `--dtype`, default fp32) run against torch's int8pack / int4pack and the dense matmul in that
+dtype. A pass cycles through `--copies`
 distinct weight matrices, as a decode step goes through a model's layers, so the weights come
 from memory and not from the caches; the figure is per matrix.
 """
@@ -92,8 +93,9 @@ def weight_only_rows(
     native_calls: Callable[[native.NativeKernels, torch.Tensor, list], Calls],
     torch_calls: Callable[[torch.Tensor, list], Calls],
     copies: int,
+    dtype: torch.dtype,
 ) -> list[list[str]]:
-    """One row per shape and row count: our kernel at each level, torch's kernel, fp32 dense."""
+    """One row per shape and row count: our kernel at each level, torch's kernel, dense."""
 
     def cell(calls: Calls) -> str:
         return "-" if calls is None else f"{best_us(calls, rounds):.0f}"
@@ -101,9 +103,9 @@ def weight_only_rows(
     cells = []
     for n, k in SHAPES:
         weights = [make_weights(n, k) for _ in range(copies)]
-        dense = [torch.randn(n, k) for _ in range(copies)]
+        dense = [torch.randn(n, k).to(dtype) for _ in range(copies)]
         for count in rows:
-            x = torch.randn(count, k)
+            x = torch.randn(count, k).to(dtype)
             row = [f"{n} x {k}", str(count)]
             for level in levels:
                 kernels = native.kernels_for(level)
@@ -114,7 +116,9 @@ def weight_only_rows(
     return cells
 
 
-def w8a16_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> list[list[str]]:
+def w8a16_rows(
+    levels: list[Isa], rows: list[int], rounds: int, copies: int, dtype: torch.dtype
+) -> list[list[str]]:
     def make(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 1e-2
 
@@ -128,21 +132,19 @@ def w8a16_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> 
             return None
         return [functools.partial(cpu_paths.int8pack_matmul, x, q, s) for q, s in weights]
 
-    return weight_only_rows(levels, rows, rounds, make, ours, torchs, copies)
+    return weight_only_rows(levels, rows, rounds, make, ours, torchs, copies, dtype)
 
 
-def w4a16_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> list[list[str]]:
-    group = 64
-
+def w4a16_rows(
+    levels: list[Isa], rows: list[int], rounds: int, copies: int, dtype: torch.dtype, group: int
+) -> list[list[str]]:
     def make(n: int, k: int) -> LowBitLinear:
         codes = torch.randint(0, 16, (n, k))
         scales = torch.rand(n, k // group) * 1e-2
         zeros = torch.rand(n, k // group) * 15
-        return LowBitLinear.from_codes(codes, scales, zeros, group, 4, None, torch.float32)
+        return LowBitLinear.from_codes(codes, scales, zeros, group, 4, None, dtype)
 
     def ours(kernels: native.NativeKernels, x: torch.Tensor, modules: list) -> Calls:
-        if kernels.w4a16_max_rows == 0:
-            return None
         gemv = kernels.w4a16_gemv
         return [
             functools.partial(gemv, x, mod.qweight, mod.scales, mod.zeros, group) for mod in modules
@@ -158,7 +160,7 @@ def w4a16_rows(levels: list[Isa], rows: list[int], rounds: int, copies: int) -> 
             for mod in modules
         ]
 
-    return weight_only_rows(levels, rows, rounds, make, ours, torchs, copies)
+    return weight_only_rows(levels, rows, rounds, make, ours, torchs, copies, dtype)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,7 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--copies", type=int, default=32, help="distinct weights per pass")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="W8A16 / W4A16"
+    )
+    parser.add_argument("--group", type=int, default=64, help="W4A16's group size")
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     levels = cpu_isa.runnable()
     if args.op == "w8a8":
@@ -176,12 +183,12 @@ def main(argv: list[str] | None = None) -> None:
         cells = w8a8_rows(levels, args.rows, args.rounds, args.copies)
     elif args.op == "w8a16":
         header = ["N x K", "rows", *(f"W8A16 {level.label} us" for level in levels)]
-        header += ["torch int8pack us", "fp32 dense us"]
-        cells = w8a16_rows(levels, args.rows, args.rounds, args.copies)
+        header += ["torch int8pack us", f"{args.dtype} dense us"]
+        cells = w8a16_rows(levels, args.rows, args.rounds, args.copies, dtype)
     else:
         header = ["N x K", "rows", *(f"W4A16 {level.label} us" for level in levels)]
-        header += ["torch int4pack us", "fp32 dense us"]
-        cells = w4a16_rows(levels, args.rows, args.rounds, args.copies)
+        header += ["torch int4pack us", f"{args.dtype} dense us"]
+        cells = w4a16_rows(levels, args.rows, args.rounds, args.copies, dtype, args.group)
     print(f"CPU kernels at levels {[level.label for level in levels]}, one thread")
     print(format_table(header, cells))
 
