@@ -285,8 +285,9 @@ SLIM_AVX512 static int w8a16_gemv_vnni(const void *x, int xdtype, int64_t m, int
 //   y = xscale * sum_g scale[g] * (D_g - zero[g] * S_g),  S_g = the group's sum of q,
 // with S_g computed once per activation row and shared by every weight row. Each 16-byte load
 // gives 32 codes: the low nibbles are the even positions, the high ones the odd, so the
-// activation codes are stored in that order (per 32: the 16 even, then the 16 odd). Served where
-// torch's int4pack is slow (the avx2 build: 5-40x slower than the fp32 dense matmul there).
+// activation codes are stored in that order (per 32: the 16 even, then the 16 odd). Both builds:
+// at the avx2 level torch's int4pack is 5-40x slower than the fp32 dense matmul; at the avx512
+// level the one-call decode step runs it (per call int4pack keeps 2-64 rows, kernels/lowbit.py).
 static const int64_t W4_MAX_ROWS = 32;
 static const int64_t W4_MAX_GROUP = 256;
 
@@ -331,8 +332,8 @@ SLIM_W4 static inline float sum8(__m256 v) {
 // sum_g scale[g] * zero[g] * S_g for weight row n and activation row m (the zero points' share,
 // subtracted once per output rather than per group).
 template <int SD>
-SLIM_W4 static inline float w4_zero_term(const void *scales, const void *zeros, int64_t n, int64_t groups,
-                                 const float *group_sums) {
+SLIM_W4 static inline float w4_zero_term(const void *scales, const void *zeros, int64_t n,
+                                         int64_t groups, const float *group_sums) {
   const int64_t base = n * groups;
   __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
@@ -355,9 +356,9 @@ SLIM_W4 static inline float w4_zero_term(const void *scales, const void *zeros, 
 // ROWS x WR fp32 sums live in registers.
 template <int ROWS, int WR, int SD, bool G32>
 SLIM_W4 static void w4_block(const int16_t *codes, int64_t k, const double *xscale,
-                     const float *group_sums, int64_t groups, const uint8_t *w,
-                     const void *scales, const void *zeros, int64_t group, int64_t n,
-                     int64_t n_total, void *out, int odtype, int64_t row0) {
+                             const float *group_sums, int64_t groups, const uint8_t *w,
+                             const void *scales, const void *zeros, int64_t group, int64_t n,
+                             int64_t n_total, void *out, int odtype, int64_t row0) {
   const __m256i nibble = _mm256_set1_epi16(0x0f);
   const uint64_t row_bytes = (uint64_t)k / 2;
   const uint8_t *weights = w + (uint64_t)n * row_bytes;
@@ -432,9 +433,9 @@ SLIM_W4 static void w4_block(const int16_t *codes, int64_t k, const double *xsca
 // activation rows.
 template <int ROWS, int WR, int SD, bool G32>
 SLIM_W4 static void w4_passes(const int16_t *codes, int64_t k, const double *xscale,
-                      const float *group_sums, int64_t groups, const uint8_t *w,
-                      const void *scales, const void *zeros, int64_t group, int64_t n_begin,
-                      int64_t n_end, int64_t n_total, void *out, int odtype) {
+                              const float *group_sums, int64_t groups, const uint8_t *w,
+                              const void *scales, const void *zeros, int64_t group, int64_t n_begin,
+                              int64_t n_end, int64_t n_total, void *out, int odtype) {
   int64_t n = n_begin;
   for (; n + WR <= n_end; n += WR)
     w4_block<ROWS, WR, SD, G32>(codes, k, xscale, group_sums, groups, w, scales, zeros, group, n,
@@ -449,9 +450,10 @@ SLIM_W4 static void w4_passes(const int16_t *codes, int64_t k, const double *xsc
 // registers hold ROWS x WR accumulators).
 template <int SD, bool G32>
 SLIM_W4 static void w4_rows_range(const int16_t *codes, int64_t m, int64_t k, const double *xscale,
-                          const float *group_sums, int64_t groups, const uint8_t *w,
-                          const void *scales, const void *zeros, int64_t group, int64_t n_begin,
-                          int64_t n_end, int64_t n_total, void *out, int odtype) {
+                                  const float *group_sums, int64_t groups, const uint8_t *w,
+                                  const void *scales, const void *zeros, int64_t group,
+                                  int64_t n_begin, int64_t n_end, int64_t n_total, void *out,
+                                  int odtype) {
   if (m == 1)
     return w4_passes<1, 4, SD, G32>(codes, k, xscale, group_sums, groups, w, scales, zeros, group,
                                     n_begin, n_end, n_total, out, odtype);
@@ -484,8 +486,8 @@ SLIM_W4 static void w4_rows_range(const int16_t *codes, int64_t m, int64_t k, co
 
 // Up to W4_MAX_ROWS rows of slim_w4a16_gemv (its limits checked there).
 SLIM_W4 static int w4a16_rows(const void *x, int xdtype, int64_t m, int64_t k, const uint8_t *w,
-                      const void *scales, const void *zeros, int sdtype, int64_t group, int64_t n,
-                      void *out) {
+                              const void *scales, const void *zeros, int sdtype, int64_t group,
+                              int64_t n, void *out) {
   const int64_t groups = k / group;
   int16_t *codes = (int16_t *)aligned_alloc(32, (size_t)(m * k) * sizeof(int16_t));
   float *group_sums = (float *)calloc((size_t)(m * groups), sizeof(float));
