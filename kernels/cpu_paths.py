@@ -175,6 +175,6 @@ LOWBIT_INT4PACK_MAX_M = 64
 # Rows per call up to which our 4-bit GEMV serves where int4pack could too, by ISA level. At avx2
 # int4pack is 5-50x slower at every row count; at avx512 (its AVX-512 kernel) it is level with
 # ours at one row and 1.2-1.7x faster from two (`isa_bench --op w4a16 --dtype bfloat16`, one
-# thread; kernels/README.md). The one-call decode step runs ours at every row count: the per-call work it
-# saves is worth more than that (decode_profile, same page).
+# thread; kernels/README.md). The one-call decode step runs ours at every row count: the
+# per-call work it saves is worth more than that (decode_profile, same page).
 NATIVE_W4_ROWS_BESIDE_INT4PACK = {Isa.AVX2: LOWBIT_INT4PACK_MAX_M, Isa.AVX512: 1}
