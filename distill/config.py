@@ -32,11 +32,30 @@ class StudentInit(_Strict):
 
 
 class SequenceKD(_Strict):
-    """Kim and Rush's sequence-level KD: train on the teacher's own greedy continuations."""
+    """Kim and Rush's sequence-level KD: train on what the teacher itself writes.
 
-    prompts: int = Field(32, ge=1, description="prompts (text windows) the teacher continues")
-    prompt_tokens: int = Field(32, ge=1)
-    new_tokens: int = Field(64, ge=1)
+    `continuation`: the teacher's greedy continuations of training-text windows. `chat`: chat
+    turns rendered with the teacher's template, the teacher's greedy answer closing each; the user
+    turns come from `user_turns`: written by the teacher itself (sampled after the template's user
+    header: broad, self-instruct style, no outside data), instructions over training-text passages
+    (`text`), or the user's own file (.txt a turn per line, .jsonl with a "prompt" field).
+    """
+
+    style: Literal["continuation", "chat"] = "continuation"
+    user_turns: Literal["teacher", "text"] | Path | None = Field(
+        None, description='chat only: where the user turns come from (default "teacher")'
+    )
+    prompts: int = Field(32, ge=1, description="sequences the teacher writes")
+    prompt_tokens: int = Field(32, ge=1, description="tokens of each text prompt or passage")
+    new_tokens: int = Field(64, ge=1, description="at most this many tokens per answer")
+    batch_size: int = Field(16, ge=1, description="prompts the teacher answers at once")
+    seed: int = Field(0, description="for the sampled user turns")
+
+    @model_validator(mode="after")
+    def _turns_need_chat(self) -> SequenceKD:
+        if self.style == "continuation" and self.user_turns is not None:
+            raise ValueError("user_turns applies to style: chat only")
+        return self
 
 
 class DataOptions(_Strict):
@@ -67,7 +86,9 @@ class LossOptions(_Strict):
 
 
 class TrainOptions(_Strict):
-    steps: int = Field(300, ge=1)
+    steps: int = Field(
+        300, ge=0, description="0: write the layer-dropped student untrained (a baseline to serve)"
+    )
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(20, ge=0)

@@ -27,7 +27,7 @@ from slimserve.models.paths import cache_root
 from slimserve.models.store import resolve_model
 
 from .config import DistillConfig
-from .generations import teacher_continuations
+from .generations import pack, teacher_sequences
 from .student import kept_blocks, make_student, parameter_bytes, parameter_count
 from .trainer import DistillationTrainer, StopOnInterrupt, WindowDataset, interrupt_stops
 
@@ -106,21 +106,11 @@ def training_windows(config: DistillConfig, tokenizer: Any, teacher: torch.nn.Mo
     text = load_text(config.data.source, "calibration")
     windows = token_windows(tokenizer, text, config.data.seq_len, config.data.max_windows)
     if config.data.sequence_kd is not None:
-        generated = teacher_continuations(
-            teacher, windows, config.data.sequence_kd, out / "teacher-generations.pt"
+        generated = teacher_sequences(
+            teacher, tokenizer, windows, config.data.sequence_kd, out / "teacher-generations.pt"
         )
-        windows = torch.cat([windows, _rewindow(generated, config.data.seq_len)])
+        windows = torch.cat([windows, pack(generated, config.data.seq_len)])
     return windows
-
-
-def _rewindow(sequences: torch.Tensor, length: int) -> torch.Tensor:
-    """[n, L] sequences as [m, length] windows (L cut to a multiple of length, or padded by
-    repeating when shorter)."""
-    if sequences.shape[1] >= length:
-        usable = sequences.shape[1] // length * length
-        return sequences[:, :usable].reshape(-1, length)
-    repeats = -(-length // sequences.shape[1])
-    return sequences.repeat(1, repeats)[:, :length]
 
 
 def distill(
@@ -148,6 +138,10 @@ def distill(
         "teacher": figures(teacher, tokenizer, config),
         "dropped": figures(student, tokenizer, config),
     }
+    if config.train.steps == 0:
+        return _write_untrained(
+            config, out, teacher_path, kept, before, student, tokenizer, teacher
+        )
     windows = training_windows(config, tokenizer, teacher, out)
     checkpoints = out / "checkpoints"
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
@@ -202,7 +196,7 @@ def distill(
         student=None,
     )
     if finished:
-        _save_student(trainer, tokenizer, teacher, out)
+        _save_student(trainer.model, tokenizer, teacher, out)
         report.student = figures(trainer.model, tokenizer, config)
         shutil.rmtree(checkpoints, ignore_errors=True)
         log.info(
@@ -219,10 +213,40 @@ def distill(
     return report
 
 
-def _save_student(trainer: DistillationTrainer, tokenizer: Any, teacher: Any, out: Path) -> None:
+def _write_untrained(
+    config: DistillConfig,
+    out: Path,
+    teacher_path: str,
+    kept: list[int],
+    before: dict[str, ModelFigures],
+    student: torch.nn.Module,
+    tokenizer: Any,
+    teacher: Any,
+) -> DistillReport:
+    """`train.steps: 0`: the layer-dropped model as it is, servable as a baseline."""
+    _save_student(student, tokenizer, teacher, out)
+    report = DistillReport(
+        config=config,
+        teacher_path=teacher_path,
+        kept_blocks=kept,
+        steps=0,
+        finished=True,
+        resumed_from_step=None,
+        train_seconds=0.0,
+        windows=0,
+        losses=[],
+        teacher=before["teacher"],
+        layer_dropped=before["dropped"],
+        student=before["dropped"],
+    )
+    (out / REPORT).write_text(report.model_dump_json(indent=2))
+    log.info("layer-dropped student, untrained, in %s", out)
+    return report
+
+
+def _save_student(model: torch.nn.Module, tokenizer: Any, teacher: Any, out: Path) -> None:
     """A normal HF checkpoint: weights and config, the teacher's tokenizer and chat template,
     its generation config."""
-    model = trainer.model
     model.generation_config = teacher.generation_config
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -21,7 +21,8 @@ from transformers import (
 )
 
 from slimserve.compression.calibration import token_windows
-from slimserve.distill.config import DistillConfig, LossOptions, StudentInit
+from slimserve.distill.config import DistillConfig, LossOptions, SequenceKD, StudentInit
+from slimserve.distill.generations import _turns_from_file, pack, teacher_sequences
 from slimserve.distill.losses import aligned_hidden, distillation_loss, divergence
 from slimserve.distill.run import REPORT, DistillReport, distill
 from slimserve.distill.student import kept_blocks, make_student, same_tokenizer
@@ -313,9 +314,94 @@ def test_sequence_kd_and_hidden_alignment_train_on_the_teachers_generations(teac
     base = distill(plain, progress=False)
     report = distill(richer, progress=False)
     assert report.windows == base.windows + 4  # one 32-token window per generation
-    generated = torch.load(tmp_path / "richer" / "teacher-generations.pt")["ids"]
-    assert generated.shape == (4, 32)
+    generated = torch.load(tmp_path / "richer" / "teacher-generations.pt")["sequences"]
+    assert [len(sequence) for sequence in generated] == [32] * 4
     assert {"loss_kd", "loss_hidden"} <= set(report.losses[0])
+
+
+def _chat_kd(teacher_dir: Path, tokenizer, user_turns, prompts: int = 5) -> list[torch.Tensor]:
+    options = SequenceKD(
+        style="chat",
+        user_turns=user_turns,
+        prompts=prompts,
+        prompt_tokens=12,
+        new_tokens=10,
+        batch_size=2,  # ragged batches: left padding, a last batch of one
+    )
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    windows = token_windows(tokenizer, TEXT, 32, 8)
+    return teacher_sequences(teacher, tokenizer, windows, options, teacher_dir / "gen.pt")
+
+
+@pytest.mark.parametrize("source", ["text", "teacher", "file.txt", "file.jsonl"])
+def test_chat_sequence_kd_is_the_teachers_answers_in_its_chat_template(
+    teacher_dir, tmp_path, tokenizer, source
+):
+    turns = [f"Which lighthouse has {i} flights of stairs?" for i in range(3)]
+    user_turns = source
+    if source.startswith("file"):
+        user_turns = tmp_path / source
+        lines = [json.dumps({"prompt": t}) for t in turns] if source.endswith("l") else turns
+        user_turns.write_text("\n".join(lines))
+    (teacher_dir / "gen.pt").unlink(missing_ok=True)
+    sequences = _chat_kd(teacher_dir, tokenizer, user_turns)
+    assert len(sequences) == (3 if source.startswith("file") else 5)
+    header = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "X"}], tokenize=False, add_generation_prompt=True
+    )
+    assistant = header[header.index("X") + 1 :]  # what closes the user turn, opens the answer
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    for i, sequence in enumerate(sequences):
+        text = tokenizer.decode(sequence)
+        assert text.startswith(header[: header.index("X")]), text
+        prompt = text.split(assistant, 1)[0]
+        if source.startswith("file"):
+            assert prompt.endswith(turns[i])
+        elif source == "text":
+            assert "text" in prompt and "lighthouse" in prompt  # an instruction over a passage
+        prompt_ids = tokenizer(prompt + assistant, add_special_tokens=False).input_ids
+        new = sequence[len(prompt_ids) :].tolist()
+        assert 1 <= len(new) <= 10
+        eos = tokenizer.eos_token_id
+        assert eos not in new[:-1] and (len(new) == 10 or new[-1] == eos)
+        # The teacher's own greedy answer, as it writes it alone (no padding beside it).
+        alone = teacher.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=10, do_sample=False, pad_token_id=eos
+        )[0, len(prompt_ids) :].tolist()
+        assert new == alone[: len(new)]
+    again = _chat_kd(teacher_dir, tokenizer, user_turns)  # from the cache, unchanged
+    assert all(torch.equal(a, b) for a, b in zip(again, sequences, strict=True))
+
+
+def test_packing_joins_generations_into_whole_windows():
+    sequences = [torch.arange(5), torch.arange(10, 17), torch.arange(20, 23)]
+    windows = pack(sequences, 4)
+    # 15 tokens: three whole windows, the tail (22) dropped.
+    assert windows.tolist() == [[0, 1, 2, 3], [4, 10, 11, 12], [13, 14, 15, 16]]
+    with pytest.raises(ValueError, match="fewer than one 32-token window"):
+        pack(sequences, 32)
+
+
+def test_user_turns_belong_to_chat_and_a_bad_file_is_named(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="style: chat only"):
+        SequenceKD(user_turns="text")
+    bad = tmp_path / "turns.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match=r"turns.jsonl:2: each line needs a \"prompt\" string"):
+        _turns_from_file(bad)
+
+
+def test_zero_steps_writes_the_layer_dropped_model_as_it_is(teacher_dir, tmp_path):
+    out = tmp_path / "dropped"
+    report = distill(_config(teacher_dir, out, train={"steps": 0}), progress=False)
+    assert report.finished and report.steps == 0 and report.losses == []
+    assert report.student == report.layer_dropped and report.recovered_fraction() == 0
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    expected = make_student(AutoModelForCausalLM.from_pretrained(teacher_dir), report.kept_blocks)
+    for (name, value), (_, reference) in zip(
+        saved.state_dict().items(), expected.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(value, reference, rtol=0, atol=0, msg=name)
 
 
 def test_the_hidden_state_term_pairs_copied_blocks_and_its_gradient_lowers_it():
