@@ -144,8 +144,9 @@ class DeploymentOptions(_Strict):
     stream_messages_per_second: float = Field(
         100.0,
         gt=0,
-        description="messages a replica spends on all its token streams together: with n "
-        "open, each stream's tokens go out at most every n / this seconds (first token at once)",
+        description="messages a replica (or its engine process, for the streams it sends to "
+        "the gateway itself) spends on all its token streams together: with n open, each "
+        "stream's tokens go out at most every n / this seconds (first token at once)",
     )
     max_stream_interval_ms: float = Field(
         200.0, ge=0, description="longest a stream's generated tokens wait to be sent on"

@@ -77,7 +77,9 @@ class RayBackend:
     async def _relayed(self, request: GenerateRequest) -> AsyncGenerator[EngineEvent, None]:
         response = self._stream.generate.remote(request.model_dump())
         try:
-            async for batch in response:  # a replica's message: a batch of events (pacing.py)
+            async for (
+                batch
+            ) in response:  # a replica's message: a batch of events (engine/pacing.py)
                 for item in batch:
                     yield EngineEvent.model_validate(item)
         except Exception as error:

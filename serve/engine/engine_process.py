@@ -34,6 +34,7 @@ from ..observability.flops import FlopModel
 from .event_channel import closed_by_inbox, try_connect
 from .limits import check_score_length, server_error
 from .loop_delivery import deliver_to_streams
+from .pacing import StreamPacer
 from .threads import configure_threads
 from .torch_engine import (
     TorchEngine,
@@ -109,7 +110,11 @@ class _PipeSink:
 class _OutletSink:
     """Sends one step's events of the requests one gateway replica asked to get itself, in
     one message to its inbox (event_channel.py); the replica hears only that they ended.
-    Keys are (the parent's key, the inbox's stream)."""
+    Keys are (the parent's key, the inbox's stream). Paced: its streams' deltas are coalesced
+    under the variant's message budget here at the source, as the replica paces the streams it
+    relays (pacing.py)."""
+
+    paced = True
 
     def __init__(self, connection: Connection, pipe: _PipeSink) -> None:
         self.connection: Connection | None = connection
@@ -200,6 +205,10 @@ def _child_main(conn: Connection, config: dict[str, Any], variant: str) -> None:
     except Exception:
         conn.send(("failed", traceback.format_exc()))
         return
+    deployment = cfg.deployment_for(variant)
+    engine.pace_streams(
+        StreamPacer(deployment.stream_messages_per_second, deployment.max_stream_interval_ms / 1000)
+    )
     conn.send(("ready", ready.model_dump(mode="json")))
     reader = threading.Thread(
         target=_serve_pipe, args=(conn, engine), name="engine-pipe", daemon=True

@@ -37,6 +37,7 @@ from .limits import (
 )
 from .logits import SequenceLogits, logprob_rows, token_logprobs
 from .loop_delivery import LoopSink
+from .pacing import StepPacing, StreamPacer
 from .prefix_cache import PrefixCache
 from .sampling import make_generator, sample_tokens
 from .scheduler import Chunk, Scheduler, SlotMove, StepPlan
@@ -48,7 +49,9 @@ log = logging.getLogger(__name__)
 
 class EventSink(Protocol):
     """Where a sequence's events go. The engine thread calls `deliver` once per step with that
-    step's events for this sink, as (the sequence's `key`, event) pairs."""
+    step's events for this sink, as (the sequence's `key`, event) pairs. A sink with a true
+    `paced` attribute has its deltas coalesced under the engine's stream budget, if it has one
+    (`TorchEngine.pace_streams`)."""
 
     def deliver(self, items: list[tuple[Any, EngineEvent]]) -> bool:
         """False when the receiver is gone: its sequences are aborted."""
@@ -82,24 +85,40 @@ class _Sequence:
 
 
 class _Outbox:
-    """The events of one engine step, grouped by sink and delivered once at the step's end."""
+    """The events of one engine step, grouped by sink and delivered once at the step's end.
+    With `pacing` set, the deltas of sinks that ask for it (`paced = True`) are coalesced under
+    its budget (pacing.py)."""
 
     def __init__(self) -> None:
         self._pending: dict[int, tuple[EventSink, list[_Sequence], list]] = {}
+        self.pacing: StepPacing | None = None
 
     def add(self, seq: _Sequence, event: EngineEvent) -> None:
-        entry = self._pending.get(id(seq.sink))
-        if entry is None:
-            entry = self._pending[id(seq.sink)] = (seq.sink, [], [])
-        entry[1].append(seq)
-        entry[2].append((seq.key, event))
+        if self.pacing is None or not getattr(seq.sink, "paced", False):
+            self._queue(seq, event)
+            return
+        for out in self.pacing.admit(id(seq), seq, event, time.monotonic()):
+            self._queue(seq, out)
 
     def flush(self) -> None:
+        if self.pacing is not None:
+            for seq in self.pacing.open_owners():
+                if seq.aborted:  # its caller left: nothing more goes out for it
+                    self.pacing.forget(id(seq))
+            for seq, held in self.pacing.due(time.monotonic()):
+                self._queue(seq, held)
         for sink, sequences, items in self._pending.values():
             if not sink.deliver(items):
                 for seq in sequences:
                     seq.aborted = True
         self._pending.clear()
+
+    def _queue(self, seq: _Sequence, event: EngineEvent) -> None:
+        entry = self._pending.get(id(seq.sink))
+        if entry is None:
+            entry = self._pending[id(seq.sink)] = (seq.sink, [], [])
+        entry[1].append(seq)
+        entry[2].append((seq.key, event))
 
 
 ScoreReply = Callable[[torch.Tensor | None, Exception | None], None]
@@ -210,6 +229,10 @@ class TorchEngine:
         return ids
 
     # ---- lifecycle -------------------------------------------------------------------------
+
+    def pace_streams(self, pacer: StreamPacer) -> None:
+        """Coalesce the deltas of paced sinks under this budget from now on (before `run`)."""
+        self._outbox.pacing = StepPacing(pacer)
 
     def start(self) -> None:
         """Run the engine loop on a background thread (in-process serving and tests)."""

@@ -19,6 +19,7 @@ from slimserve.kernels.dispatch import chosen_backends, merged_backends
 from ..config import SlimserveConfig
 from ..engine.event_channel import EventOutlet, EventOutlets, this_node
 from ..engine.limits import unavailable_error
+from ..engine.pacing import StreamPacer, paced_batches
 from ..engine.protocol import Engine, ForwardingEngine
 from ..engine.threads import configure_threads
 from ..engine.types import EngineEvent, ErrorInfo, GenerateRequest, TokenLogprob
@@ -26,7 +27,6 @@ from ..logs import configure_logging
 from ..observability.memory import memory_stats
 from .bench import bench_variant, run_deferred_self_bench
 from .chat_prompt import chat_prompt
-from .pacing import StreamPacer, paced_batches
 from .scoring import score_reference
 from .student import with_student
 
@@ -135,7 +135,7 @@ class VariantServer:
         self._label(event.prompt_logprobs or ())
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
-        """The request's events, a batch per message (see pacing.py), as plain dicts; nothing
+        """The request's events, a batch per message (see engine/pacing.py), as plain dicts; nothing
         when they went to the gateway's inbox (`reply_to`) straight from the engine process or
         from here."""
         if self.failure is not None:

@@ -228,6 +228,56 @@ def test_tokens_go_from_the_engine_or_the_replica_straight_to_the_gateway(client
     assert len(labelled.choices[0].logprobs.tokens) == 8
 
 
+PACED_PROMPTS = [
+    "The lighthouse keeper climbed the stairs and",
+    "A short history of the printing press:",
+    "Three things to pack for a long hike are",
+    "The recipe for bread begins with",
+    "In the morning the harbour was",
+    "The rules of chess say that a knight",
+]
+
+
+async def _answers(gateway: str, stream: bool) -> list[tuple[str, int, int]]:
+    """Every prompt at once on the full variant: (text, completion tokens, content chunks)."""
+    client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+
+    async def one(prompt: str) -> tuple[str, int, int]:
+        asked = {"model": f"{MODEL}:full", "prompt": prompt, "max_tokens": 32, "temperature": 0}
+        if not stream:
+            reply = await client.completions.create(**asked)
+            return reply.choices[0].text, reply.usage.completion_tokens, 1
+        chunks = [
+            chunk
+            async for chunk in await client.completions.create(
+                **asked, stream=True, stream_options={"include_usage": True}
+            )
+        ]
+        texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+        return "".join(texts), chunks[-1].usage.completion_tokens, len(texts)
+
+    try:
+        return await asyncio.gather(*(one(prompt) for prompt in PACED_PROMPTS))
+    finally:
+        await client.close()
+
+
+def test_paced_streams_are_token_exact_with_the_whole_answers(gateway):
+    """Six streams at once: the engine process sends each stream's tokens several to a message
+    (its budget shared by six), and every streamed answer is the whole answer, token for
+    token, as the same six asked at once without streaming."""
+    before = _streams(gateway, "full")["from_engine"]
+    streamed = asyncio.run(_answers(gateway, stream=True))
+    assert _streams(gateway, "full")["from_engine"] - before == len(PACED_PROMPTS)
+    whole = asyncio.run(_answers(gateway, stream=False))
+    assert [(text, tokens) for text, tokens, _ in streamed] == [
+        (text, tokens) for text, tokens, _ in whole
+    ]
+    # Paced: fewer content chunks than tokens (a stream's first token goes alone, later ones
+    # ride together while six streams share the budget).
+    assert sum(chunks for _, _, chunks in streamed) < sum(tokens for _, tokens, _ in streamed)
+
+
 def test_a_replica_killed_mid_stream_is_survived(gateway, gateway_log):
     """Near the end of this module: it kills the int8 replica (SIGKILL, as the OOM killer would) and
     waits for Ray Serve to bring it back, so that later tests find the gateway whole."""

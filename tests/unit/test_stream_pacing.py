@@ -1,15 +1,21 @@
-"""A replica's stream pacing (serve/replica/pacing.py): what waits, what never does, and that
-nothing is lost, reordered or left running. The event sources are plain async generators: the
-pacing is what is tested, on events shaped like the engine's."""
+"""Stream pacing (serve/engine/pacing.py), on a replica's event loop and at the source on the
+engine thread: what waits, what never does, and that nothing is lost, reordered or left
+running. The replica's event sources are plain async generators (the pacing is what is tested,
+on events shaped like the engine's); the engine's is a real engine on a tiny model."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from slimserve.serve.engine.types import EngineEvent, TokenLogprob
-from slimserve.serve.replica.pacing import StreamPacer, paced_batches
+from slimserve.serve.engine.limits import EngineLimits
+from slimserve.serve.engine.pacing import StepPacing, StreamPacer, paced_batches
+from slimserve.serve.engine.torch_engine import TorchEngine
+from slimserve.serve.engine.types import EngineEvent, ErrorInfo, SamplingParams, TokenLogprob
+
+from .conftest import tiny_llama
 
 NEVER_DUE = StreamPacer(messages_per_second=1e-6, max_interval_s=3600.0)
 
@@ -162,3 +168,95 @@ def test_a_failing_engine_stream_raises_through():
 
     with pytest.raises(RuntimeError, match="engine broke"):
         asyncio.run(_collect(source(), NEVER_DUE))
+
+
+# ---- at the source: the engine thread's step pacing ---------------------------------------
+
+
+def test_step_pacing_holds_deltas_within_the_interval_and_sends_them_when_due():
+    pacing = StepPacing(StreamPacer(messages_per_second=100.0, max_interval_s=1.0))
+    owner = object()
+    assert pacing.admit(1, owner, _delta("a"), now=0.0) == [_delta("a")]  # first: at once
+    assert pacing.pacer.interval() == pytest.approx(0.01)  # one stream open
+    assert pacing.admit(1, owner, _delta("b", -1.0), now=0.004) == []
+    assert pacing.admit(1, owner, _delta("c", -2.0), now=0.008) == []
+    assert pacing.due(now=0.009) == []
+    [(got_owner, merged)] = pacing.due(now=0.010)
+    assert got_owner is owner and merged.text == "bc" and merged.tokens == 2
+    assert [entry.logprob for entry in merged.logprobs] == [-1.0, -2.0]
+    assert pacing.admit(1, owner, _delta("d"), now=0.015) == []  # 5 ms after that send
+    assert pacing.admit(1, owner, _delta("e"), now=0.021) == [_merged("de")]
+    assert pacing.open_owners() == [owner]
+
+
+def _merged(text: str) -> EngineEvent:
+    return EngineEvent(kind="delta", text=text, tokens=len(text))
+
+
+def test_step_pacing_done_carries_the_held_deltas_and_closes_the_stream():
+    pacing = StepPacing(NEVER_DUE)
+    pacing.admit(7, "seq", _delta("a"), now=0.0)
+    pacing.admit(7, "seq", _delta("b"), now=1.0)
+    pacing.admit(7, "seq", _delta("c"), now=2.0)
+    assert pacing.admit(7, "seq", DONE, now=3.0) == [_merged("bc"), DONE]
+    assert pacing.open_owners() == [] and pacing.pacer.open_streams == 0
+    error = EngineEvent(kind="error", error=ErrorInfo(status=500, message="boom"))
+    assert pacing.admit(8, "other", error, now=4.0) == [error]  # before any delta: alone
+
+
+def test_step_pacing_interval_is_the_open_streams_share_and_forget_drops():
+    pacing = StepPacing(StreamPacer(messages_per_second=100.0, max_interval_s=0.05))
+    for stream in range(3):
+        pacing.admit(stream, stream, _delta("x"), now=0.0)
+    assert pacing.pacer.interval() == pytest.approx(0.03)
+    pacing.admit(0, 0, _delta("y"), now=0.02)
+    pacing.forget(0)  # aborted: its held "y" is dropped, never sent
+    assert pacing.due(now=10.0) == [] and pacing.pacer.interval() == pytest.approx(0.02)
+    for stream in range(3, 12):
+        pacing.admit(stream, stream, _delta("x"), now=0.0)
+    assert pacing.pacer.interval() == 0.05  # capped
+
+
+class _StepSink:
+    """Records what the engine delivers, one list per step (paced or not, as asked)."""
+
+    def __init__(self, paced: bool) -> None:
+        self.paced = paced
+        self.steps: list[list[EngineEvent]] = []
+
+    def deliver(self, items):
+        self.steps.append([event for _, event in items])
+        return True
+
+
+def test_the_engine_coalesces_only_its_paced_sinks_and_loses_no_token(tokenizer):
+    engine = TorchEngine(
+        tiny_llama(seed=0),
+        tokenizer,
+        EngineLimits(
+            max_num_seqs=4, max_model_len=96, max_queued_requests=8, prefill_chunk_tokens=16
+        ),
+    )
+    engine.pace_streams(NEVER_DUE)  # nothing due before the end: the most coalescing there is
+    prompt = tokenizer("The lighthouse keeper", add_special_tokens=False).input_ids
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    sinks = {"paced": _StepSink(paced=True), "plain": _StepSink(paced=False)}
+    for name, sink in sinks.items():
+        assert not isinstance(engine.submit(name, prompt, params, sink, name), ErrorInfo)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not all(s.steps and s.steps[-1][-1].kind == "done" for s in sinks.values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        engine.shutdown()
+    plain = [event for step in sinks["plain"].steps for event in step]
+    assert [event.tokens for event in plain if event.kind == "delta"] == [1] * 10
+    paced = [[(e.kind, e.tokens) for e in step] for step in sinks["paced"].steps]
+    assert paced == [[("delta", 1)], [("delta", 9), ("done", 0)]]
+    texts = {
+        name: "".join(e.text for step in sink.steps for e in step if e.kind == "delta")
+        for name, sink in sinks.items()
+    }
+    assert texts["paced"] == texts["plain"] != ""
