@@ -28,7 +28,16 @@ class StudentInit(_Strict):
     importance: Literal["angular", "perplexity"] = Field(
         "angular", description="the block score layer pruning uses"
     )
-    calibration_samples: int = Field(8, ge=1, description="windows scoring the blocks")
+    calibration_samples: int = Field(
+        8, ge=1, description="windows scoring the blocks (and the FFN channels)"
+    )
+    ffn_keep_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="a narrower student: each kept block keeps this share of its FFN channels, "
+        "the ones FFN pruning scores highest on the teacher (rounded to a multiple of 64)",
+    )
 
 
 class SequenceKD(_Strict):

@@ -132,8 +132,14 @@ def distill(
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
     kept = kept_blocks(teacher, config.student, tokenizer, config.data.source)
-    student = make_student(teacher, kept)
-    log.info("student keeps blocks %s of %d", kept, teacher.config.num_hidden_layers)
+    student = make_student(teacher, kept, config.student, tokenizer, config.data.source)
+    log.info(
+        "student keeps blocks %s of %d, FFN width %d of %d",
+        kept,
+        teacher.config.num_hidden_layers,
+        student.config.intermediate_size,
+        teacher.config.intermediate_size,
+    )
     before = {
         "teacher": figures(teacher, tokenizer, config),
         "dropped": figures(student, tokenizer, config),

@@ -1,5 +1,6 @@
 """The student's starting point: the teacher with some decoder blocks removed (DistilBERT takes
-every other layer; or the blocks layer pruning scores most important)."""
+every other layer; or the blocks layer pruning scores most important), optionally with narrower
+FFNs (the channels FFN pruning scores highest)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import torch
 from torch import nn
 
 from slimserve.compression.arch import decoder_layers
+from slimserve.compression.calib_data import calibration_override
 from slimserve.compression.calibration import load_text, token_windows
 from slimserve.compression.layer_pruning import block_importance, remove_layers
+from slimserve.compression.methods.prune_ffn import FFNPruneSpec
+from slimserve.compression.structured import apply_ffn_pruning
 
 from .config import StudentInit
 
@@ -42,10 +46,26 @@ def kept_blocks(
     return kept
 
 
-def make_student(teacher: nn.Module, kept: list[int]) -> nn.Module:
+def make_student(
+    teacher: nn.Module,
+    kept: list[int],
+    init: StudentInit | None = None,
+    tokenizer=None,
+    source: str = "pydoc",
+) -> nn.Module:
     """A copy of the teacher holding only the kept blocks (embeddings, norm and head shared in
-    value, not in storage)."""
+    value, not in storage); narrower when `init.ffn_keep_fraction` says so, its FFN channels
+    chosen while every block is still in place (the teacher's activations score them)."""
     student = copy.deepcopy(teacher)
+    if init is not None and init.ffn_keep_fraction is not None:
+        if tokenizer is None:
+            raise ValueError("a narrower student needs the tokenizer (its channels are scored)")
+        text = load_text(source, "calibration")
+        calibration = token_windows(tokenizer, text, 128, init.calibration_samples)
+        spec = FFNPruneSpec(method="prune-ffn", keep_fraction=init.ffn_keep_fraction)
+        spec.check_model(student.config)
+        with calibration_override(calibration):
+            apply_ffn_pruning(student, spec)
     count = len(decoder_layers(teacher))
     remove_layers(student, [i for i in range(count) if i not in set(kept)])
     for parameter in student.parameters():

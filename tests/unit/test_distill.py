@@ -428,3 +428,30 @@ def test_the_hidden_state_term_pairs_copied_blocks_and_its_gradient_lowers_it():
             if parameter.grad is not None:
                 parameter -= 1e-3 * parameter.grad
     assert hidden_loss() < first
+
+
+def test_a_narrower_student_keeps_the_teachers_strongest_ffn_channels(teacher_dir, tmp_path):
+    narrow = {"keep": "every-other", "ffn_keep_fraction": 0.5}
+    untrained = distill(
+        _config(teacher_dir, tmp_path / "narrow0", student=narrow, train={"steps": 0}),
+        progress=False,
+    )
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "narrow0")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    assert saved.config.intermediate_size == 64 and teacher.config.intermediate_size == 128
+    for student_block, teacher_block in zip(saved.model.layers, [0, 2], strict=True):
+        rows = student_block.mlp.gate_proj.weight
+        reference = teacher.model.layers[teacher_block].mlp.gate_proj.weight
+        assert rows.shape == (64, 64)
+        # every kept row is one of the teacher's, unchanged
+        assert all((reference == row).all(dim=1).any() for row in rows)
+    whole_width = distill(
+        _config(teacher_dir, tmp_path / "wide0", train={"steps": 0}), progress=False
+    )
+    assert untrained.student.parameters < whole_width.student.parameters
+    trained = distill(
+        _config(teacher_dir, tmp_path / "narrow", student=narrow, train={"steps": 8}),
+        progress=False,
+    )
+    assert trained.losses[-1]["loss"] < trained.losses[0]["loss"]
+    assert trained.student.perplexity < trained.layer_dropped.perplexity
