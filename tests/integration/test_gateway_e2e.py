@@ -238,15 +238,15 @@ PACED_PROMPTS = [
 ]
 
 
-async def _answers(gateway: str, stream: bool) -> list[tuple[str, int, int]]:
-    """Every prompt at once on the full variant: (text, completion tokens, content chunks)."""
+async def _answers(gateway: str, stream: bool) -> list[tuple[str, int]]:
+    """Every prompt at once on the full variant: (text, completion tokens)."""
     client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
 
-    async def one(prompt: str) -> tuple[str, int, int]:
+    async def one(prompt: str) -> tuple[str, int]:
         asked = {"model": f"{MODEL}:full", "prompt": prompt, "max_tokens": 32, "temperature": 0}
         if not stream:
             reply = await client.completions.create(**asked)
-            return reply.choices[0].text, reply.usage.completion_tokens, 1
+            return reply.choices[0].text, reply.usage.completion_tokens
         chunks = [
             chunk
             async for chunk in await client.completions.create(
@@ -254,7 +254,7 @@ async def _answers(gateway: str, stream: bool) -> list[tuple[str, int, int]]:
             )
         ]
         texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
-        return "".join(texts), chunks[-1].usage.completion_tokens, len(texts)
+        return "".join(texts), chunks[-1].usage.completion_tokens
 
     try:
         return await asyncio.gather(*(one(prompt) for prompt in PACED_PROMPTS))
@@ -263,19 +263,16 @@ async def _answers(gateway: str, stream: bool) -> list[tuple[str, int, int]]:
 
 
 def test_paced_streams_are_token_exact_with_the_whole_answers(gateway):
-    """Six streams at once: the engine process sends each stream's tokens several to a message
-    (its budget shared by six), and every streamed answer is the whole answer, token for
-    token, as the same six asked at once without streaming."""
+    """Six streams at once: the engine process paces them (six share its budget: a message
+    every 60 ms each, several tokens in it whenever its steps come faster), and every streamed
+    answer is the whole answer, token for token, as the same six asked at once without
+    streaming. How many tokens a message carries depends on the machine's speed, so it is not
+    asserted here; test_stream_pacing.py checks the merging on a real engine independently."""
     before = _streams(gateway, "full")["from_engine"]
     streamed = asyncio.run(_answers(gateway, stream=True))
     assert _streams(gateway, "full")["from_engine"] - before == len(PACED_PROMPTS)
     whole = asyncio.run(_answers(gateway, stream=False))
-    assert [(text, tokens) for text, tokens, _ in streamed] == [
-        (text, tokens) for text, tokens, _ in whole
-    ]
-    # Paced: fewer content chunks than tokens (a stream's first token goes alone, later ones
-    # ride together while six streams share the budget).
-    assert sum(chunks for _, _, chunks in streamed) < sum(tokens for _, tokens, _ in streamed)
+    assert streamed == whole
 
 
 def test_a_replica_killed_mid_stream_is_survived(gateway, gateway_log):
