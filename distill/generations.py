@@ -49,11 +49,29 @@ def teacher_sequences(
     if options.style == "continuation":
         prompts = [row[: options.prompt_tokens].tolist() for row in windows[: options.prompts]]
         # Equal lengths: the EOS is suppressed, every continuation is new_tokens long.
-        answers = _generate(teacher, prompts, options, pad, eos, "teacher continuations", True)
+        answers = _generate(
+            teacher,
+            prompts,
+            options.new_tokens,
+            options.batch_size,
+            pad,
+            eos,
+            desc="teacher continuations",
+            exact=True,
+        )
     else:
         turns = _user_turns(teacher, tokenizer, windows, options, pad, eos)
         prompts = [_chat_prompt(tokenizer, turn) for turn in turns]
-        answers = _generate(teacher, prompts, options, pad, eos, "teacher answers", False)
+        answers = _generate(
+            teacher,
+            prompts,
+            options.new_tokens,
+            options.batch_size,
+            pad,
+            eos,
+            desc="teacher answers",
+            exact=False,
+        )
     sequences = [torch.tensor(p + a) for p, a in zip(prompts, answers, strict=True)]
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"options": settings, "sequences": sequences}, cache)
@@ -107,11 +125,12 @@ def _user_turns(
         written = _generate(
             teacher,
             [header.input_ids] * options.prompts,
-            options.model_copy(update={"new_tokens": options.prompt_tokens}),
+            options.prompt_tokens,
+            options.batch_size,
             pad,
             eos,
-            "teacher-written user turns",
-            False,
+            desc="teacher-written user turns",
+            exact=False,
             sample=True,
         )
         turns = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in written]
@@ -145,7 +164,8 @@ def _turns_from_file(path: Path) -> list[str]:
 def _generate(
     teacher: nn.Module,
     prompts: list[list[int]],
-    options: SequenceKD,
+    new_tokens: int,
+    batch_size: int,
     pad: int,
     eos: int,
     desc: str,
@@ -155,9 +175,9 @@ def _generate(
     """What the teacher writes after each prompt, in left-padded batches: exactly new_tokens
     tokens when `exact`, else up to and including its first EOS (at most new_tokens)."""
     answers: list[list[int]] = []
-    starts = range(0, len(prompts), options.batch_size)
+    starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=desc, disable=None):
-        batch = prompts[start : start + options.batch_size]
+        batch = prompts[start : start + batch_size]
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
@@ -165,8 +185,8 @@ def _generate(
         out = teacher.generate(
             input_ids=ids,
             attention_mask=mask,
-            max_new_tokens=options.new_tokens,
-            min_new_tokens=options.new_tokens if exact else None,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens if exact else None,
             pad_token_id=pad,
             eos_token_id=eos,
             **({"do_sample": False} | sampling),
