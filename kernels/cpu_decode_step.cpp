@@ -19,6 +19,8 @@
 extern "C" {
 int slim_f32_gemm(const float *x, int64_t m, int64_t k, int64_t stride, const float *packed,
                   const float *bias, int64_t n, float *out);
+int slim_f32_gemm_bf16(const float *x, int64_t m, int64_t k, int64_t stride,
+                       const uint16_t *packed, const float *bias, int64_t n, float *out);
 int slim_w8a16_panels_gemm(const float *x, int64_t m, int64_t k, int64_t stride,
                            const int8_t *packed, const float *scale, int64_t n, float *out);
 int slim_bf16_gemm(const uint16_t *x, int64_t m, int64_t k, int64_t stride,
@@ -60,6 +62,9 @@ int project(const SlimProjection &p, const void *x, int64_t m, void *out) {
     case SLIM_PROJECT_F32_GEMM:
       return slim_f32_gemm((const float *)x, m, p.k, p.k, (const float *)p.weight,
                            (const float *)p.aux, p.n, (float *)out);
+    case SLIM_PROJECT_F32_GEMM_BF16_WEIGHTS:
+      return slim_f32_gemm_bf16((const float *)x, m, p.k, p.k, (const uint16_t *)p.weight,
+                                (const float *)p.aux, p.n, (float *)out);
     case SLIM_PROJECT_W8A16_PANELS:
       return slim_w8a16_panels_gemm((const float *)x, m, p.k, p.k, (const int8_t *)p.weight,
                                     (const float *)p.aux, p.n, (float *)out);

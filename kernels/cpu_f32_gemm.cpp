@@ -38,30 +38,47 @@ extern "C" int64_t slim_f32_packed_elements(int64_t n, int64_t k) {
   return (n + F32_PANEL - 1) / F32_PANEL * F32_PANEL * k;
 }
 
-// w [N, K] row-major -> packed [N/24][K][24] (zeros past N): a panel's weights for one input
-// are contiguous (96 bytes in fp32, 24 in int8), so a tile reads one sequential stream.
-template <typename T>
-static void pack_panels(const T *w, int64_t n, int64_t k, T *packed) {
+// w [N, K] row-major -> packed [N/24][K][24] (zeros past N), each value through `convert`: a
+// panel's weights for one input are contiguous (96 bytes in fp32, 48 in bf16, 24 in int8), so a
+// tile reads one sequential stream.
+template <typename In, typename Out, typename Convert>
+static void pack_panels(const In *w, int64_t n, int64_t k, Out *packed, Convert convert) {
   const int64_t panels = (n + F32_PANEL - 1) / F32_PANEL;
   for (int64_t p = 0; p < panels; p++)
     for (int64_t i = 0; i < k; i++)
       for (int64_t c = 0; c < F32_PANEL; c++) {
         const int64_t channel = p * F32_PANEL + c;
-        packed[(p * k + i) * F32_PANEL + c] = channel < n ? w[channel * k + i] : (T)0;
+        packed[(p * k + i) * F32_PANEL + c] = convert(channel < n ? w[channel * k + i] : (In)0);
       }
 }
 
 extern "C" void slim_f32_pack(const float *w, int64_t n, int64_t k, float *packed) {
-  pack_panels(w, n, k, packed);
+  pack_panels(w, n, k, packed, [](float v) { return v; });
+}
+
+// fp32 weights that are all bf16 values (low 16 bits zero: a bf16 checkpoint widened; the caller
+// checks) in the same panels as their high halves, so a step reads half the bytes and the GEMM
+// widens them back exactly in registers: the same products and sums as from `slim_f32_pack`.
+extern "C" void slim_f32_pack_bf16(const float *w, int64_t n, int64_t k, uint16_t *packed) {
+  pack_panels(w, n, k, packed, [](float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return (uint16_t)(bits >> 16);
+  });
 }
 
 // The int8 weights of a W8A16 layer in the same panels (int8, the same element count).
 extern "C" void slim_w8a16_panels_pack(const int8_t *w, int64_t n, int64_t k, int8_t *packed) {
-  pack_panels(w, n, k, packed);
+  pack_panels(w, n, k, packed, [](int8_t v) { return v; });
 }
 
-// Eight weights of one input as fp32: as stored, or int8 widened (exact: |w| <= 127).
+// Eight weights of one input as fp32: as stored, bf16 widened (exact), or int8 widened (exact:
+// |w| <= 127).
 SLIM_F32 static inline __m256 load8(const float *w) { return _mm256_loadu_ps(w); }
+SLIM_F32 static inline __m256 load8(const uint16_t *w) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
 SLIM_F32 static inline __m256 load8(const int8_t *w) {
   int64_t eight;
   memcpy(&eight, w, sizeof eight);
@@ -140,15 +157,30 @@ SLIM_F32 static void panels_gemm(const float *x, int64_t m, int64_t k, int64_t s
   });
 }
 
+// The entry points' shape check (-1 for arguments outside the kernel's limits), then the GEMM.
+template <typename T>
+SLIM_F32 static int checked_panels_gemm(const float *x, int64_t m, int64_t k, int64_t stride,
+                                        const T *packed, const float *scale, const float *bias,
+                                        int64_t n, float *out) {
+  if (m < 1 || k < 1 || n < 1) return -1;
+  panels_gemm(x, m, k, stride, packed, scale, bias, n, out);
+  return 0;
+}
+
 // out fp32 [M, N] = x fp32 [M, K] (rows `stride` elements apart) @ w.T + bias (fp32 [N] or NULL),
 // w packed by `slim_f32_pack`; any M. Returns -1 for arguments outside the kernel's limits
 // (checked first in Python).
 extern "C" SLIM_F32 int slim_f32_gemm(const float *x, int64_t m, int64_t k, int64_t stride,
                                       const float *packed, const float *bias, int64_t n,
                                       float *out) {
-  if (m < 1 || k < 1 || n < 1) return -1;
-  panels_gemm(x, m, k, stride, packed, NULL, bias, n, out);
-  return 0;
+  return checked_panels_gemm(x, m, k, stride, packed, NULL, bias, n, out);
+}
+
+// The same with the weight packed by `slim_f32_pack_bf16`: bit-identical results.
+extern "C" SLIM_F32 int slim_f32_gemm_bf16(const float *x, int64_t m, int64_t k, int64_t stride,
+                                           const uint16_t *packed, const float *bias, int64_t n,
+                                           float *out) {
+  return checked_panels_gemm(x, m, k, stride, packed, NULL, bias, n, out);
 }
 
 // out fp32 [M, N] = (x fp32 [M, K] @ q.T) * scale (fp32 [N]): W8A16 with fp32 activations, q int8
@@ -157,7 +189,5 @@ extern "C" SLIM_F32 int slim_f32_gemm(const float *x, int64_t m, int64_t k, int6
 extern "C" SLIM_F32 int slim_w8a16_panels_gemm(const float *x, int64_t m, int64_t k, int64_t stride,
                                                const int8_t *packed, const float *scale,
                                                int64_t n, float *out) {
-  if (m < 1 || k < 1 || n < 1) return -1;
-  panels_gemm(x, m, k, stride, packed, scale, NULL, n, out);
-  return 0;
+  return checked_panels_gemm(x, m, k, stride, packed, scale, NULL, n, out);
 }

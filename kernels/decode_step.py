@@ -32,6 +32,7 @@ class ProjectKind(IntEnum):
     W8A8_GEMM = 4
     SPARSE24 = 5
     W4A16_GEMV = 6
+    F32_GEMM_BF16_WEIGHTS = 7
 
 
 STEP_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # SlimStepDtype

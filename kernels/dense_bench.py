@@ -39,7 +39,11 @@ def onednn_calls(x: torch.Tensor, weights: list[torch.Tensor]) -> list:
     ]
 
 
-def native_calls(kernels: native.NativeKernels, x: torch.Tensor, weights: list) -> list | None:
+def native_calls(
+    kernels: native.NativeKernels, x: torch.Tensor, weights: list, bf16_storage: bool = False
+) -> list | None:
+    """Our GEMM's calls; fp32 weights packed in fp32, or in bf16 (`bf16_storage`: they are
+    bf16 numbers here, as a bf16 checkpoint's are when it is served in fp32)."""
     n = weights[0].shape[0]
     if x.dtype == torch.bfloat16:
         if not kernels.bf16_gemm_available:
@@ -47,7 +51,7 @@ def native_calls(kernels: native.NativeKernels, x: torch.Tensor, weights: list) 
         return [
             functools.partial(kernels.bf16_gemm, x, kernels.bf16_pack(w), n, None) for w in weights
         ]
-    packed = [kernels.f32_pack(w) for w in weights]
+    packed = [kernels.f32_pack(w, bf16_storage=bf16_storage) for w in weights]
     return [functools.partial(kernels.f32_gemm, x, p, n, None) for p in packed]
 
 
@@ -64,24 +68,30 @@ def main(argv: list[str] | None = None) -> None:
     if kernels is None:
         raise SystemExit("slimserve's native CPU kernels do not load here (see the log)")
     dtype = getattr(torch, args.dtype)
+    fp32 = dtype == torch.float32
     cells = []
     for count in args.rows:
         for n, k in SHAPES:
             copies = 1 if n * k > LARGE else args.copies
-            weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
+            # bf16 numbers in either dtype: a bf16 checkpoint's weights, as the model's are.
+            weights = [torch.randn(n, k).bfloat16().to(dtype) for _ in range(copies)]
             x = torch.randn(count, k).to(dtype)
             row = [
                 str(count),
                 f"{n} x {k}",
                 f"{best_us(onednn_calls(x, weights), args.rounds):.0f}",
             ]
-            ours = native_calls(kernels, x, weights)
-            for threads in args.threads:
-                kernels.set_threads(threads)
-                row.append("-" if ours is None else f"{best_us(ours, args.rounds):.0f}")
+            for ours in [native_calls(kernels, x, weights, bf16_storage=False)] + (
+                [native_calls(kernels, x, weights, bf16_storage=True)] if fp32 else []
+            ):
+                for threads in args.threads:
+                    kernels.set_threads(threads)
+                    row.append("-" if ours is None else f"{best_us(ours, args.rounds):.0f}")
             kernels.set_threads(1)
             cells.append(row)
     header = ["rows", "N x K", "oneDNN prepacked us", *(f"ours {t} thr us" for t in args.threads)]
+    if fp32:
+        header += [f"ours, bf16 weights, {t} thr us" for t in args.threads]
     print(f"{args.dtype}, ISA level {kernels.isa.label}")
     print(format_table(header, cells))
 

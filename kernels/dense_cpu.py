@@ -40,6 +40,13 @@ def _own_gemm(weight: torch.Tensor) -> native.NativeKernels | None:
     return kernels if kernels.f32_gemm_only_copy else None
 
 
+def _f32_backend(packed: torch.Tensor) -> str:
+    """Our fp32 GEMM's backend name, saying when it reads the weight in bf16."""
+    if packed.dtype == torch.bfloat16:
+        return "cpu-native-f32-gemm-bf16-weights"
+    return "cpu-native-f32-gemm"
+
+
 def can_pack(weight: torch.Tensor) -> bool:
     if _own_gemm(weight) is not None:
         return True
@@ -59,11 +66,11 @@ class PackedLinear(nn.Module):
             raise ValueError(f"cannot prepack a {weight.dtype} weight on {weight.device}")
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.detach().clone()
-        self.packed_bytes = weight.numel() * weight.element_size()
         self.dtype = weight.dtype
         self._own = _own_gemm(weight)
         # Our own GEMM's copy: the only one where `_own_gemm` says so (any rows); else beside
-        # oneDNN's, the fp32 lm_head's for decode rows (`with_native_gemm`).
+        # oneDNN's, the fp32 lm_head's for decode rows (`with_native_gemm`). An fp32 copy is
+        # kept in bf16 where its values are all bf16 numbers (`NativeKernels.f32_pack`).
         self.native_packed: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None
         if self._own is None:
@@ -72,6 +79,11 @@ class PackedLinear(nn.Module):
             self.native_packed = self._own.bf16_pack(weight.detach())
         else:
             self.native_packed = self._own.f32_pack(weight)
+        # What a call reads of the weight: the only copy's bytes, else oneDNN's (same dtype).
+        if self._own is not None:
+            self.packed_bytes = self.native_packed.numel() * self.native_packed.element_size()
+        else:
+            self.packed_bytes = weight.numel() * weight.element_size()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
@@ -81,7 +93,9 @@ class PackedLinear(nn.Module):
     def backend(self) -> str:
         if self._own is None:
             return "cpu-onednn-packed"
-        return "cpu-native-bf16-gemm" if self.dtype == torch.bfloat16 else "cpu-native-f32-gemm"
+        if self.dtype == torch.bfloat16:
+            return "cpu-native-bf16-gemm"
+        return _f32_backend(self.native_packed)
 
     def with_native_gemm(self, weight: torch.Tensor) -> int:
         """Also serve fp32 decode rows (1-4) from our own fp32 GEMM's copy of `weight` (the one
@@ -102,9 +116,14 @@ class PackedLinear(nn.Module):
         None where our GEMM's copy is not its only one (oneDNN serves some rows)."""
         if self._own is None:
             return None
-        bf16 = self.dtype == torch.bfloat16
+        if self.dtype == torch.bfloat16:
+            kind = ProjectKind.BF16_GEMM
+        elif self.native_packed.dtype == torch.bfloat16:
+            kind = ProjectKind.F32_GEMM_BF16_WEIGHTS
+        else:
+            kind = ProjectKind.F32_GEMM
         return NativeProjection(
-            ProjectKind.BF16_GEMM if bf16 else ProjectKind.F32_GEMM,
+            kind,
             self.dtype,
             self.native_packed,
             self.bias,
@@ -127,7 +146,7 @@ class PackedLinear(nn.Module):
             out = gemm(rows, self.native_packed, self.out_features, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         if self.native_packed is not None and native.f32_gemm_supported(x, self.in_features):
-            record_backend("dense", "cpu-native-f32-gemm")
+            record_backend("dense", _f32_backend(self.native_packed))
             return native.kernels().f32_gemm(x, self.native_packed, self.out_features, self.bias)
         record_backend("dense", "cpu-onednn-packed")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

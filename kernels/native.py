@@ -375,11 +375,19 @@ class NativeKernels:
         1 to 128 rows, dense fp32 and int8 (widened in registers) alike (kernels/README.md)."""
         return self.isa == Isa.AVX2
 
-    def f32_pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """fp32 [N, K] -> the fp32 GEMM's own layout (panels of 24 channels, cpu_f32_gemm.cpp)."""
+    def f32_pack(self, weight: torch.Tensor, *, bf16_storage: bool = True) -> torch.Tensor:
+        """fp32 [N, K] -> the fp32 GEMM's own layout (panels of 24 channels, cpu_f32_gemm.cpp):
+        in bf16 where every value is a bf16 number (a bf16 checkpoint computed in fp32: half the
+        bytes read per step, bit-identical results) unless `bf16_storage` is False, else fp32.
+        The packed tensor's dtype says which; `f32_gemm` reads either."""
         weight = weight.detach().contiguous()
         n, k = weight.shape
-        packed = torch.empty(int(self.library.slim_f32_packed_elements(n, k)), dtype=torch.float32)
+        elements = int(self.library.slim_f32_packed_elements(n, k))
+        if bf16_storage and is_bf16_exact(weight):
+            packed = torch.empty(elements, dtype=torch.bfloat16)
+            self.library.slim_f32_pack_bf16(weight.data_ptr(), n, k, packed.data_ptr())
+            return packed
+        packed = torch.empty(elements, dtype=torch.float32)
         self.library.slim_f32_pack(weight.data_ptr(), n, k, packed.data_ptr())
         return packed
 
@@ -387,15 +395,16 @@ class NativeKernels:
         self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """fp32 x [M >= 1, K] (unit column stride) @ weight.T + bias -> fp32 [M, N], the weight
-        `f32_pack`ed."""
+        `f32_pack`ed (fp32 or bf16 panels)."""
         m, k = x.shape
         out = torch.empty(m, n, dtype=torch.float32)
-        status = self.library.slim_f32_gemm(
+        name = "slim_f32_gemm_bf16" if packed.dtype == torch.bfloat16 else "slim_f32_gemm"
+        status = getattr(self.library, name)(
             x.data_ptr(), m, k, x.stride(0), packed.data_ptr(),
             None if bias is None else bias.data_ptr(), n, out.data_ptr(),
         )  # fmt: skip
         if status != 0:
-            raise ValueError(f"slim_f32_gemm refused M={m} K={k} N={n}")
+            raise ValueError(f"{name} refused M={m} K={k} N={n}")
         return out
 
     def w8a16_panels_pack(self, qweight: torch.Tensor) -> torch.Tensor:
@@ -541,12 +550,16 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
     library.slim_f32_packed_elements.argtypes = [i64, i64]
     library.slim_f32_pack.restype = None
     library.slim_f32_pack.argtypes = [ptr, i64, i64, ptr]
+    library.slim_f32_pack_bf16.restype = None
+    library.slim_f32_pack_bf16.argtypes = [ptr, i64, i64, ptr]
     library.slim_w8a16_panels_pack.restype = None
     library.slim_w8a16_panels_pack.argtypes = [ptr, i64, i64, ptr]
     library.slim_w8a16_panels_gemm.restype = cint
     library.slim_w8a16_panels_gemm.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
     library.slim_f32_gemm.restype = cint
     library.slim_f32_gemm.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
+    library.slim_f32_gemm_bf16.restype = cint
+    library.slim_f32_gemm_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
     library.slim_w4a16_gemv.restype = cint
     library.slim_w4a16_gemv.argtypes = [ptr, cint, i64, i64, ptr, ptr, ptr, cint, i64, i64, ptr]
     for suffix in STEP_OP_DTYPES.values():
@@ -768,6 +781,13 @@ def argmax_rows_supported(logits: torch.Tensor) -> bool:
         and logits.shape[1] >= 1
         and logits.stride(1) == 1
         and serving_kernels() is not None
+    )
+
+
+def is_bf16_exact(weight: torch.Tensor) -> bool:
+    """Whether every value of an fp32 tensor is a bf16 number (its low 16 bits zero)."""
+    return weight.dtype == torch.float32 and not bool(
+        (weight.contiguous().view(torch.int32) & 0xFFFF).any()
     )
 
 

@@ -51,6 +51,7 @@ from slimserve.compression.specs import CompressionSpec
 from slimserve.kernels import cpu_isa, dense_cpu, dispatch, native, w8a8
 from slimserve.kernels import int8 as w8a16
 from slimserve.kernels.dense_cpu import PackedLinear
+from slimserve.kernels.lowbit import LowBitLinear
 from slimserve.kernels.w8a8 import W8A8Linear
 from slimserve.models.llama_runner import LlamaRunner
 from slimserve.models.store import DEFAULT_MODEL_ALIAS, load_model_and_tokenizer
@@ -267,17 +268,12 @@ def compress(reference: nn.Module, variant: str) -> nn.Module:
     return model
 
 
-def weights_read_per_step(model: nn.Module) -> int:
-    """Every weight a decode step reads, once: a tied embedding / lm_head matrix counts once
-    (the head reads it whole); an untied input embedding is read only by a few rows, so its
-    table is left out."""
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    total = resident_weight_bytes(model)
-    head_storages = {t.untyped_storage().data_ptr() for t in [*head.parameters(), *head.buffers()]}
-    embed_tensors = [*embed.parameters(), *embed.buffers()]
-    if not any(t.untyped_storage().data_ptr() in head_storages for t in embed_tensors):
-        total -= resident_weight_bytes(embed)
-    return total
+def weights_read_per_step(runner: LlamaRunner) -> int:
+    """Every projection's weight a decode step reads, once, as the runner holds it (packed: an
+    fp32 weight kept in bf16 reads half its bytes), the lm_head included (a tied embedding
+    counts once: the head reads it whole, the lookup a few rows). The norms' weights (under
+    0.1 MB on the default model) are left out."""
+    return sum(matmul_read_bytes(getattr(owner, name)) for owner, name in _matmul_modules(runner))
 
 
 def matmul_read_bytes(module: nn.Module) -> int:
@@ -290,6 +286,9 @@ def matmul_read_bytes(module: nn.Module) -> int:
         return _int8_read_bytes(module, module.weight_scale)
     if isinstance(module, w8a16.Int8Linear) and module.cpu_native_pack is not None:
         return _int8_read_bytes(module, module.scale)
+    if isinstance(module, LowBitLinear):  # the codes our GEMV reads, not int4pack's copy too
+        parts = (module.qweight, module.qweight_hi, module.scales, module.zeros, module.bias)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
     return resident_weight_bytes(module)
 
 
@@ -453,9 +452,9 @@ def profile_variant(
     steps: int,
 ) -> VariantProfile:
     model = compress(reference, variant)
-    weight_bytes = weights_read_per_step(model)
     max_len = len(prompt) + max(steps, WARMUP_STEPS) + 8
     runner = LlamaRunner(model, max_slots=max(batches), max_len=max_len, pack_dense=True)
+    weight_bytes = weights_read_per_step(runner)
     log.info("%s: %.1f MB of weights read per step, native decode ops: %s, one-call step: %s",
              variant, weight_bytes / 1e6, runner.native_decode,
              runner.native_step is not None)  # fmt: skip

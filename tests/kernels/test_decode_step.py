@@ -68,8 +68,16 @@ def _w4(model: nn.Module) -> None:
     apply_compression(model, [_spec({"method": "rtn", "bits": 4, "group_size": 32})])
 
 
+def _bf16_numbers(model: nn.Module) -> None:
+    """Every weight rounded to a bf16 number, as a bf16 checkpoint served in fp32 has them."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.bfloat16())
+
+
 VARIANTS: dict[str, Callable[[nn.Module], None] | None] = {
     "dense": None,
+    "dense-bf16-numbers": _bf16_numbers,
     "int8": _int8,
     "w8a8": _w8a8,
     "sparse24": _sparse24,
@@ -187,12 +195,14 @@ def test_batches_past_a_kernels_rows_step_per_call(each_isa: Isa, monkeypatch):
 
 def test_projection_kinds_name_the_layouts_the_engine_packs(each_isa: Isa):
     """Each packed module says which GEMM reads it; at avx2 the dense and int8 layers are the
-    fp32 GEMM's panels."""
+    fp32 GEMM's panels, in bf16 where the weights are bf16 numbers."""
     if each_isa != Isa.AVX2:
         pytest.skip("the avx512 kinds depend on AVX-512 BF16; the bit-identity test covers them")
     dense = _runner(torch.float32, "dense").native_step
+    bf16_numbers = _runner(torch.float32, "dense-bf16-numbers").native_step
     int8 = _runner(torch.float32, "int8").native_step
     assert {layer.qkv.kind for layer in dense.layers} == {ProjectKind.F32_GEMM}
+    assert {layer.down.kind for layer in bf16_numbers.layers} == {ProjectKind.F32_GEMM_BF16_WEIGHTS}
     assert {layer.down.kind for layer in int8.layers} == {ProjectKind.W8A16_PANELS}
 
 

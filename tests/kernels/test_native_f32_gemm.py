@@ -2,7 +2,8 @@
 multiple of the 24-channel panel, odd K), with and without bias, strided rows, decode and prompt
 row counts (lone last groups of 4 rows), at each ISA level; the PackedLinear serving it: every
 row count as the only copy at the avx2 level, the lm_head's decode rows beside oneDNN's copy at
-the avx512 level; the same panels in int8 (W8A16, each weight widened in registers) and the
+the avx512 level; the same panels in bf16 for weights that are bf16 numbers (bit-identical to
+the fp32 panels, half the bytes) and in int8 (W8A16, each weight widened in registers), and the
 Int8Linear serving every row count from them at the avx2 level."""
 
 from __future__ import annotations
@@ -93,6 +94,65 @@ def test_packed_linear_serves_decode_rows_from_it(each_isa: cpu_isa.Isa) -> None
     torch.testing.assert_close(out, x[:2] @ weight.t() + bias, rtol=1e-5, atol=1e-4)
     many = torch.randn(9, 64)  # a prompt chunk: oneDNN's copy
     torch.testing.assert_close(module(many), many @ weight.t() + bias, rtol=1e-5, atol=1e-4)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)  # NaN and -0.0 compared exactly
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_bf16_panels_are_bit_identical_to_fp32_panels(n: int, k: int) -> None:
+    """Weights that are bf16 numbers (a bf16 checkpoint served in fp32) pack in bf16 and give
+    the fp32 panels' results bit for bit: random ones, and worst cases at bf16's extremes (the
+    largest and smallest normal magnitudes, infinities, zeros of both signs) whose products
+    overflow to inf and NaN or fall below fp32's range."""
+    kernels = native.kernels()
+    weight, bias, x = _case(n, k, seed=n * 3 + k)
+    weight = weight.bfloat16().float()
+    extremes = torch.tensor([3.3895e38, -3.3895e38, 1.1755e-38, -0.0, 0.0, float("inf")])
+    weight.view(-1)[: min(weight.numel(), extremes.numel())] = extremes.bfloat16().float()[
+        : weight.numel()
+    ]
+    packed = kernels.f32_pack(weight)
+    assert (
+        packed.dtype == torch.bfloat16
+        and packed.numel() == kernels.f32_pack(weight, bf16_storage=False).numel()
+    )
+    wide = kernels.f32_pack(weight, bf16_storage=False)
+    assert wide.dtype == torch.float32
+    for m in ROWS:
+        for b in (None, bias):
+            assert torch.equal(
+                _bits(kernels.f32_gemm(x[:m], packed, n, b)),
+                _bits(kernels.f32_gemm(x[:m], wide, n, b)),
+            ), m
+
+
+def test_weights_that_are_not_all_bf16_numbers_pack_in_fp32() -> None:
+    kernels = native.kernels()
+    weight = torch.randn(30, 40).bfloat16().float()
+    assert native.is_bf16_exact(weight) and kernels.f32_pack(weight).dtype == torch.bfloat16
+    weight[7, 11] += 2.0**-20  # one value bf16 cannot hold
+    assert not native.is_bf16_exact(weight)
+    assert kernels.f32_pack(weight).dtype == torch.float32
+    assert not native.is_bf16_exact(weight.bfloat16())  # only fp32 tensors are packed so
+
+
+def test_a_bf16_checkpoint_served_in_fp32_is_read_in_bf16(each_isa: cpu_isa.Isa) -> None:
+    weight, bias, x = _case(100, 64, seed=8)
+    weight = weight.bfloat16().float()
+    module = PackedLinear(weight, bias)
+    if each_isa != cpu_isa.Isa.AVX2:
+        if can_pack(weight):  # the lm_head's decode-row copy beside oneDNN's: bf16 too
+            assert module.with_native_gemm(weight) == 120 * 64 * 2
+            module(x[:2])
+            assert "cpu-native-f32-gemm-bf16-weights" in chosen_backends()["dense"]
+        return
+    assert module.backend == "cpu-native-f32-gemm-bf16-weights"
+    assert module.packed_bytes == 120 * 64 * 2  # half the fp32 panels
+    assert "bf16-weights" in repr(module)
+    for m in ROWS:
+        torch.testing.assert_close(module(x[:m]), x[:m] @ weight.t() + bias, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize(("n", "k"), SHAPES)
