@@ -31,6 +31,8 @@ int slim_w8a8_gemm(const void *x, int dtype, int64_t m, int64_t k, int64_t strid
                    const uint8_t *packed, const float *wscale, int64_t n, void *out);
 int slim_sparse24_f32(const float *x, int64_t m, int64_t k, int64_t stride, const float *values,
                       const uint32_t *meta, int64_t n, float *out);
+int slim_sparse24_f32_bf16(const float *x, int64_t m, int64_t k, int64_t stride,
+                           const uint16_t *values, const uint32_t *meta, int64_t n, float *out);
 int slim_sparse24_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t stride,
                        const uint16_t *values, const uint64_t *meta, int64_t n, uint16_t *out);
 int slim_w4a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, const uint8_t *w,
@@ -83,6 +85,9 @@ int project(const SlimProjection &p, const void *x, int64_t m, void *out) {
                                   (const uint64_t *)p.aux, p.n, (uint16_t *)out);
       return slim_sparse24_f32((const float *)x, m, p.k, p.k, (const float *)p.weight,
                                (const uint32_t *)p.aux, p.n, (float *)out);
+    case SLIM_PROJECT_SPARSE24_BF16_VALUES:
+      return slim_sparse24_f32_bf16((const float *)x, m, p.k, p.k, (const uint16_t *)p.weight,
+                                    (const uint32_t *)p.aux, p.n, (float *)out);
     case SLIM_PROJECT_W4A16_GEMV:  // scales and zeros in the rows' dtype
       return slim_w4a16_gemv(x, p.dtype, m, p.k, (const uint8_t *)p.weight, p.aux, p.zeros,
                              p.dtype, p.group, p.n, out);

@@ -19,12 +19,7 @@
 
 #include "cpu_simd.h"
 #include "cpu_threads.h"
-
-#if defined(SLIM_ISA_AVX2)
-#define SLIM_F32
-#else
-#define SLIM_F32 __attribute__((target("avx2,fma")))
-#endif
+#include "cpu_widen.h"
 
 // Rows it serves beside oneDNN's AVX-512 copy (the lm_head at decode batch 1-4).
 static const int64_t F32_GEMM_MAX_ROWS = 4;
@@ -72,14 +67,9 @@ extern "C" void slim_w8a16_panels_pack(const int8_t *w, int64_t n, int64_t k, in
   pack_panels(w, n, k, packed, [](int8_t v) { return v; });
 }
 
-// Eight weights of one input as fp32: as stored, bf16 widened (exact), or int8 widened (exact:
-// |w| <= 127).
-SLIM_F32 static inline __m256 load8(const float *w) { return _mm256_loadu_ps(w); }
-SLIM_F32 static inline __m256 load8(const uint16_t *w) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-SLIM_F32 static inline __m256 load8(const int8_t *w) {
+// Eight weights of one input as fp32: as stored, bf16 widened (cpu_widen.h), or int8 widened
+// (exact: |w| <= 127).
+SLIM_F32 static inline __m256 slim_widen8(const int8_t *w) {
   int64_t eight;
   memcpy(&eight, w, sizeof eight);
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(eight)));
@@ -116,7 +106,7 @@ SLIM_F32 static void f32_tile(const float *x, int64_t stride, int64_t k, const T
     _mm_prefetch((const char *)wi + F32_PREFETCH_BYTES, _MM_HINT_T0);
     if constexpr (sizeof(T) * F32_PANEL > 64)
       _mm_prefetch((const char *)wi + F32_PREFETCH_BYTES + 64, _MM_HINT_T0);
-    const __m256 w0 = load8(wi), w1 = load8(wi + 8), w2 = load8(wi + 16);
+    const __m256 w0 = slim_widen8(wi), w1 = slim_widen8(wi + 8), w2 = slim_widen8(wi + 16);
     F32_TILE_ROW(0) F32_TILE_ROW(1) F32_TILE_ROW(2) F32_TILE_ROW(3)
   }
   const __m256 acc[3][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}};

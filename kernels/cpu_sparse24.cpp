@@ -25,12 +25,7 @@
 
 #include "cpu_bf16.h"
 #include "cpu_pack.h"
-
-#if defined(SLIM_ISA_AVX2)
-#define SLIM_SPARSE_F32
-#else
-#define SLIM_SPARSE_F32 __attribute__((target("avx2,fma")))
-#endif
+#include "cpu_widen.h"
 
 static const int64_t SPARSE_F32_BLOCK = 8;      // channels per block: one YMM of 4 x 2 slots
 static const int64_t SPARSE_F32_ROW_GROUP = 4;  // activation rows per pass: 2 x 4 accumulators
@@ -49,20 +44,20 @@ static const int64_t SPARSE_PREFETCH_BYTES = 16384;
 // fp32: ROWS (1-4) rows of x against one 8-channel block. a0M holds channels 0-3 of row M and
 // a1M channels 4-7, each lane one (channel, slot): lane 2c + s. Named accumulators, not arrays:
 // GCC kept arrays on the stack and stored all of them on every group (cpu_pack.h says the same of
-// the AVX-512 tiles).
-template <int ROWS>
-SLIM_SPARSE_F32 static void sparse24_f32_tile(const float *x, int64_t stride, const float *w,
-                                              const uint32_t *meta, int64_t groups,
-                                              int64_t channel, int64_t n, float *out) {
+// the AVX-512 tiles). The kept values are fp32, or bf16 numbers stored as bf16 (cpu_widen.h).
+template <int ROWS, typename T>
+SLIM_F32 static void sparse24_f32_tile(const float *x, int64_t stride, const T *w,
+                                       const uint32_t *meta, int64_t groups,
+                                       int64_t channel, int64_t n, float *out) {
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
   __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
   // Lane 2c + s of a block half takes code bits 4c + 2s (channels 4-7: 16 more).
   const __m256i shift_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i shift_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
   for (int64_t g = 0; g < groups; g++) {
-    const float *wg = w + g * 2 * SPARSE_F32_BLOCK;
+    const T *wg = w + g * 2 * SPARSE_F32_BLOCK;
     _mm_prefetch((const char *)wg + SPARSE_PREFETCH_BYTES, _MM_HINT_T0);
-    const __m256 w0 = _mm256_loadu_ps(wg), w1 = _mm256_loadu_ps(wg + 8);
+    const __m256 w0 = slim_widen8(wg), w1 = slim_widen8(wg + 8);
     const __m256i codes = _mm256_set1_epi32((int)meta[g]);
     const __m256i i0 = _mm256_srlv_epi32(codes, shift_lo);
     const __m256i i1 = _mm256_srlv_epi32(codes, shift_hi);
@@ -82,25 +77,25 @@ SLIM_SPARSE_F32 static void sparse24_f32_tile(const float *x, int64_t stride, co
 }
 #undef SPARSE24_F32_ROW
 
-using SparseF32Tile = void (*)(const float *, int64_t, const float *, const uint32_t *, int64_t,
+template <typename T>
+using SparseF32Tile = void (*)(const float *, int64_t, const T *, const uint32_t *, int64_t,
                                int64_t, int64_t, float *);
 
-// out fp32 [M, N] = x fp32 [M, K] (rows `stride` elements apart) @ W.T, W 2:4 sparse along K and
-// packed in 8-channel blocks (values fp32, codes uint32). Any M; K % 4 == 0. Returns -1 outside
-// the kernel's limits (checked first in Python).
-extern "C" SLIM_SPARSE_F32 int slim_sparse24_f32(const float *x, int64_t m, int64_t k,
-                                                 int64_t stride, const float *values,
-                                                 const uint32_t *meta, int64_t n, float *out) {
+template <typename T>
+SLIM_F32 static int sparse24_f32(const float *x, int64_t m, int64_t k, int64_t stride,
+                                 const T *values, const uint32_t *meta, int64_t n,
+                                 float *out) {
   if (m < 1 || k < 4 || k % 4 || n < 1) return -1;
-  static const SparseF32Tile tiles[SPARSE_F32_ROW_GROUP] = {
-      sparse24_f32_tile<1>, sparse24_f32_tile<2>, sparse24_f32_tile<3>, sparse24_f32_tile<4>};
+  static const SparseF32Tile<T> tiles[SPARSE_F32_ROW_GROUP] = {
+      sparse24_f32_tile<1, T>, sparse24_f32_tile<2, T>, sparse24_f32_tile<3, T>,
+      sparse24_f32_tile<4, T>};
   const int64_t groups = k / 4;
   const int64_t blocks = (n + SPARSE_F32_BLOCK - 1) / SPARSE_F32_BLOCK;
   // Blocks shared out across the kernels' threads; each block meets every row while it is in
   // cache.
   slim_parallel(blocks, [&](int64_t first, int64_t end) {
     for (int64_t block = first; block < end; block++) {
-      const float *w = values + block * groups * 2 * SPARSE_F32_BLOCK;
+      const T *w = values + block * groups * 2 * SPARSE_F32_BLOCK;
       for (int64_t r0 = 0; r0 < m; r0 += SPARSE_F32_ROW_GROUP) {
         const int64_t rows = m - r0 < SPARSE_F32_ROW_GROUP ? m - r0 : SPARSE_F32_ROW_GROUP;
         tiles[rows - 1](x + r0 * stride, stride, w, meta + block * groups, groups,
@@ -109,6 +104,23 @@ extern "C" SLIM_SPARSE_F32 int slim_sparse24_f32(const float *x, int64_t m, int6
     }
   });
   return 0;
+}
+
+// out fp32 [M, N] = x fp32 [M, K] (rows `stride` elements apart) @ W.T, W 2:4 sparse along K and
+// packed in 8-channel blocks (values fp32, codes uint32). Any M; K % 4 == 0. Returns -1 outside
+// the kernel's limits (checked first in Python).
+extern "C" SLIM_F32 int slim_sparse24_f32(const float *x, int64_t m, int64_t k,
+                                          int64_t stride, const float *values,
+                                          const uint32_t *meta, int64_t n, float *out) {
+  return sparse24_f32(x, m, k, stride, values, meta, n, out);
+}
+
+// The same with the kept values stored as bf16 (all of them bf16 numbers, the caller checks):
+// half the value bytes, bit-identical results.
+extern "C" SLIM_F32 int slim_sparse24_f32_bf16(const float *x, int64_t m, int64_t k,
+                                               int64_t stride, const uint16_t *values,
+                                               const uint32_t *meta, int64_t n, float *out) {
+  return sparse24_f32(x, m, k, stride, values, meta, n, out);
 }
 
 #if !defined(SLIM_ISA_AVX2)

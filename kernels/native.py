@@ -462,10 +462,16 @@ class NativeKernels:
     ) -> torch.Tensor:
         """x [M, K] (fp32, or bf16 where `bf16_gemm_available`; unit column stride) @ W.T ->
         [M, N] in x's dtype, W 2:4 sparse along K in `packing.pack_24_blocks`'s layout (blocks
-        of `SPARSE24_BLOCKS[x.dtype]` channels, values in x's dtype)."""
+        of `SPARSE24_BLOCKS[x.dtype]` channels, values in x's dtype, or in bf16 for fp32 rows
+        where they are all bf16 numbers: `bf16_high_halves`)."""
         m, k = x.shape
         out = torch.empty(m, n, dtype=x.dtype)
-        name = "slim_sparse24_f32" if x.dtype == torch.float32 else "slim_sparse24_bf16"
+        if x.dtype == torch.bfloat16:
+            name = "slim_sparse24_bf16"
+        elif values.dtype == torch.bfloat16:  # fp32 rows, values kept as bf16 numbers
+            name = "slim_sparse24_f32_bf16"
+        else:
+            name = "slim_sparse24_f32"
         status = getattr(self.library, name)(
             x.data_ptr(), m, k, x.stride(0), values.data_ptr(), codes.data_ptr(), n,
             out.data_ptr(),
@@ -602,7 +608,7 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
     library.slim_w8a16_gemm_available.argtypes = []
     library.slim_w8a16_gemm.restype = cint
     library.slim_w8a16_gemm.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr, i64, ptr]
-    for name in ("slim_sparse24_f32", "slim_sparse24_bf16"):
+    for name in ("slim_sparse24_f32", "slim_sparse24_f32_bf16", "slim_sparse24_bf16"):
         getattr(library, name).restype = cint
         getattr(library, name).argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
     library.slim_decode_step_workspace_bytes.restype = i64
@@ -789,6 +795,12 @@ def is_bf16_exact(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 and not bool(
         (weight.contiguous().view(torch.int32) & 0xFFFF).any()
     )
+
+
+def bf16_high_halves(values: torch.Tensor) -> torch.Tensor:
+    """An fp32 tensor whose values are all bf16 numbers (`is_bf16_exact`) as bf16, bit for bit:
+    the high half of each value, NaN payloads and signed zeros included."""
+    return (values.contiguous().view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
 
 
 def f32_gemm_supported(x: torch.Tensor, in_features: int) -> bool:

@@ -6,7 +6,8 @@ Layout (see slimserve.kernels.packing): values [N, K/2] in the compute dtype, me
 A serving engine on CPU calls `SparseLinear.pack_for_cpu()` once: where our kernels load
 (fp32 in either build, bf16 with AVX-512 BF16), the weight moves into our 2:4 GEMM's block layout
 (`cpu_sparse24.cpp`), which reads only the kept half and its positions at every row count, and
-the plain buffers are dropped.
+the plain buffers are dropped. fp32 kept values that are all bf16 numbers (a bf16 checkpoint's)
+are stored as bf16 there: half the bytes, the same results bit for bit.
 
 Unpacked, the dispatch (`select_sparse24_backend`): on CUDA the Triton kernel, which reads only
 the compressed form and multiplies densely in registers; elsewhere the reference expands the
@@ -108,16 +109,27 @@ class SparseLinear(CompressedLinear):
             self.cpu_values, self.cpu_codes = pack_24_blocks(
                 self.values, self.meta_bits, self.in_features, block
             )
+            if native.is_bf16_exact(self.cpu_values):  # a bf16 checkpoint's, served in fp32
+                self.cpu_values = native.bf16_high_halves(self.cpu_values)
             self.native_kernels = kernels
             self.values = torch.empty(0, dtype=self.values.dtype)
             self.meta_bits = torch.empty(0, dtype=torch.uint8)
         return sum(t.numel() * t.element_size() for t in (self.cpu_values, self.cpu_codes))
 
+    @property
+    def _bf16_values(self) -> bool:
+        """fp32 rows on kept values stored as bf16 (all bf16 numbers): half their bytes."""
+        return self.compute_dtype == torch.float32 and self.cpu_values.dtype == torch.bfloat16
+
+    @property
+    def _backend(self) -> str:
+        return "cpu-native-sparse24-bf16-values" if self._bf16_values else "cpu-native-sparse24"
+
     def native_projection(self) -> NativeProjection | None:
         if self.cpu_values is None or self.bias is not None:
             return None
         return NativeProjection(
-            ProjectKind.SPARSE24,
+            ProjectKind.SPARSE24_BF16_VALUES if self._bf16_values else ProjectKind.SPARSE24,
             self.compute_dtype,
             self.cpu_values,
             self.cpu_codes,
@@ -129,14 +141,14 @@ class SparseLinear(CompressedLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_values is None:
             return sparse24_matmul(x, self.values, self.meta_bits)
-        record_backend("sparse24", "cpu-native-sparse24")
+        record_backend("sparse24", self._backend)
         rows = x if x.stride(1) == 1 else x.contiguous()
         return self.native_kernels.sparse24_gemm(
             rows, self.cpu_values, self.cpu_codes, self.out_features
         )
 
     def extra_repr(self) -> str:
-        packed = ", packed for cpu-native-sparse24" if self.cpu_values is not None else ""
+        packed = f", packed for {self._backend}" if self.cpu_values is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, 2:4 sparse"
             f"{packed}, bias={self.bias is not None}"

@@ -52,6 +52,7 @@ from slimserve.kernels import cpu_isa, dense_cpu, dispatch, native, w8a8
 from slimserve.kernels import int8 as w8a16
 from slimserve.kernels.dense_cpu import PackedLinear
 from slimserve.kernels.lowbit import LowBitLinear
+from slimserve.kernels.sparse24 import SparseLinear
 from slimserve.kernels.w8a8 import W8A8Linear
 from slimserve.models.llama_runner import LlamaRunner
 from slimserve.models.store import DEFAULT_MODEL_ALIAS, load_model_and_tokenizer
@@ -286,6 +287,9 @@ def matmul_read_bytes(module: nn.Module) -> int:
         return _int8_read_bytes(module, module.weight_scale)
     if isinstance(module, w8a16.Int8Linear) and module.cpu_native_pack is not None:
         return _int8_read_bytes(module, module.scale)
+    if isinstance(module, SparseLinear) and module.cpu_values is not None:
+        parts = (module.cpu_values, module.cpu_codes, module.bias)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
     if isinstance(module, LowBitLinear):  # the codes our GEMV reads, not int4pack's copy too
         parts = (module.qweight, module.qweight_hi, module.scales, module.zeros, module.bias)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)

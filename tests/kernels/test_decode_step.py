@@ -75,12 +75,18 @@ def _bf16_numbers(model: nn.Module) -> None:
             parameter.copy_(parameter.bfloat16())
 
 
+def _sparse24_bf16_numbers(model: nn.Module) -> None:
+    _bf16_numbers(model)
+    _sparse24(model)
+
+
 VARIANTS: dict[str, Callable[[nn.Module], None] | None] = {
     "dense": None,
     "dense-bf16-numbers": _bf16_numbers,
     "int8": _int8,
     "w8a8": _w8a8,
     "sparse24": _sparse24,
+    "sparse24-bf16-numbers": _sparse24_bf16_numbers,
     "w4": _w4,
 }
 DTYPES = [torch.float32, torch.bfloat16]
@@ -203,6 +209,8 @@ def test_projection_kinds_name_the_layouts_the_engine_packs(each_isa: Isa):
     int8 = _runner(torch.float32, "int8").native_step
     assert {layer.qkv.kind for layer in dense.layers} == {ProjectKind.F32_GEMM}
     assert {layer.down.kind for layer in bf16_numbers.layers} == {ProjectKind.F32_GEMM_BF16_WEIGHTS}
+    sparse = _runner(torch.float32, "sparse24-bf16-numbers").native_step
+    assert {layer.down.kind for layer in sparse.layers} == {ProjectKind.SPARSE24_BF16_VALUES}
     assert {layer.down.kind for layer in int8.layers} == {ProjectKind.W8A16_PANELS}
 
 

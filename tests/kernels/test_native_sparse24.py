@@ -142,6 +142,38 @@ def test_the_packed_module_drops_its_plain_buffers_and_takes_any_leading_shape(
     torch.testing.assert_close(module(wide), flat, rtol=0, atol=0)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)  # NaN and -0.0 compared exactly
+
+
+@pytest.mark.parametrize(("rows", "n", "k"), SHAPES)
+def test_values_kept_as_bf16_numbers_are_bit_identical_to_fp32_values(
+    each_isa: cpu_isa.Isa, rows: int, n: int, k: int
+) -> None:
+    """Kept values that are bf16 numbers (a bf16 checkpoint pruned and served in fp32) are read
+    from bf16 and give the fp32-stored kernel's results bit for bit: random ones, and bf16's
+    extremes among them (the largest and smallest normal magnitudes, inf, signed zeros), whose
+    products overflow to inf and NaN or fall below fp32's range."""
+    weight, x = _case(rows, n, k, torch.float32, seed=rows + n * k)
+    weight = weight.bfloat16().float()
+    extremes = torch.tensor([3.3895e38, -3.3895e38, 1.1755e-38, -0.0, float("inf")])
+    kept = weight.reshape(-1).ne(0).nonzero()[: extremes.numel(), 0]
+    weight.view(-1)[kept] = extremes.bfloat16().float()[: kept.numel()]
+    values, meta = compress_24(weight)
+    wide, codes = pack_24_blocks(values, meta, k, native.SPARSE24_BLOCKS[torch.float32])
+    assert native.is_bf16_exact(wide)
+    narrow = native.bf16_high_halves(wide)
+    assert torch.equal(_bits(narrow.float()), _bits(wide))  # the same numbers, half the bytes
+    kernels = native.kernels()
+    ours = kernels.sparse24_gemm(x, narrow, codes, n)
+    assert torch.equal(_bits(ours), _bits(kernels.sparse24_gemm(x, wide, codes, n)))
+    module = _packed(weight)
+    assert module.cpu_values.dtype == torch.bfloat16
+    assert torch.equal(_bits(module(x)), _bits(ours))
+    assert "cpu-native-sparse24-bf16-values" in chosen_backends()["sparse24"]
+    assert "packed for cpu-native-sparse24-bf16-values" in repr(module)
+
+
 def test_what_does_not_pack_stays_on_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """fp16 never packs; bf16 needs AVX-512 BF16, so the avx2 build leaves it unpacked."""
     weight, x = _case(2, 16, 16, torch.float16, seed=7)
