@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu_bf16.h"
+#include "cpu_bf16_tiles.h"
 #include "cpu_pack.h"
 
 #define SLIM_AVX512_BF16 SLIM_TARGET_BF16
@@ -80,15 +80,7 @@ SLIM_AVX512_BF16 static void bf16_tile(const uint16_t *x, int64_t kp, const uint
     SLIM_TILE_ROWS(x + 2 * p, kp, (__m512bh), _mm512_dpbf16_ps)
   }
   SLIM_TILE_RESULTS(__m512);
-  for (int half = 0; half < (pair ? 2 : 1); half++) {
-    const int64_t first = channel + 16 * half;
-    const __mmask16 m16 = tail_mask(n - first);
-    const __m512 b = bias == NULL ? _mm512_setzero_ps() : load16_masked(bias + first, m16);
-    for (int m = 0; m < ROWS; m++) {
-      const __m512 v = _mm512_add_ps(half ? acc1[m] : acc0[m], b);
-      _mm256_mask_storeu_epi16(out + m * n + first, m16, to_bf16x16(v));
-    }
-  }
+  slim_bf16_store_tile(acc0, acc1, ROWS, pair, bias, channel, n, out);
 }
 
 typedef void (*Bf16Tile)(const uint16_t *, int64_t, const uint16_t *, bool, int64_t,
@@ -103,9 +95,8 @@ extern "C" SLIM_AVX512_BF16 int slim_bf16_gemm(const uint16_t *x, int64_t m, int
                                                const uint16_t *bias, int64_t n, uint16_t *out) {
   if (m < 1 || k < 1 || n < 1) return -1;
   const int64_t pairs = bf16_pairs(k), kp = 2 * pairs;
-  uint16_t *rows = (uint16_t *)calloc((size_t)(m * kp), sizeof(uint16_t));  // an odd K's pad: 0
+  uint16_t *rows = slim_bf16_padded_rows(x, m, k, stride, kp);
   if (rows == NULL) return -1;
-  for (int64_t r = 0; r < m; r++) memcpy(rows + r * kp, x + r * stride, (size_t)k * 2);
   static const Bf16Tile tiles[BF16_ROW_BLOCK] = {bf16_tile<1>, bf16_tile<2>, bf16_tile<3>,
                                                  bf16_tile<4>, bf16_tile<5>, bf16_tile<6>,
                                                  bf16_tile<7>, bf16_tile<8>};

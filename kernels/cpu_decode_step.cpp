@@ -25,6 +25,8 @@ int slim_w8a16_panels_gemm(const float *x, int64_t m, int64_t k, int64_t stride,
                            const int8_t *packed, const float *scale, int64_t n, float *out);
 int slim_bf16_gemm(const uint16_t *x, int64_t m, int64_t k, int64_t stride,
                    const uint16_t *packed, const uint16_t *bias, int64_t n, uint16_t *out);
+int slim_bf16_coded_gemm(const uint16_t *x, int64_t m, int64_t k, int64_t stride,
+                         const uint8_t *packed, const uint16_t *bias, int64_t n, uint16_t *out);
 int slim_w8a16_gemm(const void *x, int dtype, int64_t m, int64_t k, int64_t stride,
                     const uint8_t *packed, const float *wscale, int64_t n, void *out);
 int slim_w8a8_gemm(const void *x, int dtype, int64_t m, int64_t k, int64_t stride,
@@ -73,6 +75,9 @@ int project(const SlimProjection &p, const void *x, int64_t m, void *out) {
     case SLIM_PROJECT_BF16_GEMM:
       return slim_bf16_gemm((const uint16_t *)x, m, p.k, p.k, (const uint16_t *)p.weight,
                             (const uint16_t *)p.aux, p.n, (uint16_t *)out);
+    case SLIM_PROJECT_BF16_CODED_GEMM:
+      return slim_bf16_coded_gemm((const uint16_t *)x, m, p.k, p.k, (const uint8_t *)p.weight,
+                                  (const uint16_t *)p.aux, p.n, (uint16_t *)out);
     case SLIM_PROJECT_W8A16_GEMM:
       return slim_w8a16_gemm(x, p.dtype, m, p.k, p.k, (const uint8_t *)p.weight,
                              (const float *)p.aux, p.n, out);

@@ -34,6 +34,7 @@ class ProjectKind(IntEnum):
     W4A16_GEMV = 6
     F32_GEMM_BF16_WEIGHTS = 7
     SPARSE24_BF16_VALUES = 8
+    BF16_CODED_GEMM = 9
 
 
 STEP_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # SlimStepDtype

@@ -42,15 +42,16 @@ def onednn_calls(x: torch.Tensor, weights: list[torch.Tensor]) -> list:
 def native_calls(
     kernels: native.NativeKernels, x: torch.Tensor, weights: list, bf16_storage: bool = False
 ) -> list | None:
-    """Our GEMM's calls; fp32 weights packed in fp32, or in bf16 (`bf16_storage`: they are
-    bf16 numbers here, as a bf16 checkpoint's are when it is served in fp32)."""
+    """Our GEMM's calls; bf16 weights in the plain layout (the coded one is measured on the
+    model's own weights by `loadtests.decode_profile --bf16-layout`); fp32 weights packed in
+    fp32, or in bf16 (`bf16_storage`: they are bf16 numbers here, as a bf16 checkpoint's are
+    when it is served in fp32)."""
     n = weights[0].shape[0]
     if x.dtype == torch.bfloat16:
         if not kernels.bf16_gemm_available:
             return None
-        return [
-            functools.partial(kernels.bf16_gemm, x, kernels.bf16_pack(w), n, None) for w in weights
-        ]
+        packed = [kernels.bf16_pack(w, coded=False) for w in weights]
+        return [functools.partial(kernels.bf16_gemm, x, p, n, None) for p in packed]
     packed = [kernels.f32_pack(w, bf16_storage=bf16_storage) for w in weights]
     return [functools.partial(kernels.f32_gemm, x, p, n, None) for p in packed]
 

@@ -3,7 +3,8 @@
 Our own GEMM's layout only, serving every row count, decode and prompt alike, on the kernels'
 own threads (`cpu_threads.h`), where it is the faster path (kernels/README.md):
 - bf16 where this CPU has AVX-512 BF16 (`cpu_bf16_gemm.cpp`): 1.1-3.5x oneDNN's prepacked bf16
-  matmul per call at decode rows on one thread, level at 512 rows;
+  matmul per call at decode rows on one thread, level at 512 rows; a trained weight in the
+  lossless coded layout (`cpu_bf16_coded.cpp`: 3/4 of the bytes, the same bits out);
 - fp32 at the avx2 level (`cpu_f32_gemm.cpp`), where oneDNN's fp32 kernels are AVX2 code too:
   1.0-1.7x oneDNN's from 1 to 128 rows.
 
@@ -38,6 +39,13 @@ def _own_gemm(weight: torch.Tensor) -> native.NativeKernels | None:
     if weight.dtype == torch.bfloat16:
         return kernels if kernels.bf16_gemm_available else None
     return kernels if kernels.f32_gemm_only_copy else None
+
+
+def _bf16_backend(packed: torch.Tensor) -> str:
+    """Our bf16 GEMM's backend name, saying when it reads the coded layout."""
+    if packed.dtype == torch.uint8:
+        return "cpu-native-bf16-gemm-coded"
+    return "cpu-native-bf16-gemm"
 
 
 def _f32_backend(packed: torch.Tensor) -> str:
@@ -94,7 +102,7 @@ class PackedLinear(nn.Module):
         if self._own is None:
             return "cpu-onednn-packed"
         if self.dtype == torch.bfloat16:
-            return "cpu-native-bf16-gemm"
+            return _bf16_backend(self.native_packed)
         return _f32_backend(self.native_packed)
 
     def with_native_gemm(self, weight: torch.Tensor) -> int:
@@ -116,7 +124,9 @@ class PackedLinear(nn.Module):
         None where our GEMM's copy is not its only one (oneDNN serves some rows)."""
         if self._own is None:
             return None
-        if self.dtype == torch.bfloat16:
+        if self.native_packed.dtype == torch.uint8:
+            kind = ProjectKind.BF16_CODED_GEMM
+        elif self.dtype == torch.bfloat16:
             kind = ProjectKind.BF16_GEMM
         elif self.native_packed.dtype == torch.bfloat16:
             kind = ProjectKind.F32_GEMM_BF16_WEIGHTS

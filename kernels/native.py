@@ -2,7 +2,8 @@
 decode step's rotary + cache writes + attention per sequence, residual add + RMSNorm, SiLU * up,
 in bf16 or fp32; `cpu_w8a8.cpp`: W8A8 per-token activation quantization, rescale, and a GEMM for
 few rows; `cpu_w8a16_gemm.cpp`: W8A16 on the W8A8 GEMM's packed layout, any rows;
-`cpu_bf16_gemm.cpp`: a bf16 GEMM for dense bf16 weights, any rows; `cpu_f32_gemm.cpp`: an fp32
+`cpu_bf16_gemm.cpp`: a bf16 GEMM for dense bf16 weights, any rows; `cpu_bf16_coded.cpp`: the
+same GEMM on a lossless layout of 12 bits a weight; `cpu_f32_gemm.cpp`: an fp32
 GEMM on panels of fp32 or int8 weights, any rows; `cpu_sparse24.cpp`: 2:4 sparse GEMMs reading
 only the kept half, fp32 and bf16; `cpu_sampling.cpp`: greedy choice per row),
 built once per machine and ISA into one library and called through ctypes (which releases the
@@ -49,6 +50,7 @@ SOURCES = tuple(
         "cpu_w8a8.cpp",
         "cpu_w8a16_gemm.cpp",
         "cpu_bf16_gemm.cpp",
+        "cpu_bf16_coded.cpp",
         "cpu_f32_gemm.cpp",
         "cpu_sparse24.cpp",
         "cpu_sampling.cpp",
@@ -68,6 +70,10 @@ ISA_FLAGS = {
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Output channels per block of the 2:4 GEMMs' packed layout, by activation dtype.
 SPARSE24_BLOCKS = {torch.float32: 8, torch.bfloat16: 16}
+# The bf16 GEMM reads a weight from its coded layout (`cpu_bf16_coded.cpp`) where that takes at
+# most this share of the plain layout's bytes: 0.76 on trained weights; weights whose high bytes
+# spread wider (more than 16 in a chunk: raw chunks) keep the plain layout.
+BF16_CODED_MAX_SHARE = 0.9
 # The dtypes of the decode step's ops (attention, RMSNorm, SiLU * up) and their symbols' suffix.
 STEP_OP_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -433,28 +439,60 @@ class NativeKernels:
             raise ValueError(f"slim_w8a16_panels_gemm refused M={m} K={k} N={n}")
         return out
 
-    def bf16_pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """bf16 [N, K] -> the bf16 GEMM's own layout (see cpu_bf16_gemm.cpp)."""
+    def bf16_pack(self, weight: torch.Tensor, *, coded: bool = True) -> torch.Tensor:
+        """bf16 [N, K] -> the bf16 GEMM's own layout: the coded one (uint8, `cpu_bf16_coded.cpp`:
+        each high byte in 4 bits, the same results from 3/4 of the bytes) unless `coded` is
+        False or it would keep more than `BF16_CODED_MAX_SHARE` of the plain layout's bytes,
+        else the plain one (bf16, `cpu_bf16_gemm.cpp`). The packed tensor's dtype says which;
+        `bf16_gemm` reads either."""
+        weight = weight.detach().contiguous()
         n, k = weight.shape
-        packed = torch.empty(
-            int(self.library.slim_bf16_packed_elements(n, k)), dtype=torch.bfloat16
+        plain = int(self.library.slim_bf16_packed_elements(n, k))
+        if coded:
+            offsets, _ = self.bf16_coded_layout(weight)
+            if int(offsets[-1]) <= BF16_CODED_MAX_SHARE * 2 * plain:
+                return self._bf16_coded_pack(weight, offsets)
+        packed = torch.empty(plain, dtype=torch.bfloat16)
+        self.library.slim_bf16_pack(weight.data_ptr(), n, k, packed.data_ptr())
+        return packed
+
+    def bf16_coded_layout(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The coded layout of a bf16 [N, K]: each tile's byte offset (int64, the last one the
+        total) and how many of its chunks keep their high bytes raw."""
+        weight = weight.detach().contiguous()
+        n, k = weight.shape
+        offsets = torch.empty(int(self.library.slim_bf16_coded_tiles(n)) + 1, dtype=torch.int64)
+        raw = self.library.slim_bf16_coded_layout(weight.data_ptr(), n, k, offsets.data_ptr())
+        return offsets, int(raw)
+
+    def bf16_coded_pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """bf16 [N, K] -> the coded layout (uint8), whatever its size."""
+        weight = weight.detach().contiguous()
+        return self._bf16_coded_pack(weight, self.bf16_coded_layout(weight)[0])
+
+    def _bf16_coded_pack(self, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        n, k = weight.shape
+        packed = torch.empty(int(offsets[-1]), dtype=torch.uint8)
+        self.library.slim_bf16_coded_pack(
+            weight.data_ptr(), n, k, offsets.data_ptr(), packed.data_ptr()
         )
-        self.library.slim_bf16_pack(weight.contiguous().data_ptr(), n, k, packed.data_ptr())
         return packed
 
     def bf16_gemm(
         self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """bf16 x [M >= 1, K] (unit column stride) @ weight.T + bias -> bf16 [M, N], the weight
-        `bf16_pack`ed; fp32 sums. Callers check `bf16_gemm_available` first."""
+        `bf16_pack`ed (either layout: the same bits); fp32 sums. Callers check
+        `bf16_gemm_available` first."""
         m, k = x.shape
         out = torch.empty(m, n, dtype=torch.bfloat16)
-        status = self.library.slim_bf16_gemm(
+        name = "slim_bf16_coded_gemm" if packed.dtype == torch.uint8 else "slim_bf16_gemm"
+        status = getattr(self.library, name)(
             x.data_ptr(), m, k, x.stride(0), packed.data_ptr(),
             None if bias is None else bias.data_ptr(), n, out.data_ptr(),
         )  # fmt: skip
         if status != 0:
-            raise ValueError(f"slim_bf16_gemm refused M={m} K={k} N={n}")
+            raise ValueError(f"{name} refused M={m} K={k} N={n}")
         return out
 
     def sparse24_gemm(
@@ -598,6 +636,14 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
     library.slim_bf16_pack.argtypes = [ptr, i64, i64, ptr]
     library.slim_bf16_packed_elements.restype = i64
     library.slim_bf16_packed_elements.argtypes = [i64, i64]
+    library.slim_bf16_coded_tiles.restype = i64
+    library.slim_bf16_coded_tiles.argtypes = [i64]
+    library.slim_bf16_coded_layout.restype = i64
+    library.slim_bf16_coded_layout.argtypes = [ptr, i64, i64, ptr]
+    library.slim_bf16_coded_pack.restype = None
+    library.slim_bf16_coded_pack.argtypes = [ptr, i64, i64, ptr, ptr]
+    library.slim_bf16_coded_gemm.restype = cint
+    library.slim_bf16_coded_gemm.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
     library.slim_w8a8_gemm.restype = cint
     library.slim_w8a8_gemm.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr, i64, ptr]
     library.slim_w8a8_pack.restype = None

@@ -581,7 +581,7 @@ def caption(args: argparse.Namespace, dtype: str, bandwidth: float, prompt_len: 
         f"{args.model}, {dtype}; CPU {cpu_name()} ({platform.machine()}), ISA level "
         f"{isa['isa']} (native bf16: {isa['native_bf16']}), forced: {forced or 'none'}; torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread, {args.kernel_threads} kernel "
-        f"thread(s); single-thread read bandwidth "
+        f"thread(s), {args.bf16_layout} bf16 layout; single-thread read bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s (best of 7 sums of {BANDWIDTH_MIB} MiB float32); "
         f"{prompt_len}-token prompt in every slot, {args.steps} decode steps per batch after "
         f"{WARMUP_STEPS} warm-up steps, each run plain and timed; {now:%Y-%m-%d %H:%M} UTC, load "
@@ -604,8 +604,17 @@ def main(argv: list[str] | None = None) -> None:
         help="threads of our own matmul kernels (engine.kernel_threads; its default is every "
         "core); the op times are the decoding thread's, which waits for the others",
     )
+    parser.add_argument(
+        "--bf16-layout",
+        choices=["coded", "plain"],
+        default="coded",
+        help="where our bf16 GEMM serves dense weights: the coded layout where it saves bytes "
+        "(the engine's choice) or the plain one everywhere (to compare them)",
+    )
     args = parser.parse_args(argv)
     configure_logging()
+    if args.bf16_layout == "plain":
+        native.BF16_CODED_MAX_SHARE = 0.0
     torch.set_num_threads(1)  # the engine's default on 2 cores; our kernels serve only then
     if (kernels := native.kernels()) is not None:
         kernels.set_threads(args.kernel_threads)

@@ -82,6 +82,7 @@ def _sparse24_bf16_numbers(model: nn.Module) -> None:
 
 VARIANTS: dict[str, Callable[[nn.Module], None] | None] = {
     "dense": None,
+    "dense-plain-bf16-layout": None,  # bf16: the plain layout, not the coded one (see the test)
     "dense-bf16-numbers": _bf16_numbers,
     "int8": _int8,
     "w8a8": _w8a8,
@@ -133,6 +134,8 @@ def test_the_one_call_step_is_bit_identical_to_the_per_call_path(
     monkeypatch.setitem(
         cpu_paths.NATIVE_W4_ROWS_BESIDE_INT4PACK, Isa.AVX512, cpu_paths.LOWBIT_INT4PACK_MAX_M
     )
+    if variant == "dense-plain-bf16-layout":
+        monkeypatch.setattr(native, "BF16_CODED_MAX_SHARE", 0.0)
     runner = _runner(dtype, variant)
     step = runner.native_step
     if step is None:
@@ -212,6 +215,18 @@ def test_projection_kinds_name_the_layouts_the_engine_packs(each_isa: Isa):
     sparse = _runner(torch.float32, "sparse24-bf16-numbers").native_step
     assert {layer.down.kind for layer in sparse.layers} == {ProjectKind.SPARSE24_BF16_VALUES}
     assert {layer.down.kind for layer in int8.layers} == {ProjectKind.W8A16_PANELS}
+
+
+def test_dense_bf16_layers_step_on_the_coded_layout(each_isa: Isa, monkeypatch):
+    """A checkpoint's bf16 weights take the coded layout (3/4 of the bytes, the same bits: the
+    bit-identity test above runs both); the plain one where the coded would not save enough."""
+    if each_isa != Isa.AVX512 or not _bf16_gemm_here():
+        pytest.skip("the bf16 GEMM needs AVX-512 BF16 at the avx512 level")
+    coded = _runner(torch.bfloat16, "dense").native_step
+    assert {layer.gate_up.kind for layer in coded.layers} == {ProjectKind.BF16_CODED_GEMM}
+    monkeypatch.setattr(native, "BF16_CODED_MAX_SHARE", 0.0)
+    plain = _runner(torch.bfloat16, "dense").native_step
+    assert {layer.gate_up.kind for layer in plain.layers} == {ProjectKind.BF16_GEMM}
 
 
 def test_rows_the_plan_was_not_built_for_are_refused(each_isa: Isa):

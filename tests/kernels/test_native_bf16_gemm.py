@@ -50,11 +50,17 @@ def test_matches_fp64_as_closely_as_onednn(rows: int, n: int, k: int, bias: bool
     weight, b, x = _case(rows, n, k, bias, seed=rows * n + k)
     theirs = _onednn(weight, b, x)
     module = PackedLinear(weight, b)
+    packed = module.native_packed
     padded = -(-n // 16) * 16 * -(-k // 2) * 2  # 16-channel blocks, pairs of inputs
-    assert module.native_packed is not None and module.native_packed.numel() == padded
+    if packed.dtype == torch.bfloat16:  # the plain layout
+        assert packed.numel() == padded
+    else:  # the coded one, where it saves bytes (test_native_bf16_coded.py)
+        assert packed.dtype == torch.uint8
+        assert packed.numel() <= native.BF16_CODED_MAX_SHARE * 2 * padded
     assert module.packed is None  # one copy of the weights: ours
     ours = module(x)
-    assert "cpu-native-bf16-gemm" in chosen_backends()["dense"]
+    assert module.backend in chosen_backends()["dense"]
+    assert module.backend.startswith("cpu-native-bf16-gemm")
     assert ours.shape == (rows, n) and ours.dtype == torch.bfloat16
     ref = x.double() @ weight.double().t() + (b.double() if bias else 0)
     for row in range(rows):  # each row at its own scale

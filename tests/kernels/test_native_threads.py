@@ -79,9 +79,10 @@ def test_bf16_gemm_is_thread_count_independent(kernels, rows: int, n: int, k: in
     if not kernels.bf16_gemm_available:
         pytest.skip("no AVX-512 BF16 at this ISA level")
     gen = torch.Generator().manual_seed(n + 3)
-    packed = kernels.bf16_pack(torch.randn(n, k, generator=gen).bfloat16())
+    weight = torch.randn(n, k, generator=gen).bfloat16()
     x = _x(rows, k, torch.bfloat16, seed=k + 3)
-    _same_at_every_count(kernels, lambda: kernels.bf16_gemm(x, packed, n, None))
+    for packed in (kernels.bf16_pack(weight, coded=False), kernels.bf16_coded_pack(weight)):
+        _same_at_every_count(kernels, lambda p=packed: kernels.bf16_gemm(x, p, n, None))
 
 
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 1, 64), (3, 37, 128), (8, 1000, 576)])
