@@ -14,154 +14,52 @@
 // output is bit-identical to cpu_bf16_gemm.cpp's. The unpacking costs a few instructions per 64
 // weights, hidden under the memory stream from 1 to 128 rows (kernels/README.md).
 //
-// Layout (bytes): int64 offsets[tiles + 1] (tile t's start from the packed start; the last one is
-// the total), then each tile: the channels 32 t .. 32 t + 31 (a lone last block padded with zero
-// channels), as chunks of up to 32 pairs of inputs, each a 32-byte header (the table, a raw flag)
-// followed per pair of inputs by 64 low bytes and 32 bytes of codes (64 high bytes if raw). Byte
-// q of a pair's low and high bytes is the weight VPUNPCK puts at element (q / 16) * 8 + q % 8 of
-// block (q % 16) / 8; code byte b holds the codes of high bytes b (low nibble) and b + 32.
+// Layout: cpu_bf16_coded.h, a step per pair of inputs (a tile: channels 32 t .. 32 t + 31, a lone
+// last block padded with zero channels), nothing after each step's values.
 
 #include <stdint.h>
-#include <string.h>
 
-#include <atomic>
-
+#include "cpu_bf16_coded.h"
 #include "cpu_bf16_tiles.h"
 #include "cpu_pack.h"
 
 #define SLIM_AVX512_BF16 SLIM_TARGET_BF16
 
-static const int64_t CODED_CHUNK_PAIRS = 32;  // pairs of inputs per chunk (64 inputs)
-static const int64_t CODED_ROW_BLOCK = 8;     // activation rows per pass, as the plain GEMM
+static const int64_t CODED_ROW_BLOCK = 8;  // activation rows per pass, as the plain GEMM
 // Distance (bytes of packed weights) the loads run ahead of the products.
 static const int64_t CODED_PREFETCH_BYTES = 32768;
 
-struct CodedHeader {
-  uint8_t table[16];  // the high byte each code stands for
-  uint8_t raw;        // 1: the chunk's high bytes are stored as they are
-  uint8_t unused[15];
-};
-static_assert(sizeof(CodedHeader) == 32, "a chunk header is 32 bytes");
-
 static inline int64_t coded_pairs(int64_t k) { return slim_input_groups(k, 2); }
-static inline int64_t coded_chunk_pairs(int64_t pairs, int64_t first) {
-  return pairs - first < CODED_CHUNK_PAIRS ? pairs - first : CODED_CHUNK_PAIRS;
-}
 
 extern "C" int64_t slim_bf16_coded_tiles(int64_t n) { return (slim_channel_blocks(n) + 1) / 2; }
 
-namespace {
-
-// Where byte q of a pair step's 64 low / high bytes comes from: channel 32 t + row[q], input
-// 2 p + col[q] (see the layout above).
-struct StepSlots {
-  int row[64], col[64];
-  StepSlots() {
-    for (int q = 0; q < 64; q++) {
-      const int element = (q / 16) * 8 + q % 8;  // of its block's [16 channels][2 inputs]
-      row[q] = 16 * ((q % 16) / 8) + element / 2;
-      col[q] = element % 2;
-    }
-  }
-};
-const StepSlots SLOTS;
-
-// One chunk of a weight: tile t, `count` pairs of inputs from `first`.
-struct Chunk {
-  const uint16_t *w;
-  int64_t n, k, t, first, count;
-
-  uint16_t at(int64_t p, int q) const {
-    const int64_t row = 32 * t + SLOTS.row[q], col = 2 * (first + p) + SLOTS.col[q];
+// Tile t of w bf16 [N, K] (slim_coded_tile): a step per pair of inputs, zeros past N and K.
+static int64_t dense_tile(const uint16_t *w, int64_t n, int64_t k, int64_t t, uint8_t *dst,
+                          int64_t *raw) {
+  const auto value = [&](int64_t pair, int q) -> uint16_t {
+    const int e = SLIM_CODED_SLOTS.element[q];
+    const int64_t row = 32 * t + 16 * SLIM_CODED_SLOTS.block[q] + e / 2, col = 2 * pair + e % 2;
     return row < n && col < k ? w[row * k + col] : 0;
-  }
-  // The header: the distinct high bytes in first-seen order (raw if more than 16).
-  CodedHeader header() const {
-    CodedHeader h;
-    memset(&h, 0, sizeof h);
-    bool seen[256] = {false};
-    int distinct = 0;
-    for (int64_t p = 0; p < count; p++)
-      for (int q = 0; q < 64; q++) {
-        const uint8_t high = at(p, q) >> 8;
-        if (seen[high]) continue;
-        seen[high] = true;
-        if (distinct < 16) h.table[distinct] = high;
-        distinct++;
-      }
-    h.raw = distinct > 16;
-    return h;
-  }
-  int64_t bytes(const CodedHeader &h) const {
-    return (int64_t)sizeof(CodedHeader) + count * (h.raw ? 128 : 96);
-  }
-  // Writes the header and the pairs at `dst`.
-  void write(const CodedHeader &h, uint8_t *dst) const {
-    memcpy(dst, &h, sizeof h);
-    int8_t code[256];
-    for (int i = 0; i < 16; i++) code[h.table[i]] = (int8_t)i;
-    const int64_t step = h.raw ? 128 : 96;
-    uint8_t *body = dst + sizeof h;
-    memset(body, 0, (size_t)(count * step));
-    for (int64_t p = 0; p < count; p++) {
-      uint8_t *low = body + p * step, *high = low + 64;
-      for (int q = 0; q < 64; q++) {
-        const uint16_t v = at(p, q);
-        low[q] = (uint8_t)v;
-        if (h.raw)
-          high[q] = (uint8_t)(v >> 8);
-        else
-          high[q % 32] |= (uint8_t)(code[v >> 8] << (q < 32 ? 0 : 4));
-      }
-    }
-  }
-};
-
-Chunk chunk_of(const uint16_t *w, int64_t n, int64_t k, int64_t t, int64_t first) {
-  return Chunk{w, n, k, t, first, coded_chunk_pairs(coded_pairs(k), first)};
+  };
+  return slim_coded_tile(coded_pairs(k), 0, value, [](int64_t, uint8_t *) {}, dst, raw);
 }
 
-}  // namespace
-
-// offsets[0 .. tiles] of the layout above for w bf16 [N, K]; returns how many chunks are raw.
+// offsets[0 .. tiles] of the coded layout of w bf16 [N, K]; returns how many chunks are raw.
 extern "C" int64_t slim_bf16_coded_layout(const uint16_t *w, int64_t n, int64_t k,
                                           int64_t *offsets) {
-  const int64_t tiles = slim_bf16_coded_tiles(n), pairs = coded_pairs(k);
-  std::atomic<int64_t> raw{0};
-  // Each tile's bytes first (offsets[t + 1]), then their running sum.
-  slim_parallel(tiles, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; t++) {
-      int64_t bytes = 0;
-      for (int64_t first = 0; first < pairs; first += CODED_CHUNK_PAIRS) {
-        const Chunk chunk = chunk_of(w, n, k, t, first);
-        const CodedHeader h = chunk.header();
-        raw += h.raw;
-        bytes += chunk.bytes(h);
-      }
-      offsets[t + 1] = bytes;
-    }
-  });
-  offsets[0] = (tiles + 1) * (int64_t)sizeof(int64_t);
-  for (int64_t t = 0; t < tiles; t++) offsets[t + 1] += offsets[t];
-  return raw.load();
+  return slim_coded_layout(slim_bf16_coded_tiles(n), offsets,
+                           [&](int64_t t, uint8_t *dst, int64_t *raw) {
+                             return dense_tile(w, n, k, t, dst, raw);
+                           });
 }
 
 // w bf16 [N, K] -> packed (offsets[tiles] bytes), offsets from slim_bf16_coded_layout.
 extern "C" void slim_bf16_coded_pack(const uint16_t *w, int64_t n, int64_t k,
                                      const int64_t *offsets, uint8_t *packed) {
-  const int64_t tiles = slim_bf16_coded_tiles(n), pairs = coded_pairs(k);
-  memcpy(packed, offsets, (size_t)(tiles + 1) * sizeof(int64_t));
-  slim_parallel(tiles, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; t++) {
-      uint8_t *at = packed + offsets[t];
-      for (int64_t first = 0; first < pairs; first += CODED_CHUNK_PAIRS) {
-        const Chunk chunk = chunk_of(w, n, k, t, first);
-        const CodedHeader h = chunk.header();
-        chunk.write(h, at);
-        at += chunk.bytes(h);
-      }
-    }
-  });
+  slim_coded_pack(slim_bf16_coded_tiles(n), offsets, packed,
+                  [&](int64_t t, uint8_t *dst, int64_t *raw) {
+                    return dense_tile(w, n, k, t, dst, raw);
+                  });
 }
 
 // ROWS (1-8) activation rows (x: bf16, rows kp apart, zero-padded to an even K) x one tile.
@@ -170,30 +68,19 @@ SLIM_AVX512_BF16 static void coded_tile(const uint16_t *x, int64_t kp, const uin
                                         bool pair, int64_t pairs, const uint16_t *bias,
                                         int64_t channel, int64_t n, uint16_t *out) {
   SLIM_TILE_ACCUMULATORS(__m512, _mm512_setzero_ps());
-  const __m512i nibble = _mm512_set1_epi8(0x0f);
   const uint8_t *at = tile;
-  for (int64_t first = 0; first < pairs; first += CODED_CHUNK_PAIRS) {
-    const int64_t count = coded_chunk_pairs(pairs, first);
-    const CodedHeader *header = (const CodedHeader *)at;
+  for (int64_t first = 0; first < pairs; first += SLIM_CODED_CHUNK_STEPS) {
+    const int64_t count =
+        pairs - first < SLIM_CODED_CHUNK_STEPS ? pairs - first : SLIM_CODED_CHUNK_STEPS;
+    const SlimCodedHeader *header = (const SlimCodedHeader *)at;
     const bool raw = header->raw;
-    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)header->table));
-    const uint8_t *body = at + sizeof(CodedHeader);
+    const __m512i table = slim_coded_table(header);
+    const uint8_t *body = at + sizeof(SlimCodedHeader);
     const int64_t step = raw ? 128 : 96;
     for (int64_t p = 0; p < count; p++) {
-      const uint8_t *low = body + p * step;
-      _mm_prefetch((const char *)low + CODED_PREFETCH_BYTES, _MM_HINT_T0);
-      const __m512i l = _mm512_loadu_si512(low);
-      __m512i h;
-      if (raw) {
-        h = _mm512_loadu_si512(low + 64);
-      } else {  // the 32 code bytes, then the same shifted: their high nibbles
-        const __m256i c = _mm256_loadu_si256((const __m256i *)(low + 64));
-        const __m512i codes =
-            _mm512_inserti64x4(_mm512_castsi256_si512(c), _mm256_srli_epi16(c, 4), 1);
-        h = _mm512_shuffle_epi8(table, _mm512_and_si512(codes, nibble));
-      }
-      const __m512bh b0 = (__m512bh)_mm512_unpacklo_epi8(l, h);
-      const __m512bh b1 = (__m512bh)_mm512_unpackhi_epi8(l, h);
+      _mm_prefetch((const char *)(body + p * step) + CODED_PREFETCH_BYTES, _MM_HINT_T0);
+      __m512bh b0, b1;
+      slim_coded_blocks(body + p * step, raw, table, b0, b1);
       SLIM_TILE_ROWS(x + 2 * (first + p), kp, (__m512bh), _mm512_dpbf16_ps)
     }
     at = body + count * step;

@@ -37,6 +37,8 @@ int slim_sparse24_f32_bf16(const float *x, int64_t m, int64_t k, int64_t stride,
                            const uint16_t *values, const uint32_t *meta, int64_t n, float *out);
 int slim_sparse24_bf16(const uint16_t *x, int64_t m, int64_t k, int64_t stride,
                        const uint16_t *values, const uint64_t *meta, int64_t n, uint16_t *out);
+int slim_sparse24_bf16_coded(const uint16_t *x, int64_t m, int64_t k, int64_t stride,
+                             const uint8_t *packed, int64_t n, uint16_t *out);
 int slim_w4a16_gemv(const void *x, int xdtype, int64_t m, int64_t k, const uint8_t *w,
                     const void *scales, const void *zeros, int sdtype, int64_t group, int64_t n,
                     void *out);
@@ -93,6 +95,9 @@ int project(const SlimProjection &p, const void *x, int64_t m, void *out) {
     case SLIM_PROJECT_SPARSE24_BF16_VALUES:
       return slim_sparse24_f32_bf16((const float *)x, m, p.k, p.k, (const uint16_t *)p.weight,
                                     (const uint32_t *)p.aux, p.n, (float *)out);
+    case SLIM_PROJECT_SPARSE24_CODED:
+      return slim_sparse24_bf16_coded((const uint16_t *)x, m, p.k, p.k, (const uint8_t *)p.weight,
+                                      p.n, (uint16_t *)out);
     case SLIM_PROJECT_W4A16_GEMV:  // scales and zeros in the rows' dtype
       return slim_w4a16_gemv(x, p.dtype, m, p.k, (const uint8_t *)p.weight, p.aux, p.zeros,
                              p.dtype, p.group, p.n, out);

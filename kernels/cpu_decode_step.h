@@ -16,6 +16,7 @@ enum SlimProjectKind : int32_t {
   SLIM_PROJECT_F32_GEMM_BF16_WEIGHTS = 7,  // bf16 panels, fp32 rows (slim_f32_gemm_bf16)
   SLIM_PROJECT_SPARSE24_BF16_VALUES = 8,   // 2:4 values in bf16, fp32 rows; aux: position codes
   SLIM_PROJECT_BF16_CODED_GEMM = 9,        // coded bf16 (slim_bf16_coded_gemm); aux: bias or NULL
+  SLIM_PROJECT_SPARSE24_CODED = 10,        // coded bf16 2:4 (slim_sparse24_bf16_coded); no aux
 };
 
 enum SlimStepDtype : int32_t { SLIM_STEP_F32 = 0, SLIM_STEP_BF16 = 1 };

@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "cpu_bf16.h"
+#include "cpu_bf16_coded.h"
 #include "cpu_pack.h"
 #include "cpu_widen.h"
 
@@ -138,6 +139,18 @@ SLIM_TARGET_BF16 static inline __m512i sparse24_word_index(uint64_t codes) {
   return _mm512_mask_blend_epi16(0xAAAAAAAA, t, _mm512_slli_epi32(t, 14));
 }
 
+// A tile's sums to bf16 outputs, as they are (no bias: a 2:4 layer with one keeps torch's path).
+SLIM_TARGET_BF16 static inline void sparse24_bf16_store(const __m512 *acc0, const __m512 *acc1,
+                                                        int rows, bool pair, int64_t channel,
+                                                        int64_t n, uint16_t *out) {
+  for (int half = 0; half < (pair ? 2 : 1); half++) {
+    const int64_t first = channel + 16 * half;
+    const __mmask16 m16 = tail_mask(n - first);
+    for (int m = 0; m < rows; m++)
+      _mm256_mask_storeu_epi16(out + m * n + first, m16, to_bf16x16(half ? acc1[m] : acc0[m]));
+  }
+}
+
 // One row M of a tile: its group of 4 inputs broadcast to every 64-bit lane, permuted per block.
 #define SPARSE24_ROW(M)                                                             \
   if constexpr (ROWS > M) {                                                         \
@@ -167,14 +180,46 @@ SLIM_TARGET_BF16 static void sparse24_bf16_tile(const uint16_t *x, int64_t strid
     SPARSE24_ROW(4) SPARSE24_ROW(5) SPARSE24_ROW(6) SPARSE24_ROW(7)
   }
   SLIM_TILE_RESULTS(__m512);
-  for (int half = 0; half < (pair ? 2 : 1); half++) {
-    const int64_t first = channel + 16 * half;
-    const __mmask16 m16 = tail_mask(n - first);
-    for (int m = 0; m < ROWS; m++)
-      _mm256_mask_storeu_epi16(out + m * n + first, m16, to_bf16x16(half ? acc1[m] : acc0[m]));
+  sparse24_bf16_store(acc0, acc1, ROWS, pair, channel, n, out);
+}
+
+// The same on the coded layout (cpu_bf16_coded.h): a step per group of 4 inputs, its two blocks'
+// kept values and then their position codes (8 bytes each), one sequential stream per tile.
+template <int ROWS>
+SLIM_TARGET_BF16 static void sparse24_coded_tile(const uint16_t *x, int64_t stride,
+                                                 const uint8_t *tile, bool pair, int64_t groups,
+                                                 int64_t channel, int64_t n, uint16_t *out) {
+  SLIM_TILE_ACCUMULATORS(__m512, _mm512_setzero_ps());
+  const uint8_t *at = tile;
+  for (int64_t first = 0; first < groups; first += SLIM_CODED_CHUNK_STEPS) {
+    const int64_t count =
+        groups - first < SLIM_CODED_CHUNK_STEPS ? groups - first : SLIM_CODED_CHUNK_STEPS;
+    const SlimCodedHeader *header = (const SlimCodedHeader *)at;
+    const bool raw = header->raw;
+    const __m512i table = slim_coded_table(header);
+    const uint8_t *body = at + sizeof(SlimCodedHeader);
+    const int64_t values = raw ? 128 : 96, step = values + 16;
+    for (int64_t s = 0; s < count; s++) {
+      const uint8_t *here = body + s * step;
+      _mm_prefetch((const char *)here + SPARSE_PREFETCH_BYTES, _MM_HINT_T0);
+      __m512bh b0, b1;
+      slim_coded_blocks(here, raw, table, b0, b1);
+      uint64_t codes[2];
+      memcpy(codes, here + values, sizeof codes);
+      const __m512i i0 = sparse24_word_index(codes[0]), i1 = sparse24_word_index(codes[1]);
+      const int64_t g = first + s;
+      SPARSE24_ROW(0) SPARSE24_ROW(1) SPARSE24_ROW(2) SPARSE24_ROW(3)
+      SPARSE24_ROW(4) SPARSE24_ROW(5) SPARSE24_ROW(6) SPARSE24_ROW(7)
+    }
+    at = body + count * step;
   }
+  SLIM_TILE_RESULTS(__m512);
+  sparse24_bf16_store(acc0, acc1, ROWS, pair, channel, n, out);
 }
 #undef SPARSE24_ROW
+
+typedef void (*SparseCodedTile)(const uint16_t *, int64_t, const uint8_t *, bool, int64_t,
+                                int64_t, int64_t, uint16_t *);
 
 typedef void (*SparseBf16Tile)(const uint16_t *, int64_t, const uint16_t *, const uint16_t *,
                                const uint64_t *, const uint64_t *, bool, int64_t, int64_t,
@@ -207,6 +252,71 @@ extern "C" SLIM_TARGET_BF16 int slim_sparse24_bf16(const uint16_t *x, int64_t m,
                                         pair ? m0 + groups : m0, pair, groups, channel, n,
                                         out + r0 * n);
                      });
+  return 0;
+#endif
+}
+
+static inline int64_t sparse24_coded_tiles(int64_t n) { return (slim_channel_blocks(n) + 1) / 2; }
+
+// Tile t of the bf16 2:4 blocks (values [N/16][K/4][16][2], codes [N/16][K/4] as uint64) in the
+// coded layout; a lone last block's partner is zeros.
+static int64_t sparse24_tile(const uint16_t *values, const uint64_t *meta, int64_t n, int64_t k,
+                             int64_t t, uint8_t *dst, int64_t *raw) {
+  const int64_t groups = k / 4, blocks = slim_channel_blocks(n);
+  const auto value = [&](int64_t g, int q) -> uint16_t {
+    const int64_t block = 2 * t + SLIM_CODED_SLOTS.block[q];
+    return block < blocks ? values[(block * groups + g) * 32 + SLIM_CODED_SLOTS.element[q]] : 0;
+  };
+  const auto codes = [&](int64_t g, uint8_t *at) {
+    for (int64_t b = 0; b < 2; b++) {
+      const uint64_t word = 2 * t + b < blocks ? meta[(2 * t + b) * groups + g] : 0;
+      memcpy(at + 8 * b, &word, sizeof word);
+    }
+  };
+  return slim_coded_tile(groups, 16, value, codes, dst, raw);
+}
+
+// offsets[0 .. tiles] of the coded layout of bf16 2:4 blocks (slim_sparse24_bf16's packing);
+// returns how many chunks are raw.
+extern "C" int64_t slim_sparse24_coded_layout(const uint16_t *values, const uint64_t *meta,
+                                              int64_t n, int64_t k, int64_t *offsets) {
+  return slim_coded_layout(sparse24_coded_tiles(n), offsets,
+                           [&](int64_t t, uint8_t *dst, int64_t *raw) {
+                             return sparse24_tile(values, meta, n, k, t, dst, raw);
+                           });
+}
+
+extern "C" void slim_sparse24_coded_pack(const uint16_t *values, const uint64_t *meta, int64_t n,
+                                         int64_t k, const int64_t *offsets, uint8_t *packed) {
+  slim_coded_pack(sparse24_coded_tiles(n), offsets, packed,
+                  [&](int64_t t, uint8_t *dst, int64_t *raw) {
+                    return sparse24_tile(values, meta, n, k, t, dst, raw);
+                  });
+}
+
+// slim_sparse24_bf16 on the coded layout (slim_sparse24_coded_pack): the same bits out.
+extern "C" SLIM_TARGET_BF16 int slim_sparse24_bf16_coded(const uint16_t *x, int64_t m, int64_t k,
+                                                         int64_t stride, const uint8_t *packed,
+                                                         int64_t n, uint16_t *out) {
+#if defined(SLIM_ISA_AVX2)
+  (void)x, (void)m, (void)k, (void)stride, (void)packed, (void)n, (void)out;
+  return -1;
+#else
+  if (m < 1 || k < 4 || k % 4 || n < 1) return -1;
+  static const SparseCodedTile tiles[SPARSE_BF16_ROW_BLOCK] = {
+      sparse24_coded_tile<1>, sparse24_coded_tile<2>, sparse24_coded_tile<3>,
+      sparse24_coded_tile<4>, sparse24_coded_tile<5>, sparse24_coded_tile<6>,
+      sparse24_coded_tile<7>, sparse24_coded_tile<8>};
+  const int64_t groups = k / 4, blocks = slim_channel_blocks(n);
+  const int64_t *offsets = (const int64_t *)packed;
+  slim_parallel(sparse24_coded_tiles(n), [&](int64_t first, int64_t end) {
+    for (int64_t t = first; t < end; t++)
+      for (int64_t r0 = 0; r0 < m; r0 += SPARSE_BF16_ROW_BLOCK) {
+        const int64_t count = m - r0 < SPARSE_BF16_ROW_BLOCK ? m - r0 : SPARSE_BF16_ROW_BLOCK;
+        tiles[count - 1](x + r0 * stride, stride, packed + offsets[t], 2 * t + 1 < blocks,
+                         groups, 32 * t, n, out + r0 * n);
+      }
+  });
   return 0;
 #endif
 }

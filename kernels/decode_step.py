@@ -35,6 +35,7 @@ class ProjectKind(IntEnum):
     F32_GEMM_BF16_WEIGHTS = 7
     SPARSE24_BF16_VALUES = 8
     BF16_CODED_GEMM = 9
+    SPARSE24_CODED = 10
 
 
 STEP_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # SlimStepDtype

@@ -495,15 +495,40 @@ class NativeKernels:
             raise ValueError(f"{name} refused M={m} K={k} N={n}")
         return out
 
+    def sparse24_coded_pack(
+        self, values: torch.Tensor, codes: torch.Tensor, n: int, k: int, *, always: bool = False
+    ) -> torch.Tensor | None:
+        """bf16 2:4 blocks (`packing.pack_24_blocks`, 16 channels) -> the coded layout (uint8,
+        cpu_bf16_coded.h: the kept values' high bytes in 4 bits, one stream a tile, the same
+        bits out), or None where it would keep more than `BF16_CODED_MAX_SHARE` of the blocks'
+        bytes (unless `always`)."""
+        offsets = torch.empty(int(self.library.slim_bf16_coded_tiles(n)) + 1, dtype=torch.int64)
+        args = (values.data_ptr(), codes.data_ptr(), n, k)
+        self.library.slim_sparse24_coded_layout(*args, offsets.data_ptr())
+        plain = values.numel() * values.element_size() + codes.numel() * codes.element_size()
+        if not always and int(offsets[-1]) > BF16_CODED_MAX_SHARE * plain:
+            return None
+        packed = torch.empty(int(offsets[-1]), dtype=torch.uint8)
+        self.library.slim_sparse24_coded_pack(*args, offsets.data_ptr(), packed.data_ptr())
+        return packed
+
     def sparse24_gemm(
-        self, x: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, n: int
+        self, x: torch.Tensor, values: torch.Tensor, codes: torch.Tensor | None, n: int
     ) -> torch.Tensor:
         """x [M, K] (fp32, or bf16 where `bf16_gemm_available`; unit column stride) @ W.T ->
         [M, N] in x's dtype, W 2:4 sparse along K in `packing.pack_24_blocks`'s layout (blocks
         of `SPARSE24_BLOCKS[x.dtype]` channels, values in x's dtype, or in bf16 for fp32 rows
-        where they are all bf16 numbers: `bf16_high_halves`)."""
+        where they are all bf16 numbers: `bf16_high_halves`), or for bf16 rows in the coded
+        layout (uint8 `values` from `sparse24_coded_pack`, no `codes`)."""
         m, k = x.shape
         out = torch.empty(m, n, dtype=x.dtype)
+        if values.dtype == torch.uint8:  # bf16 rows, the coded layout (`sparse24_coded_pack`)
+            status = self.library.slim_sparse24_bf16_coded(
+                x.data_ptr(), m, k, x.stride(0), values.data_ptr(), n, out.data_ptr()
+            )
+            if status != 0:
+                raise ValueError(f"slim_sparse24_bf16_coded refused M={m} K={k} N={n}")
+            return out
         if x.dtype == torch.bfloat16:
             name = "slim_sparse24_bf16"
         elif values.dtype == torch.bfloat16:  # fp32 rows, values kept as bf16 numbers
@@ -654,6 +679,12 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
     library.slim_w8a16_gemm_available.argtypes = []
     library.slim_w8a16_gemm.restype = cint
     library.slim_w8a16_gemm.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr, i64, ptr]
+    library.slim_sparse24_coded_layout.restype = i64
+    library.slim_sparse24_coded_layout.argtypes = [ptr, ptr, i64, i64, ptr]
+    library.slim_sparse24_coded_pack.restype = None
+    library.slim_sparse24_coded_pack.argtypes = [ptr, ptr, i64, i64, ptr, ptr]
+    library.slim_sparse24_bf16_coded.restype = cint
+    library.slim_sparse24_bf16_coded.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr]
     for name in ("slim_sparse24_f32", "slim_sparse24_f32_bf16", "slim_sparse24_bf16"):
         getattr(library, name).restype = cint
         getattr(library, name).argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]

@@ -111,10 +111,17 @@ class SparseLinear(CompressedLinear):
             )
             if native.is_bf16_exact(self.cpu_values):  # a bf16 checkpoint's, served in fp32
                 self.cpu_values = native.bf16_high_halves(self.cpu_values)
+            elif self.cpu_values.dtype == torch.bfloat16:  # bf16 rows: the coded layout
+                coded = kernels.sparse24_coded_pack(
+                    self.cpu_values, self.cpu_codes, self.out_features, self.in_features
+                )
+                if coded is not None:
+                    self.cpu_values, self.cpu_codes = coded, None
             self.native_kernels = kernels
             self.values = torch.empty(0, dtype=self.values.dtype)
             self.meta_bits = torch.empty(0, dtype=torch.uint8)
-        return sum(t.numel() * t.element_size() for t in (self.cpu_values, self.cpu_codes))
+        parts = (self.cpu_values, self.cpu_codes)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     @property
     def _bf16_values(self) -> bool:
@@ -122,14 +129,27 @@ class SparseLinear(CompressedLinear):
         return self.compute_dtype == torch.float32 and self.cpu_values.dtype == torch.bfloat16
 
     @property
+    def _coded(self) -> bool:
+        """bf16 rows on the coded layout (values and position codes in one uint8 stream)."""
+        return self.cpu_values.dtype == torch.uint8
+
+    @property
     def _backend(self) -> str:
+        if self._coded:
+            return "cpu-native-sparse24-coded"
         return "cpu-native-sparse24-bf16-values" if self._bf16_values else "cpu-native-sparse24"
+
+    @property
+    def _project_kind(self) -> ProjectKind:
+        if self._coded:
+            return ProjectKind.SPARSE24_CODED
+        return ProjectKind.SPARSE24_BF16_VALUES if self._bf16_values else ProjectKind.SPARSE24
 
     def native_projection(self) -> NativeProjection | None:
         if self.cpu_values is None or self.bias is not None:
             return None
         return NativeProjection(
-            ProjectKind.SPARSE24_BF16_VALUES if self._bf16_values else ProjectKind.SPARSE24,
+            self._project_kind,
             self.compute_dtype,
             self.cpu_values,
             self.cpu_codes,

@@ -88,6 +88,7 @@ VARIANTS: dict[str, Callable[[nn.Module], None] | None] = {
     "w8a8": _w8a8,
     "sparse24": _sparse24,
     "sparse24-bf16-numbers": _sparse24_bf16_numbers,
+    "sparse24-plain-bf16-layout": _sparse24,
     "w4": _w4,
 }
 DTYPES = [torch.float32, torch.bfloat16]
@@ -134,7 +135,7 @@ def test_the_one_call_step_is_bit_identical_to_the_per_call_path(
     monkeypatch.setitem(
         cpu_paths.NATIVE_W4_ROWS_BESIDE_INT4PACK, Isa.AVX512, cpu_paths.LOWBIT_INT4PACK_MAX_M
     )
-    if variant == "dense-plain-bf16-layout":
+    if variant.endswith("plain-bf16-layout"):
         monkeypatch.setattr(native, "BF16_CODED_MAX_SHARE", 0.0)
     runner = _runner(dtype, variant)
     step = runner.native_step
@@ -217,16 +218,21 @@ def test_projection_kinds_name_the_layouts_the_engine_packs(each_isa: Isa):
     assert {layer.down.kind for layer in int8.layers} == {ProjectKind.W8A16_PANELS}
 
 
-def test_dense_bf16_layers_step_on_the_coded_layout(each_isa: Isa, monkeypatch):
-    """A checkpoint's bf16 weights take the coded layout (3/4 of the bytes, the same bits: the
-    bit-identity test above runs both); the plain one where the coded would not save enough."""
+def test_bf16_layers_step_on_the_coded_layout(each_isa: Isa, monkeypatch):
+    """A checkpoint's bf16 weights (dense, and 2:4 kept values) take the coded layout (3/4 of
+    the bytes, the same bits: the bit-identity test above runs both); the plain one where the
+    coded would not save enough."""
     if each_isa != Isa.AVX512 or not _bf16_gemm_here():
         pytest.skip("the bf16 GEMM needs AVX-512 BF16 at the avx512 level")
     coded = _runner(torch.bfloat16, "dense").native_step
     assert {layer.gate_up.kind for layer in coded.layers} == {ProjectKind.BF16_CODED_GEMM}
+    sparse = _runner(torch.bfloat16, "sparse24").native_step
+    assert {layer.down.kind for layer in sparse.layers} == {ProjectKind.SPARSE24_CODED}
     monkeypatch.setattr(native, "BF16_CODED_MAX_SHARE", 0.0)
     plain = _runner(torch.bfloat16, "dense").native_step
     assert {layer.gate_up.kind for layer in plain.layers} == {ProjectKind.BF16_GEMM}
+    sparse = _runner(torch.bfloat16, "sparse24").native_step
+    assert {layer.down.kind for layer in sparse.layers} == {ProjectKind.SPARSE24}
 
 
 def test_rows_the_plan_was_not_built_for_are_refused(each_isa: Isa):

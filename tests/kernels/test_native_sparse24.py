@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from slimserve.kernels import cpu_isa, native
+from slimserve.kernels.decode_step import ProjectKind
 from slimserve.kernels.dispatch import chosen_backends
 from slimserve.kernels.packing import compress_24, pack_24_blocks
 from slimserve.kernels.sparse24 import SparseLinear
@@ -67,7 +68,10 @@ def test_fp32_matches_fp64_as_closely_as_the_dense_matmul(
 def test_bf16_matches_fp64_within_its_output_rounding(rows: int, n: int, k: int) -> None:
     weight, x = _case(rows, n, k, torch.bfloat16, seed=rows * n + k)
     module = _packed(weight)
-    assert module.cpu_values.shape == (-(-n // 16), k // 4, 16, 2)
+    if module.cpu_values.dtype == torch.bfloat16:  # the blocks as they are
+        assert module.cpu_values.shape == (-(-n // 16), k // 4, 16, 2)
+    else:  # or their coded layout, where it saves bytes (the coded test below)
+        assert module.cpu_values.dtype == torch.uint8 and module.cpu_codes is None
     ours = module(x)
     assert ours.dtype == torch.bfloat16
     ref = x.double() @ weight.double().t()
@@ -77,6 +81,61 @@ def test_bf16_matches_fp64_within_its_output_rounding(rows: int, n: int, k: int)
         ours_error = rel_error(ours[row], ref[row])
         assert ours_error < 4e-3, row
         assert ours_error <= 2 * rel_error(theirs[row], ref[row]) + 1e-6, row
+
+
+def _checkpoint_magnitudes(weight: torch.Tensor, seed: int) -> torch.Tensor:
+    """The kept weights at a checkpoint's magnitudes (2^-9 to 2^-3, any mantissa, their signs):
+    few high bytes, so every chunk of the coded layout is coded."""
+    gen = torch.Generator().manual_seed(seed)
+    exponent = torch.randint(-9, -3, weight.shape, generator=gen).float()
+    return weight.sign() * (1 + torch.rand(weight.shape, generator=gen)) * torch.exp2(exponent)
+
+
+def _bits16(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16)  # NaN and -0.0 compared exactly
+
+
+@needs_bf16
+@pytest.mark.parametrize("spread", [False, True], ids=["checkpoint-like", "any-bits"])
+@pytest.mark.parametrize(("rows", "n", "k"), [*SHAPES, (9, 50, 400)])
+def test_bf16_coded_layout_gives_the_blocks_bits(rows: int, n: int, k: int, spread: bool):
+    """The coded layout (cpu_bf16_coded.h) is lossless: the blocks' kernel's bits at every
+    shape, on a checkpoint's magnitudes (every chunk coded) and on values whose high bytes take
+    any of the 256 (raw chunks: bf16's extremes, inf, NaN and zeros among them)."""
+    weight, x = _case(rows, n, k, torch.float32, seed=n + k + rows)
+    if spread:
+        gen = torch.Generator().manual_seed(n)
+        weight *= torch.exp2(torch.randint(-60, 60, weight.shape, generator=gen).float())
+        extremes = torch.tensor([3.3895e38, -3.3895e38, float("inf"), float("nan"), -0.0])
+        kept = weight.reshape(-1).ne(0).nonzero()[: extremes.numel(), 0]
+        weight.view(-1)[kept] = extremes[: kept.numel()]
+    else:
+        weight = _checkpoint_magnitudes(weight, seed=n)
+    values, meta = compress_24(weight.bfloat16())
+    blocks, codes = pack_24_blocks(values, meta, k, native.SPARSE24_BLOCKS[torch.bfloat16])
+    kernels = native.kernels()
+    coded = kernels.sparse24_coded_pack(blocks, codes, n, k, always=True)
+    plain = blocks.numel() * 2 + codes.numel()
+    if n >= 32 and k >= 128:  # past a tile's padding and a chunk's header
+        # Raw chunks take more than the blocks; coded ones 0.78 of them.
+        assert coded.numel() > plain if spread else coded.numel() < 0.8 * plain
+    x = x.bfloat16()
+    ours = kernels.sparse24_gemm(x, coded, None, n)
+    assert torch.equal(_bits16(ours), _bits16(kernels.sparse24_gemm(x, blocks, codes, n)))
+
+
+@needs_bf16
+def test_a_pruned_checkpoint_serves_the_coded_layout():
+    weight, x = _case(6, 96, 256, torch.float32, seed=11)
+    module = _packed(_checkpoint_magnitudes(weight, seed=12).bfloat16())
+    assert module.cpu_values.dtype == torch.uint8 and module.cpu_codes is None
+    blocks = 6 * 64 * 16 * 2 * 2 + 6 * 64 * 8  # 16-channel blocks: values + 64-bit codes
+    assert module.pack_for_cpu() == module.cpu_values.numel() < 0.8 * blocks
+    assert module.native_projection().kind == ProjectKind.SPARSE24_CODED
+    out = module(x.bfloat16())
+    assert "cpu-native-sparse24-coded" in chosen_backends()["sparse24"]
+    assert "packed for cpu-native-sparse24-coded" in repr(module)
+    assert out.shape == (6, 96) and out.dtype == torch.bfloat16
 
 
 def _dtypes_here() -> list[torch.dtype]:

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from slimserve.kernels import native
-from slimserve.kernels.packing import pack_int4
+from slimserve.kernels.packing import compress_24, pack_24_blocks, pack_int4
+
+from .helpers import random_24
 
 pytestmark = pytest.mark.usefixtures("each_isa")
 
@@ -83,6 +85,19 @@ def test_bf16_gemm_is_thread_count_independent(kernels, rows: int, n: int, k: in
     x = _x(rows, k, torch.bfloat16, seed=k + 3)
     for packed in (kernels.bf16_pack(weight, coded=False), kernels.bf16_coded_pack(weight)):
         _same_at_every_count(kernels, lambda p=packed: kernels.bf16_gemm(x, p, n, None))
+
+
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 40, 64), (9, 1000, 576)])
+def test_sparse24_bf16_is_thread_count_independent(kernels, rows: int, n: int, k: int) -> None:
+    """The 2:4 bf16 blocks and their coded layout."""
+    if not kernels.bf16_gemm_available:
+        pytest.skip("no AVX-512 BF16 at this ISA level")
+    values, meta = compress_24(random_24(n, k, seed=n + 5).bfloat16())
+    blocks, codes = pack_24_blocks(values, meta, k, native.SPARSE24_BLOCKS[torch.bfloat16])
+    coded = kernels.sparse24_coded_pack(blocks, codes, n, k, always=True)
+    x = _x(rows, k, torch.bfloat16, seed=k + 5)
+    _same_at_every_count(kernels, lambda: kernels.sparse24_gemm(x, blocks, codes, n))
+    _same_at_every_count(kernels, lambda: kernels.sparse24_gemm(x, coded, None, n))
 
 
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 1, 64), (3, 37, 128), (8, 1000, 576)])
