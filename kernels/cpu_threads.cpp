@@ -29,17 +29,40 @@ namespace {
 // a decode step's kernel calls, short enough to hand the core back soon when the engine idles.
 constexpr int64_t kSpinMicros = 100;
 constexpr int kMaxThreads = 64;
-// Chunks per thread: small enough that a thread preempted mid-chunk holds the caller up little.
+// The largest chunks: a thread's share over this, small enough that a thread preempted mid-chunk
+// holds the caller up little.
 constexpr int64_t kChunksPerThread = 4;
 constexpr int kChunkBits = 24;
 constexpr uint64_t kChunkMask = (1ull << kChunkBits) - 1;
 
+constexpr int64_t kMaxChunks = 256;
+
 struct Job {
   void (*fn)(void *, int64_t, int64_t);
   void *ctx;
-  int64_t count;
   int64_t chunks;
+  const int64_t *bounds;  // chunk c is [bounds[c], bounds[c + 1])
 };
+
+// Cuts [0, count) for `threads` threads into bounds[0 .. chunks]; returns the chunk count.
+// Chunks of a quarter of a thread's share (kChunksPerThread a thread) until half the work is out,
+// then ever smaller ones (half of what is left per thread, at least one), so the threads run out
+// of work together: with equal chunks, the last one claimed left the other threads idle for up
+// to a whole chunk (kernels/README.md).
+int64_t cut(int64_t count, int threads, int64_t *bounds) {
+  const int64_t share = kChunksPerThread * threads, largest = (count + share - 1) / share;
+  int64_t chunks = 0, at = 0;
+  bounds[0] = 0;
+  while (at < count) {
+    const int64_t left = count - at;
+    int64_t size = (left + 2 * threads - 1) / (2 * threads);
+    if (size > largest) size = largest;
+    if (chunks == kMaxChunks - 1) size = left;
+    at += size;
+    bounds[++chunks] = at;
+  }
+  return chunks;
+}
 
 struct Pool {
   std::mutex driving;  // held by the one thread inside a parallel call
@@ -51,6 +74,7 @@ struct Pool {
   std::atomic<uint64_t> published{0};  // sequence of the newest call, for the workers to see
   std::atomic<uint64_t> ticket{0};     // sequence << kChunkBits | next chunk to claim
   std::atomic<int64_t> done{0};        // chunks of the current call finished
+  int64_t bounds[kMaxChunks + 1];      // the current call's chunks (Job::bounds)
   std::mutex sleep_mutex;
   std::condition_variable wake;
   std::atomic<int> sleepers{0};
@@ -71,8 +95,7 @@ void work_on(Pool &p, uint64_t sequence, const Job &job) {
     const int64_t chunk = (int64_t)(seen & kChunkMask);
     if (chunk >= job.chunks) return;
     if (!p.ticket.compare_exchange_weak(seen, seen + 1, std::memory_order_acq_rel)) continue;
-    const int64_t begin = job.count * chunk / job.chunks;
-    const int64_t end = job.count * (chunk + 1) / job.chunks;
+    const int64_t begin = job.bounds[chunk], end = job.bounds[chunk + 1];
     if (begin < end) job.fn(job.ctx, begin, end);
     p.done.fetch_add(1, std::memory_order_acq_rel);
     seen = p.ticket.load(std::memory_order_acquire);
@@ -131,10 +154,9 @@ void slim_parallel_run(int64_t count, void (*fn)(void *, int64_t, int64_t), void
     return;
   }
   ensure_workers(p, wanted);
-  int64_t chunks = (int64_t)wanted * kChunksPerThread;
-  if (chunks > count) chunks = count;
+  const int64_t chunks = cut(count, wanted, p.bounds);
   const uint64_t sequence = ++p.sequence & ((1ull << (64 - kChunkBits)) - 1);
-  p.job = Job{fn, ctx, count, chunks};
+  p.job = Job{fn, ctx, chunks, p.bounds};
   p.done.store(0, std::memory_order_relaxed);
   p.ticket.store(sequence << kChunkBits, std::memory_order_release);
   p.published.store(sequence);
