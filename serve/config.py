@@ -151,6 +151,13 @@ class DeploymentOptions(_Strict):
     max_stream_interval_ms: float = Field(
         200.0, ge=0, description="longest a stream's generated tokens wait to be sent on"
     )
+    early_start: bool = Field(
+        True,
+        description="with server.direct_streams and one replica, the gateway replica on its "
+        "node also sends each request to the replica itself just before the Serve call, "
+        "which then attaches to the running request: the prompt reaches the engine without "
+        "waiting for Serve's call",
+    )
 
 
 class VariantConfig(_Strict):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator
+import select
+from collections.abc import AsyncGenerator, Callable
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from ..engine.event_channel import EventInbox
+from ..engine.event_channel import EventInbox, closed_by_inbox, connect
 from ..engine.limits import server_error
-from ..engine.types import EngineEvent, GenerateRequest
+from ..engine.types import EngineEvent, GenerateRequest, ReplicaDoor
 from .failures import VariantDownError, from_backend_exception, is_lost_replica
 
 log = logging.getLogger(__name__)
@@ -19,6 +23,11 @@ log = logging.getLogger(__name__)
 FORWARDED_END_GRACE_S = 5.0
 # Put in a stream's queue when its Serve call ended.
 _SERVE_CALL_ENDED = EngineEvent(kind="forwarded")
+# A request started early at a replica's door gets its Serve call once its first token is out,
+# or after this long, whichever comes first (replica/early_start.py).
+ATTACH_AFTER_S = 0.05
+# How often a stream no Serve call spans checks that its replica's door is still there.
+WATCH_S = 1.0
 
 
 async def _wait_for_end(events: asyncio.Queue, variant: str) -> EngineEvent:
@@ -27,6 +36,18 @@ async def _wait_for_end(events: asyncio.Queue, variant: str) -> EngineEvent:
     except TimeoutError:
         message = f"variant {variant} ended a stream whose end never arrived"
         return EngineEvent(kind="error", error=server_error(message))
+
+
+async def _watched(events: asyncio.Queue, door: _Door, variant: str) -> EngineEvent:
+    """The next event of a stream that runs at `door`'s replica with no Serve call spanning
+    it: an error once that replica is gone."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), WATCH_S)
+        except TimeoutError:
+            if door.gone():
+                message = f"the replica of variant {variant} went away mid-stream"
+                return EngineEvent(kind="error", error=server_error(message))
 
 
 class VariantBackend(Protocol):
@@ -53,6 +74,83 @@ class InProcessBackend:
         return await self.server.score(request.model_dump(), reference, limit)
 
 
+class _Door:
+    """The gateway's connection to a variant replica's door (replica/early_start.py), written
+    from the event loop itself: handed to a writer thread, a start waited for the interpreter
+    lock behind the Serve call being made. A message is a few KB, far below the socket's
+    buffer, and the replica reads its door all the time; a door with no room is closed (which
+    aborts the starts not yet attached there) rather than waited on."""
+
+    def __init__(self, door: ReplicaDoor, connection: Connection) -> None:
+        self.address = door.address
+        self._connection = connection
+        self.broken = False
+
+    def send(self, message: tuple) -> bool:
+        """False, and the door closed, when the message could not go at once."""
+        if self.broken:
+            return False
+        try:
+            _, writable, _ = select.select([], [self._connection], [], 0)
+            if writable:
+                self._connection.send(message)
+                return True
+            log.warning("a variant replica's door has no room; closing it")
+        except (OSError, EOFError, ValueError):  # ValueError: closed here already
+            pass
+        self.close()
+        return False
+
+    def gone(self) -> bool:
+        return self.broken or closed_by_inbox(self._connection)
+
+    def close(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError):
+            self._connection.close()
+
+
+class _ServeCall:
+    """A streaming Serve call to the variant for a request whose events come by the inbox:
+    a task brings what the call yields (events a replica relays, or its failure) into the
+    stream's queue, then `_SERVE_CALL_ENDED`."""
+
+    def __init__(
+        self,
+        stream: Any,
+        payload: dict[str, Any],
+        events: asyncio.Queue,
+        failed: Callable[[Exception], EngineEvent],
+    ) -> None:
+        self.response = stream.generate.remote(payload)
+        self.ended = False  # its end was taken from the queue
+        self._relay = asyncio.get_running_loop().create_task(self._bring(events, failed))
+
+    async def _bring(
+        self, events: asyncio.Queue, failed: Callable[[Exception], EngineEvent]
+    ) -> None:
+        try:
+            async for batch in self.response:
+                for item in batch:
+                    events.put_nowait(EngineEvent.model_validate(item))
+        except Exception as error:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # Serve's word for our own cancel
+                raise
+            events.put_nowait(failed(error))
+        events.put_nowait(_SERVE_CALL_ENDED)
+
+    def settle(self, ended: bool, finishing: set[asyncio.Task]) -> None:
+        """When the stream is done with it: a stream that did not end (its caller left) is
+        cancelled, which aborts the request in the engine; else the call ends on its own."""
+        if not ended:
+            self._relay.cancel()
+            self.response.cancel()
+        elif not self._relay.done():
+            finishing.add(self._relay)
+            self._relay.add_done_callback(finishing.discard)
+
+
 class RayBackend:
     """A VariantServer deployment behind a Ray Serve DeploymentHandle. A failure of the handle
     (backpressure, a lost replica, an exception in the replica) ends the stream with an error
@@ -60,12 +158,22 @@ class RayBackend:
 
     With an `inbox`, a request names it, and an engine process or a variant replica on this
     node sends the events there itself (event_channel.py); the Serve call still spans the
-    request and brings what the replica relays (from another node) or fails with."""
+    request and brings what the replica relays (from another node) or fails with. With
+    `early_start` as well (a variant of one replica), each request also goes to the replica's
+    door, learnt from its stats, just before the Serve call (replica/early_start.py)."""
 
-    def __init__(self, variant: str, handle: Any, inbox: EventInbox | None = None) -> None:
+    def __init__(
+        self,
+        variant: str,
+        handle: Any,
+        inbox: EventInbox | None = None,
+        early_start: bool = False,
+    ) -> None:
         self.variant = variant
         self.handle = handle
         self.inbox = inbox
+        self.early_start = early_start and inbox is not None
+        self._door: _Door | None = None
         self._stream = handle.options(stream=True)
         self._finishing: set[asyncio.Task] = set()  # Serve calls whose stream already ended
 
@@ -90,48 +198,118 @@ class RayBackend:
     async def _direct(
         self, request: GenerateRequest, inbox: EventInbox
     ) -> AsyncGenerator[EngineEvent, None]:
+        door = self._door
+        if door is not None and door.gone():  # its replica went away
+            self._drop_door()
+            door = None
+        if door is not None:
+            async with contextlib.aclosing(self._through_inbox(request, inbox, door)) as events:
+                async for event in events:
+                    if event.kind == "unattached":
+                        break
+                    yield event
+                else:
+                    return
+            log.info(
+                "variant %s: the replica a Serve call reached never got request %s early; "
+                "asking again without the door",
+                self.variant,
+                request.request_id,
+            )
+            self._drop_door()  # the stats probe learns the door of the replica now serving
+        async for event in self._through_inbox(request, inbox, None):
+            yield event
+
+    async def _through_inbox(
+        self, request: GenerateRequest, inbox: EventInbox, door: _Door | None
+    ) -> AsyncGenerator[EngineEvent, None]:
+        """One request's stream, its events from the inbox, spanned by a Serve call. With
+        `door`, the request starts there at once and the Serve call that attaches to it comes
+        once its first token is out (or ATTACH_AFTER_S passed): Serve's call costs CPU that,
+        made during the prefill, the engine's two cores pay for in TTFT. Should that call reach
+        a replica that never got the request, this ends with "unattached" when nothing went to
+        the caller yet (the request is aborted at the door, to be asked again), else the
+        request goes on where it runs, watched through the door."""
+        loop = asyncio.get_running_loop()
         reply_to, events = inbox.open()
-        response = self._stream.generate.remote(
-            request.model_copy(update={"reply_to": reply_to}).model_dump()
-        )
-        relay = asyncio.get_running_loop().create_task(self._relay(response, events))
+        payload = request.model_copy(update={"reply_to": reply_to}).model_dump()
+        early = door is not None and door.send(("start", payload))
+        call = None if early else _ServeCall(self._stream, payload, events, self._failed)
+        attach_at = loop.time() + ATTACH_AFTER_S
+        passed_on = False  # an event went to the caller
+        spanned = True  # a Serve call spans the request (or will)
         ended = False
         try:
-            relay_done = False
             while True:
-                if relay_done:  # the Serve call ended: the stream's end is on its way
+                if call is None:
+                    try:
+                        event = await asyncio.wait_for(
+                            events.get(), max(attach_at - loop.time(), 0.0)
+                        )
+                    except TimeoutError:
+                        call = _ServeCall(
+                            self._stream, {**payload, "early": True}, events, self._failed
+                        )
+                        continue
+                elif not spanned and door is not None:
+                    event = await _watched(events, door, self.variant)
+                elif call.ended:  # the Serve call ended: the stream's end is on its way
                     event = await _wait_for_end(events, self.variant)
                 else:
                     event = await events.get()
                 if event is _SERVE_CALL_ENDED:
-                    relay_done = True
+                    call.ended = True
+                    continue
+                if event.kind == "unattached":
+                    if not passed_on:
+                        yield event
+                        return
+                    log.warning(
+                        "variant %s: request %s goes on at the replica it started at, with no "
+                        "Serve call",
+                        self.variant,
+                        request.request_id,
+                    )
+                    spanned = False
                     continue
                 yield event
+                passed_on = True
                 if event.kind in ("done", "error"):
                     ended = True
                     return
+                if call is None and event.kind == "delta":
+                    call = _ServeCall(
+                        self._stream, {**payload, "early": True}, events, self._failed
+                    )
         finally:
             inbox.close(reply_to.stream)
-            if not ended:  # the caller left before the end: cancel, which aborts it in the engine
-                relay.cancel()
-                response.cancel()
-            elif not relay.done():  # the call ends on its own in a moment
-                self._finishing.add(relay)
-                relay.add_done_callback(self._finishing.discard)
+            if door is not None and early and (call is None or not ended or not spanned):
+                # Never attached (its place at the door freed), or the caller left.
+                door.send(("abort", (reply_to.address, reply_to.stream)))
+            if call is not None:
+                call.settle(ended, self._finishing)
 
-    async def _relay(self, response: Any, events: asyncio.Queue) -> None:
-        """What the Serve call brings (the events a replica relays, or its failure) into the
-        stream's queue, then the call's end."""
+    async def _learn_door(self, found: dict[str, Any] | None) -> None:
+        """Keep a connection to the door a stats answer named (on this node), or none."""
+        door = ReplicaDoor.model_validate(found) if found is not None else None
+        if door is None or self.inbox is None or door.node_id != self.inbox.node_id:
+            self._drop_door()
+            return
+        kept = self._door
+        if kept is not None and kept.address == door.address and not kept.broken:
+            return
+        self._drop_door()
         try:
-            async for batch in response:
-                for item in batch:
-                    events.put_nowait(EngineEvent.model_validate(item))
-        except Exception as error:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():  # Serve's word for our own cancel
-                raise
-            events.put_nowait(self._failed(error))
-        events.put_nowait(_SERVE_CALL_ENDED)
+            connection = await asyncio.to_thread(connect, door)
+        except (OSError, EOFError, AuthenticationError) as error:
+            log.warning("cannot reach variant %s's door (%s); no early starts", self.variant, error)
+            return
+        self._door = _Door(door, connection)
+
+    def _drop_door(self) -> None:
+        if self._door is not None:
+            self._door.close()
+            self._door = None
 
     def _failed(self, error: Exception) -> EngineEvent:
         log.warning("variant %s stream failed: %s: %s", self.variant, type(error).__name__, error)
@@ -139,11 +317,15 @@ class RayBackend:
 
     async def stats(self) -> dict[str, Any]:
         try:
-            return await self.handle.stats.remote()
+            stats = await self.handle.stats.remote()
         except Exception as error:
             if is_lost_replica(error):
                 raise VariantDownError(f"its replica was lost ({type(error).__name__})") from error
             raise
+        door = stats.pop("door", None)  # for this backend only
+        if self.early_start:
+            await self._learn_door(door)
+        return stats
 
     async def score(self, request: GenerateRequest, reference: str, limit: int) -> dict:
         return await self.handle.score.remote(request.model_dump(), reference, limit)

@@ -32,7 +32,10 @@ class GatewayDeployment:
         # Engine processes and variant replicas on this node send streams' events here.
         node = this_node()
         self.inbox = EventInbox(node) if cfg.server.direct_streams and node is not None else None
-        backends = {name: RayBackend(name, handle, self.inbox) for name, handle in variants.items()}
+        backends = {
+            name: RayBackend(name, handle, self.inbox, early_start=early_starts(cfg, name))
+            for name, handle in variants.items()
+        }
         self.core = GatewayCore(cfg, backends)
         self._user_config = routing_user_config(self.core.config.routing)
         self.api = create_api(self.core)
@@ -62,6 +65,14 @@ class GatewayDeployment:
         self.core.apply_routing_section(routing, RoutingConfig.model_validate(self._user_config))
         self._user_config = as_dict
         log.info("reconfigured routing: %s", as_dict)
+
+
+def early_starts(config: SlimserveConfig, variant: str) -> bool:
+    """Whether requests to `variant` start early at its replica's door: only a variant of one
+    replica, where Serve's call cannot reach another (replica/early_start.py)."""
+    options = config.deployment_for(variant)
+    one_replica = options.autoscaling is None and options.replicas == 1
+    return config.server.direct_streams and options.early_start and one_replica
 
 
 def routing_user_config(routing: RoutingConfig) -> dict[str, Any]:

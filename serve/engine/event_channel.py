@@ -29,18 +29,21 @@ import secrets
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
+from typing import Any
 
 from .loop_delivery import Stream, deliver_to_streams
-from .types import EngineEvent, ReplyTo
+from .types import EngineEvent, ReplicaDoor, ReplyTo
 
 log = logging.getLogger(__name__)
 
 
-def connect(reply_to: ReplyTo) -> Connection:
-    """The sending side's connection to an inbox; OSError or AuthenticationError if none."""
-    return Client(reply_to.address, family="AF_UNIX", authkey=bytes.fromhex(reply_to.authkey))
+def connect(target: ReplyTo | ReplicaDoor) -> Connection:
+    """The sending side's connection to an inbox (or a replica's door); OSError or
+    AuthenticationError if none."""
+    return Client(target.address, family="AF_UNIX", authkey=bytes.fromhex(target.authkey))
 
 
 def try_connect(reply_to: ReplyTo) -> Connection | None:
@@ -127,43 +130,30 @@ class EventOutlets:
                 del self._outlets[address]
 
 
-class EventInbox:
-    """Gateway side: takes connections from engine processes on this node and hands each
-    event to the queue of the stream it names, on that stream's event loop (one wake-up of a
-    loop per message, not per event)."""
+class MessageListener:
+    """A listening Unix socket in the abstract namespace (no file to clean up) that answers
+    only connections proving they know its auth key: a thread accepts, a thread per connection
+    reads and hands each message to `handle(connection_number, message)`, and
+    `closed(connection_number)` follows a connection's last one."""
 
-    def __init__(self, node_id: str) -> None:
-        self.node_id = node_id
-        self._authkey = secrets.token_bytes(16)
-        self._address = f"\0slimserve-inbox-{uuid.uuid4().hex}"
-        self._listener = Listener(self._address, family="AF_UNIX", authkey=self._authkey)
+    def __init__(
+        self,
+        name: str,
+        handle: Callable[[int, Any], None],
+        closed: Callable[[int], None] | None = None,
+    ) -> None:
+        self.authkey = secrets.token_bytes(16)
+        self.address = f"\0slimserve-{name}-{uuid.uuid4().hex}"
+        self._listener = Listener(self.address, family="AF_UNIX", authkey=self.authkey)
+        self._handle = handle
+        self._on_closed = closed
         self._numbers = itertools.count()
-        self._streams: dict[int, Stream] = {}
         self._connections: set[Connection] = set()
         self._closed = False
-        threading.Thread(target=self._accept, name="event-inbox", daemon=True).start()
-
-    def open(self) -> tuple[ReplyTo, asyncio.Queue[EngineEvent]]:
-        """A new stream: the reply-to to send with the request and the queue its events land
-        in. Call `close(reply_to.stream)` when done with it."""
-        number = next(self._numbers)
-        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        self._streams[number] = (asyncio.get_running_loop(), events)
-        reply_to = ReplyTo(
-            address=self._address,
-            authkey=self._authkey.hex(),
-            node_id=self.node_id,
-            stream=number,
-        )
-        return reply_to, events
-
-    def close(self, stream: int) -> None:
-        """Events that still come for this stream are dropped."""
-        self._streams.pop(stream, None)
+        threading.Thread(target=self._accept, name=f"{name}-listener", daemon=True).start()
 
     def shutdown(self) -> None:
-        """Stop listening and close every engine's connection: their engines end the streams
-        they were sending here."""
+        """Stop listening and close every connection (their peers see it)."""
         self._closed = True
         with contextlib.suppress(OSError):
             self._listener.close()
@@ -182,28 +172,69 @@ class EventInbox:
             except (OSError, EOFError, AuthenticationError):  # closed, or a failed handshake
                 if self._closed:
                     return
-                log.warning("refused a connection to the event inbox", exc_info=True)
+                log.warning("refused a connection to %s", self.address[1:], exc_info=True)
                 continue
             threading.Thread(
-                target=self._read, args=(connection,), name="event-inbox-reader", daemon=True
+                target=self._read,
+                args=(connection, next(self._numbers)),
+                name="listener-reader",
+                daemon=True,
             ).start()
 
-    def _read(self, connection: Connection) -> None:
-        """One engine process's messages, until it or the inbox closes the connection."""
+    def _read(self, connection: Connection, number: int) -> None:
+        """One peer's messages, until it or this side closes the connection."""
         self._connections.add(connection)
         try:
             while True:
-                kind, items = connection.recv()
-                if kind == "events":
-                    self._dispatch(items)
+                self._handle(number, connection.recv())
         except (EOFError, OSError):
             pass
         finally:
             self._connections.discard(connection)
             with contextlib.suppress(OSError):
                 connection.close()
+            if self._on_closed is not None:
+                self._on_closed(number)
 
-    def _dispatch(self, items: list[tuple[int, EngineEvent]]) -> None:
+
+class EventInbox:
+    """Gateway side: takes connections from engine processes on this node and hands each
+    event to the queue of the stream it names, on that stream's event loop (one wake-up of a
+    loop per message, not per event)."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._numbers = itertools.count()
+        self._streams: dict[int, Stream] = {}
+        self._listener = MessageListener("inbox", self._received)
+
+    def open(self) -> tuple[ReplyTo, asyncio.Queue[EngineEvent]]:
+        """A new stream: the reply-to to send with the request and the queue its events land
+        in. Call `close(reply_to.stream)` when done with it."""
+        number = next(self._numbers)
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._streams[number] = (asyncio.get_running_loop(), events)
+        reply_to = ReplyTo(
+            address=self._listener.address,
+            authkey=self._listener.authkey.hex(),
+            node_id=self.node_id,
+            stream=number,
+        )
+        return reply_to, events
+
+    def close(self, stream: int) -> None:
+        """Events that still come for this stream are dropped."""
+        self._streams.pop(stream, None)
+
+    def shutdown(self) -> None:
+        """Stop listening and close every engine's connection: their engines end the streams
+        they were sending here."""
+        self._listener.shutdown()
+
+    def _received(self, _: int, message: tuple[str, list[tuple[int, EngineEvent]]]) -> None:
+        kind, items = message
+        if kind != "events":
+            return
         streams = ((self._streams.get(number), event) for number, event in items)
         deliver_to_streams((s, event) for s, event in streams if s is not None)  # else it left
 

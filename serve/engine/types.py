@@ -76,8 +76,10 @@ class TokenLogprob(TopLogprob):
 
 class EngineEvent(BaseModel):
     # "forwarded" ends a stream at the variant replica whose events the engine sent to the
-    # gateway itself (event_channel.py); it never reaches the gateway.
-    kind: Literal["accepted", "prompt", "delta", "done", "error", "forwarded"]
+    # gateway itself (event_channel.py); it never reaches the gateway. "unattached" answers a
+    # Serve call for a request started early (replica/early_start.py) at a replica that never
+    # got it; it never reaches a client.
+    kind: Literal["accepted", "prompt", "delta", "done", "error", "forwarded", "unattached"]
     text: str = ""  # on delta: the new text; on prompt: the prompt's text
     tokens: int = 0  # generated tokens this event stands for
     logprobs: list[TokenLogprob] | None = None  # on delta, when asked: one per token
@@ -115,6 +117,15 @@ class ReplyTo(BaseModel):
     stream: int  # this request's number in that inbox
 
 
+class ReplicaDoor(BaseModel):
+    """Where a gateway replica on the same node may send a request to a variant replica
+    before its Ray Serve call (replica/early_start.py)."""
+
+    address: str  # an abstract Unix socket name ("\0..."), reachable on its node only
+    authkey: str  # hex
+    node_id: str
+
+
 class GenerateRequest(BaseModel):
     """What the gateway sends a variant: a prompt as text or token ids, or chat messages."""
 
@@ -129,6 +140,9 @@ class GenerateRequest(BaseModel):
     # Where the events may go straight (a gateway replica's inbox): the variant replica decides
     # whether its engine process sends them there, it does, or Serve's stream carries them.
     reply_to: ReplyTo | None = None
+    # This Serve call is for a request the gateway already sent to the replica's door (with
+    # the same reply_to): it attaches to it there; a replica that never got it says so.
+    early: bool = False
 
     @property
     def labels_tokens(self) -> bool:

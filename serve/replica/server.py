@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from typing import Any
 
 from slimserve.kernels import cpu_isa
@@ -27,6 +27,7 @@ from ..logs import configure_logging
 from ..observability.memory import memory_stats
 from .bench import bench_variant, run_deferred_self_bench
 from .chat_prompt import chat_prompt
+from .early_start import EarlyStarts
 from .scoring import score_reference
 from .student import with_student
 
@@ -89,6 +90,10 @@ class VariantServer:
         # inbox, or this replica through Ray Serve's stream.
         self.streams = {"from_engine": 0, "from_replica": 0, "through_serve": 0}
         self.outlets = EventOutlets()
+        # The door for requests started before their Serve call, opened on the first stats
+        # call (the gateway learns it from the answer), on the loop the replica serves on.
+        self.early: EarlyStarts | None = None
+        self._opens_door = cfg.server.direct_streams and deployment.early_start
         log.info(
             "variant %s ready in %.1fs (load %.1fs, compress %.1fs, cache %s; %s on %s, "
             "CPU kernels at ISA level %s): %s",
@@ -137,22 +142,61 @@ class VariantServer:
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         """The request's events, a batch per message (see engine/pacing.py), as plain dicts; nothing
         when they went to the gateway's inbox (`reply_to`) straight from the engine process or
-        from here."""
+        from here. With `early`, the request is one the gateway sent to this replica's door
+        first (early_start.py): this call attaches to it."""
         if self.failure is not None:
             info = unavailable_error(f"variant {self.variant} is unavailable: {self.failure}")
             yield [EngineEvent(kind="error", error=info).model_dump()]
             return
         req = GenerateRequest.model_validate(request)
+        early = self.early
+        if early is not None:
+            early.serve_calls += 1
+        try:
+            if req.early:
+                claimed = await early.claim(req) if early is not None else None
+                if claimed is None:  # the gateway aborts it where it went and asks again
+                    yield [EngineEvent(kind="unattached").model_dump()]
+                    return
+                if claimed != "refused":
+                    await claimed  # cancelling this call cancels it: the engine aborts it
+                    return
+            async for batch in self._serve(req):
+                yield batch
+        finally:
+            if early is not None:
+                early.serve_calls -= 1
+
+    async def _serve(self, req: GenerateRequest) -> AsyncIterator[list[dict[str, Any]]]:
         sender, outlet = self._sender(req)
+        if outlet is not None:
+            await self._to_inbox(req, sender, outlet)
+            return
         self.streams[sender] += 1
         events = self._events(req, forward=sender == "from_engine")
-        if outlet is not None and req.reply_to is not None:
-            async for batch in paced_batches(events, self.pacer):
-                if not outlet.send([(req.reply_to.stream, event) for event in batch]):
-                    return  # the gateway that asked is gone: closing the events aborts it
-            return
         async for batch in paced_batches(events, self.pacer):
             yield [event.model_dump() for event in batch]
+
+    def _early_run(self, req: GenerateRequest) -> Coroutine[Any, Any, None] | None:
+        """An early start's whole run, every event to the gateway's inbox; None when this
+        replica cannot send there."""
+        if req.reply_to is None:
+            return None
+        sender, outlet = self._sender(req)
+        if sender == "through_serve":
+            return None
+        outlet = outlet or self.outlets.outlet_for(req.reply_to)
+        return None if outlet is None else self._to_inbox(req, sender, outlet)
+
+    async def _to_inbox(self, req: GenerateRequest, sender: str, outlet: EventOutlet) -> None:
+        """The request's events that come through this replica, sent to the gateway's inbox
+        (the engine process sends the rest itself when `sender` is "from_engine")."""
+        assert req.reply_to is not None
+        self.streams[sender] += 1
+        events = self._events(req, forward=sender == "from_engine")
+        async for batch in paced_batches(events, self.pacer):
+            if not outlet.send([(req.reply_to.stream, event) for event in batch]):
+                return  # the gateway that asked is gone: closing the events aborts it
 
     def _sender(self, req: GenerateRequest) -> tuple[str, EventOutlet | None]:
         """Who sends this request's events to the gateway (a key of `streams`), and this
@@ -233,6 +277,7 @@ class VariantServer:
         if self.failure is not None:
             return {"variant": self.variant, "failed": self.failure}
         await self._self_bench_done()
+        self._open_door()
         engine = self.engine.stats()
         return {
             "variant": self.variant,
@@ -250,11 +295,24 @@ class VariantServer:
             "cache_status": self.cache_status,
             "kernels": merged_backends(chosen_backends(), engine.get("kernels", {})),
             "engine": engine,
-            "streams": dict(self.streams),
+            "streams": dict(self.streams) | (self.early.counts if self.early else {}),
+            # Popped by the gateway's backend (api/backends.py), never shown to clients.
+            **({"door": self.early.door.model_dump()} if self.early else {}),
             **self.bench.model_dump(exclude={"seconds", "self_bench_pending"}),
             "memory": memory_stats().model_dump(),
             **self.timings,
         }
+
+    def _open_door(self) -> None:
+        """The door for early starts (early_start.py), once, on the loop the replica serves
+        on; only inside Ray, where a gateway replica can share the node."""
+        if self.early is None and self._opens_door and self.node_id is not None:
+            self.early = EarlyStarts(
+                self.node_id,
+                self._early_run,
+                self._config.deployment_for(self.variant).max_ongoing_requests,
+                asyncio.get_running_loop(),
+            )
 
     async def ready(self) -> bool:
         return True
@@ -269,6 +327,9 @@ class VariantServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        early = getattr(self, "early", None)
+        if early is not None:
+            early.close()
         outlets = getattr(self, "outlets", None)
         if outlets is not None:
             outlets.close()
