@@ -154,9 +154,9 @@ class DeploymentOptions(_Strict):
     early_start: bool = Field(
         True,
         description="with server.direct_streams and one replica, the gateway replica on its "
-        "node also sends each request to the replica itself just before the Serve call, "
-        "which then attaches to the running request: the prompt reaches the engine without "
-        "waiting for Serve's call",
+        "node sends each request to the replica itself, and the Serve call, made once the "
+        "first token is out, attaches to the running request: the prompt reaches the engine "
+        "without waiting for Serve's call",
     )
 
 

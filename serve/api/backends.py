@@ -159,8 +159,9 @@ class RayBackend:
     With an `inbox`, a request names it, and an engine process or a variant replica on this
     node sends the events there itself (event_channel.py); the Serve call still spans the
     request and brings what the replica relays (from another node) or fails with. With
-    `early_start` as well (a variant of one replica), each request also goes to the replica's
-    door, learnt from its stats, just before the Serve call (replica/early_start.py)."""
+    `early_start` as well (a variant of one replica), each request starts at the replica's
+    door, learnt from its stats, and the Serve call attaches to it there once its first token
+    is out (replica/early_start.py)."""
 
     def __init__(
         self,
@@ -234,7 +235,12 @@ class RayBackend:
         reply_to, events = inbox.open()
         payload = request.model_copy(update={"reply_to": reply_to}).model_dump()
         early = door is not None and door.send(("start", payload))
-        call = None if early else _ServeCall(self._stream, payload, events, self._failed)
+
+        def serve_call() -> _ServeCall:
+            asked = {**payload, "early": True} if early else payload
+            return _ServeCall(self._stream, asked, events, self._failed)
+
+        call = None if early else serve_call()
         attach_at = loop.time() + ATTACH_AFTER_S
         passed_on = False  # an event went to the caller
         spanned = True  # a Serve call spans the request (or will)
@@ -247,9 +253,7 @@ class RayBackend:
                             events.get(), max(attach_at - loop.time(), 0.0)
                         )
                     except TimeoutError:
-                        call = _ServeCall(
-                            self._stream, {**payload, "early": True}, events, self._failed
-                        )
+                        call = serve_call()
                         continue
                 elif not spanned and door is not None:
                     event = await _watched(events, door, self.variant)
@@ -278,9 +282,7 @@ class RayBackend:
                     ended = True
                     return
                 if call is None and event.kind == "delta":
-                    call = _ServeCall(
-                        self._stream, {**payload, "early": True}, events, self._failed
-                    )
+                    call = serve_call()
         finally:
             inbox.close(reply_to.stream)
             if door is not None and early and (call is None or not ended or not spanned):
