@@ -14,8 +14,9 @@ the request (one that took over, say) is answered "unattached": before anything 
 client the gateway aborts the early start and asks again the ordinary way; after, the request
 goes on where it runs, the gateway watching that replica's door.
 
-A replica refuses early starts while its Serve calls and unattached early starts fill its
-`max_ongoing_requests`; the Serve call then runs the request itself, after Serve's own queue.
+A replica refuses early starts while its Serve calls and running unattached early starts fill
+its `max_ongoing_requests`; the Serve call then runs the request itself, after Serve's own
+queue.
 
 The wire: `("start", GenerateRequest as a dict)` and `("abort", (inbox address, stream))`.
 """
@@ -39,6 +40,11 @@ log = logging.getLogger(__name__)
 # How long a Serve call for an early-started request waits for the start to arrive: it was sent
 # first, on a faster path, so it is there unless the call reached another replica.
 ATTACH_GRACE_S = 1.0
+# How long a started request that ended before any Serve call claimed it is kept for that call.
+# A call that comes later waits ATTACH_GRACE_S and is answered "unattached", by when the
+# gateway has its whole answer; without a limit, calls that reach another replica (and so never
+# claim here) would leave their requests behind.
+FORGET_AFTER_S = 60.0
 
 EarlyKey = tuple[str, int]  # (the gateway's inbox address, the request's stream in it)
 # A request this replica runs to the inbox on its own; None: it cannot (no way to the inbox).
@@ -133,13 +139,26 @@ class EarlyStarts:
             if run is not None:
                 task = self._loop.create_task(run)
         self.counts["early_started" if task is not None else "early_refused"] += 1
-        self._early[key] = _Early(task, connection)
+        early = self._early[key] = _Early(task, connection)
+        if task is not None:
+            task.add_done_callback(lambda _: self._ended(key, early))
         arrival = self._arrivals.get(key)
         if arrival is not None and not arrival.done():
             arrival.set_result(None)
 
     def _unattached(self) -> int:
-        return sum(1 for early in self._early.values() if early.task is not None)
+        """Early starts running with no Serve call attached: what takes room at the door."""
+        return sum(1 for e in self._early.values() if e.task is not None and not e.task.done())
+
+    def _ended(self, key: EarlyKey, early: _Early) -> None:
+        """A started request ran to its end: its Serve call may still come and find it done,
+        but one that went to another replica never does."""
+        if self._early.get(key) is early:
+            self._loop.call_later(FORGET_AFTER_S, self._forget, key, early)
+
+    def _forget(self, key: EarlyKey, early: _Early) -> None:
+        if self._early.get(key) is early:
+            del self._early[key]
 
     def _abort(self, key: EarlyKey) -> None:
         early = self._early.pop(key, None)

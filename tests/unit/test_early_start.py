@@ -205,16 +205,48 @@ def test_a_start_that_never_reaches_the_door_is_asked_again_without_it(
     assert events[-1].kind == "done" and _text(events) == plain
 
 
+class _EndAfterUnattached(asyncio.Queue):
+    """Injected order: a stream's end (and anything after it) waits until the Serve call's
+    "unattached" is in, which on a fast machine the engine's last token may well beat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list[Any] = []
+        self._unattached = False
+
+    def put_nowait(self, item: Any) -> None:
+        kind = getattr(item, "kind", None)
+        if kind == "unattached":
+            self._unattached = True
+            super().put_nowait(item)
+            for held in self._held:
+                super().put_nowait(held)
+            self._held.clear()
+        elif not self._unattached and (kind == "done" or self._held):
+            self._held.append(item)
+        else:
+            super().put_nowait(item)
+
+
 def test_a_serve_call_that_misses_after_tokens_went_out_leaves_the_request_running(
     server, loop, inbox, monkeypatch
 ):
     monkeypatch.setattr(early_start, "ATTACH_GRACE_S", 0.05)
+    open_stream = inbox.open
+
+    def open_held() -> tuple[Any, asyncio.Queue]:
+        reply_to, _ = open_stream()
+        held = _EndAfterUnattached()
+        inbox._streams[reply_to.stream] = (asyncio.get_running_loop(), held)
+        return reply_to, held
+
+    monkeypatch.setattr(inbox, "open", open_held)
 
     async def scenario():
         backend, handle = await _backend(server, inbox, elsewhere=True)
         before = _counts(server)
         events = await _collect(backend, LONG)
-        await _until(lambda: not server.early._early)  # its place at the door freed
+        await _until(lambda: not server.early._early)  # the gateway's abort freed its place
         return events, handle.payloads, _change(before, server), await _plain_text(server, LONG)
 
     events, payloads, change, plain = loop.run_until_complete(scenario())
@@ -222,6 +254,44 @@ def test_a_serve_call_that_misses_after_tokens_went_out_leaves_the_request_runni
     assert change == {"early_started": 1, "early_unattached": 1, "from_engine": 1}
     assert events[-1].kind == "done" and events[-1].completion_tokens == 240
     assert _text(events) == plain
+
+
+def test_a_request_that_ends_before_its_serve_call_misses_leaves_no_place_taken(
+    server, loop, inbox, monkeypatch
+):
+    """The other order: the answer is whole before the Serve call (to another replica) says
+    it never got the request, so the gateway has nothing left to abort; the replica frees the
+    place itself, and forgets the request once no call can want it."""
+    monkeypatch.setattr(early_start, "ATTACH_GRACE_S", 0.05)
+    monkeypatch.setattr(early_start, "FORGET_AFTER_S", 0.2)
+
+    async def scenario():
+        backend, handle = await _backend(server, inbox, elsewhere=True)
+        answered = asyncio.Event()
+        remote = handle.remote
+
+        def remote_after_the_answer(payload: dict) -> _ServeCall:
+            async def items() -> AsyncIterator[list[dict]]:
+                await answered.wait()  # injected: the call is late
+                async for batch in remote(payload):
+                    yield batch
+
+            return _ServeCall(items())
+
+        handle.remote = remote_after_the_answer
+        before = _counts(server)
+        events = await _collect(backend, GREEDY)
+        await _until(lambda: all(e.task.done() for e in server.early._early.values()))
+        taken_after_the_answer = server.early._unattached()
+        answered.set()
+        await _until(lambda: _counts(server)["early_unattached"] > before["early_unattached"])
+        await _until(lambda: not server.early._early)
+        return events, taken_after_the_answer, _change(before, server)
+
+    events, taken, change = loop.run_until_complete(scenario())
+    assert events[-1].kind == "done"
+    assert taken == 0
+    assert change == {"early_started": 1, "early_unattached": 1, "from_engine": 1}
 
 
 def test_a_full_replica_refuses_early_starts_and_the_serve_call_runs_them(
