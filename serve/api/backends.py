@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import select
 from collections.abc import AsyncGenerator, Callable
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
-from ..engine.event_channel import EventInbox, closed_by_inbox, connect
+from ..engine.event_channel import EventInbox, connect
 from ..engine.limits import server_error
 from ..engine.types import EngineEvent, GenerateRequest, ReplicaDoor
 from .failures import VariantDownError, from_backend_exception, is_lost_replica
+from .replica_door import Door
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ async def _wait_for_end(events: asyncio.Queue, variant: str) -> EngineEvent:
         return EngineEvent(kind="error", error=server_error(message))
 
 
-async def _watched(events: asyncio.Queue, door: _Door, variant: str) -> EngineEvent:
+async def _watched(events: asyncio.Queue, door: Door, variant: str) -> EngineEvent:
     """The next event of a stream that runs at `door`'s replica with no Serve call spanning
     it: an error once that replica is gone."""
     while True:
@@ -72,42 +71,6 @@ class InProcessBackend:
 
     async def score(self, request: GenerateRequest, reference: str, limit: int) -> dict:
         return await self.server.score(request.model_dump(), reference, limit)
-
-
-class _Door:
-    """The gateway's connection to a variant replica's door (replica/early_start.py), written
-    from the event loop itself: handed to a writer thread, a start waited for the interpreter
-    lock behind the Serve call being made. A message is a few KB, far below the socket's
-    buffer, and the replica reads its door all the time; a door with no room is closed (which
-    aborts the starts not yet attached there) rather than waited on."""
-
-    def __init__(self, door: ReplicaDoor, connection: Connection) -> None:
-        self.address = door.address
-        self._connection = connection
-        self.broken = False
-
-    def send(self, message: tuple) -> bool:
-        """False, and the door closed, when the message could not go at once."""
-        if self.broken:
-            return False
-        try:
-            _, writable, _ = select.select([], [self._connection], [], 0)
-            if writable:
-                self._connection.send(message)
-                return True
-            log.warning("a variant replica's door has no room; closing it")
-        except (OSError, EOFError, ValueError):  # ValueError: closed here already
-            pass
-        self.close()
-        return False
-
-    def gone(self) -> bool:
-        return self.broken or closed_by_inbox(self._connection)
-
-    def close(self) -> None:
-        self.broken = True
-        with contextlib.suppress(OSError):
-            self._connection.close()
 
 
 class _ServeCall:
@@ -174,7 +137,7 @@ class RayBackend:
         self.handle = handle
         self.inbox = inbox
         self.early_start = early_start and inbox is not None
-        self._door: _Door | None = None
+        self._door: Door | None = None
         self._stream = handle.options(stream=True)
         self._finishing: set[asyncio.Task] = set()  # Serve calls whose stream already ended
 
@@ -222,7 +185,7 @@ class RayBackend:
             yield event
 
     async def _through_inbox(
-        self, request: GenerateRequest, inbox: EventInbox, door: _Door | None
+        self, request: GenerateRequest, inbox: EventInbox, door: Door | None
     ) -> AsyncGenerator[EngineEvent, None]:
         """One request's stream, its events from the inbox, spanned by a Serve call. With
         `door`, the request starts there at once and the Serve call that attaches to it comes
@@ -306,7 +269,7 @@ class RayBackend:
         except (OSError, EOFError, AuthenticationError) as error:
             log.warning("cannot reach variant %s's door (%s); no early starts", self.variant, error)
             return
-        self._door = _Door(door, connection)
+        self._door = Door(door, connection)
 
     def _drop_door(self) -> None:
         if self._door is not None:

@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from .choices import Choice, collect, open_choices
@@ -17,7 +17,7 @@ from .clock import RequestClock
 from .errors import OpenAIError, error_response, validate_body
 from .failures import is_unavailable, would_wait
 from .protocol import GenerationRequest
-from .streaming import StreamChunks, sse_stream
+from .streaming import SSEResponse, StreamChunks, sse_stream
 
 if TYPE_CHECKING:
     from .gateway import GatewayCore
@@ -139,7 +139,7 @@ async def _answer(
     if request.stream:
         chunks = endpoint.chunks(model, request)
         stream = sse_stream(choices, chunks, request, clock)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        return SSEResponse(stream, media_type="text/event-stream", headers=headers)
     await collect(choices, clock)
     body = endpoint.response(model, request, choices)
     clock.finish("200", choices[0].request)

@@ -8,6 +8,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from fastapi.responses import StreamingResponse
+from starlette.types import Send
+
 from ..engine.limits import server_error
 from ..engine.types import EngineEvent
 from .choices import Choice, close_choices, merged_events, track, usage
@@ -19,6 +22,7 @@ from .protocol import ChatCompletionChunk, CompletionResponse, GenerationRequest
 log = logging.getLogger(__name__)
 
 Chunk = ChatCompletionChunk | CompletionResponse
+DONE = "data: [DONE]\n\n"  # a stream's last frame
 
 
 class StreamChunks(Protocol):
@@ -33,6 +37,22 @@ class StreamChunks(Protocol):
     def finish(self, choice: Choice) -> list[Chunk]: ...
 
     def usage(self, usage: Usage) -> Chunk: ...
+
+
+class SSEResponse(StreamingResponse):
+    """A streamed answer whose last piece (the one ending in `[DONE]`) ends the HTTP response
+    in the same write, not in one more."""
+
+    async def stream_response(self, send: Send) -> None:
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send({**start, "headers": self.raw_headers})
+        ended = False
+        async for piece in self.body_iterator:
+            ended = piece.endswith(DONE)
+            body = piece.encode(self.charset)
+            await send({"type": "http.response.body", "body": body, "more_body": not ended})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _event(payload: dict) -> str:
@@ -50,10 +70,13 @@ async def sse_stream(
     request: GenerationRequest,
     clock: RequestClock,
 ) -> AsyncIterator[str]:
+    """The answer's SSE frames, those of one moment in one piece: each piece is one write to
+    the client's socket, and each write wakes the client (on a small machine, CPU the engine
+    wanted). The role chunks go with the first event's frames (the stream starts at the first
+    token anyway), the finish chunks with the usage and `[DONE]`."""
     status = "499"  # until the stream completes, the caller is the one who left
+    pending = [_chunk_event(chunk) for chunk in chunks.opening(choices)]
     try:
-        for chunk in chunks.opening(choices):
-            yield _chunk_event(chunk)
         failure = None
         try:
             async for choice, event in merged_events(choices):
@@ -65,7 +88,10 @@ async def sse_stream(
                 for chunk in out:
                     if request.continuous_usage:
                         chunk.usage = usage(choices)
-                    yield _chunk_event(chunk)
+                    pending.append(_chunk_event(chunk))
+                if pending and event.kind != "done":
+                    yield "".join(pending)
+                    pending = []
         except Exception as error:  # whatever broke, the caller gets a word, not a cut stream
             log.exception("variant %s stream failed", clock.variant)
             failure = server_error(f"the variant's stream failed: {type(error).__name__}")
@@ -75,12 +101,13 @@ async def sse_stream(
             failure = server_error("the variant ended a choice without finishing")
         if failure is not None:
             status = str(failure.status)
-            yield _event(error_payload(failure))
+            pending.append(_event(error_payload(failure)))
         else:
             status = "200"
             if request.include_usage:
-                yield _chunk_event(chunks.usage(usage(choices)))
-        yield "data: [DONE]\n\n"
+                pending.append(_chunk_event(chunks.usage(usage(choices))))
+        pending.append(DONE)
+        yield "".join(pending)
     finally:
         await close_choices(choices)
         clock.finish(status, choices[0].request)

@@ -21,20 +21,15 @@ The wire: `("events", [(stream, EngineEvent), ...])` per message, pickled by
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import queue
-import secrets
-import socket
 import threading
-import uuid
-from collections.abc import Callable
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, Listener
-from typing import Any
+from multiprocessing.connection import Client, Connection
 
 from .loop_delivery import Stream, deliver_to_streams
+from .message_listener import MessageListener
 from .types import EngineEvent, ReplicaDoor, ReplyTo
 
 log = logging.getLogger(__name__)
@@ -130,77 +125,11 @@ class EventOutlets:
                 del self._outlets[address]
 
 
-class MessageListener:
-    """A listening Unix socket in the abstract namespace (no file to clean up) that answers
-    only connections proving they know its auth key: a thread accepts, a thread per connection
-    reads and hands each message to `handle(connection_number, message)`, and
-    `closed(connection_number)` follows a connection's last one."""
-
-    def __init__(
-        self,
-        name: str,
-        handle: Callable[[int, Any], None],
-        closed: Callable[[int], None] | None = None,
-    ) -> None:
-        self.authkey = secrets.token_bytes(16)
-        self.address = f"\0slimserve-{name}-{uuid.uuid4().hex}"
-        self._listener = Listener(self.address, family="AF_UNIX", authkey=self.authkey)
-        self._handle = handle
-        self._on_closed = closed
-        self._numbers = itertools.count()
-        self._connections: set[Connection] = set()
-        self._closed = False
-        threading.Thread(target=self._accept, name=f"{name}-listener", daemon=True).start()
-
-    def shutdown(self) -> None:
-        """Stop listening and close every connection (their peers see it)."""
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        for connection in list(self._connections):
-            # shutdown, not close: it wakes the reader thread blocked on it, and the peer.
-            with (
-                contextlib.suppress(OSError),
-                socket.fromfd(connection.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock,
-            ):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                connection = self._listener.accept()
-            except (OSError, EOFError, AuthenticationError):  # closed, or a failed handshake
-                if self._closed:
-                    return
-                log.warning("refused a connection to %s", self.address[1:], exc_info=True)
-                continue
-            threading.Thread(
-                target=self._read,
-                args=(connection, next(self._numbers)),
-                name="listener-reader",
-                daemon=True,
-            ).start()
-
-    def _read(self, connection: Connection, number: int) -> None:
-        """One peer's messages, until it or this side closes the connection."""
-        self._connections.add(connection)
-        try:
-            while True:
-                self._handle(number, connection.recv())
-        except (EOFError, OSError):
-            pass
-        finally:
-            self._connections.discard(connection)
-            with contextlib.suppress(OSError):
-                connection.close()
-            if self._on_closed is not None:
-                self._on_closed(number)
-
-
 class EventInbox:
-    """Gateway side: takes connections from engine processes on this node and hands each
-    event to the queue of the stream it names, on that stream's event loop (one wake-up of a
-    loop per message, not per event)."""
+    """Gateway side: takes connections from engine processes on this node and puts each
+    event in the queue of the stream it names, read on the event loop of the first stream
+    opened (the gateway replica's); a stream on another loop gets its events by one wake-up of
+    that loop per message, not per event."""
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
@@ -213,7 +142,9 @@ class EventInbox:
         in. Call `close(reply_to.stream)` when done with it."""
         number = next(self._numbers)
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        self._streams[number] = (asyncio.get_running_loop(), events)
+        loop = asyncio.get_running_loop()
+        self._listener.bind(loop)  # before any peer can know the address: it is in reply_to
+        self._streams[number] = (loop, events)
         reply_to = ReplyTo(
             address=self._listener.address,
             authkey=self._listener.authkey.hex(),
@@ -232,11 +163,22 @@ class EventInbox:
         self._listener.shutdown()
 
     def _received(self, _: int, message: tuple[str, list[tuple[int, EngineEvent]]]) -> None:
+        """On the listener's loop."""
         kind, items = message
         if kind != "events":
             return
-        streams = ((self._streams.get(number), event) for number, event in items)
-        deliver_to_streams((s, event) for s, event in streams if s is not None)  # else it left
+        here = self._listener.loop
+        elsewhere = []
+        for number, event in items:
+            stream = self._streams.get(number)
+            if stream is None:  # its caller left
+                continue
+            if stream[0] is here:
+                stream[1].put_nowait(event)
+            else:
+                elsewhere.append((stream, event))
+        if elsewhere:
+            deliver_to_streams(elsewhere)
 
 
 def this_node() -> str | None:

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from ..engine.event_channel import MessageListener
+from ..engine.message_listener import MessageListener
 from ..engine.types import GenerateRequest, ReplicaDoor
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ class _Early:
 
 class EarlyStarts:
     """A variant replica's door and the requests started through it, until a Serve call
-    attaches to each. Runs on the replica's event loop; the door's threads only hand it
-    messages."""
+    attaches to each. Runs on the replica's event loop, which reads the door too."""
 
     def __init__(
         self, node_id: str, run: EarlyRun, max_ongoing: int, loop: asyncio.AbstractEventLoop
@@ -78,7 +77,7 @@ class EarlyStarts:
         self._early: dict[EarlyKey, _Early] = {}
         self._arrivals: dict[EarlyKey, asyncio.Future[None]] = {}
         self.counts = {"early_started": 0, "early_refused": 0, "early_unattached": 0}
-        self._listener = MessageListener("door", self._received, self._connection_closed)
+        self._listener = MessageListener("door", self._on_message, self._abort_all, loop)
         self.door = ReplicaDoor(
             address=self._listener.address,
             authkey=self._listener.authkey.hex(),
@@ -107,14 +106,7 @@ class EarlyStarts:
             return None
         return "refused" if early.task is None else early.task
 
-    # ---- the door's messages, on the event loop ---------------------------------------------
-
-    def _received(self, connection: int, message: Any) -> None:
-        """On a reader thread of the door."""
-        self._loop.call_soon_threadsafe(self._on_message, connection, message)
-
-    def _connection_closed(self, connection: int) -> None:
-        self._loop.call_soon_threadsafe(self._abort_all, connection)
+    # ---- the door's messages, read on the event loop ----------------------------------------
 
     def _on_message(self, connection: int, message: Any) -> None:
         kind, body = message

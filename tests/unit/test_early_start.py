@@ -309,6 +309,30 @@ def test_a_full_replica_refuses_early_starts_and_the_serve_call_runs_them(
     assert events[-1].kind == "done" and _text(events) == plain
 
 
+def test_a_burst_the_door_cannot_take_at_once_waits_and_goes_through_in_order(server, loop, inbox):
+    """Messages the door's socket cannot take at once wait at the gateway, in order, until
+    the replica reads: none is lost and the door stays open (the first version closed it,
+    which aborted what had started there)."""
+
+    async def scenario():
+        backend, _ = await _backend(server, inbox)
+        door = backend._door
+        padding = "x" * 4096  # aborts of requests that never were: harmless, and bulky
+        burst = [("abort", (f"{padding}{n}", n)) for n in range(2000)]
+        accepted = [door.send(message) for message in burst]  # no turn of the loop between
+        waited = door.pending()
+        before = _counts(server)
+        events = await _collect(backend, GREEDY)  # sent after the burst, so read after it
+        await _until(lambda: door.pending() == 0)
+        return accepted, waited, door, backend._door, events, _change(before, server)
+
+    accepted, waited, door, door_after, events, change = loop.run_until_complete(scenario())
+    assert all(accepted) and waited > 0  # the socket could not take it all at once
+    assert door_after is door and not door.broken
+    assert change == {"early_started": 1, "from_engine": 1}
+    assert events[-1].kind == "done"
+
+
 async def _fresh_counters(server: Any) -> dict[str, Any]:
     """The engine process's counters from a report sent after every event this process has
     received from it (it reports every STATS_PERIOD_S, on the pipe the events come by)."""

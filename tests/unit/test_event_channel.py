@@ -1,15 +1,20 @@
 """The gateway's event inbox on its own: events reach the queue of the stream they name, in
 order; a stream closed by its caller drops what still comes; a peer without the key is refused
-and the inbox goes on serving."""
+and the inbox goes on serving; messages are cut out of the bytes however they arrive, on the
+event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import struct
+import threading
 from multiprocessing import AuthenticationError
 
 import pytest
 
 from slimserve.serve.engine.event_channel import EventInbox, connect
+from slimserve.serve.engine.message_listener import framed
 from slimserve.serve.engine.types import EngineEvent
 
 
@@ -74,5 +79,65 @@ def test_shutting_the_inbox_down_closes_its_connections() -> None:
         with pytest.raises(EOFError):  # the engine side learns the gateway is gone
             await asyncio.to_thread(sender.recv)
         sender.close()
+
+    asyncio.run(scenario())
+
+
+def test_messages_are_whole_however_the_bytes_arrive() -> None:
+    """A large message comes over many reads, a small one byte by byte, and two in one write."""
+
+    async def scenario() -> None:
+        inbox = EventInbox("node-a")
+        try:
+            reply_to, events = inbox.open()
+            large = "x" * 300_000 + "end"
+            with connect(reply_to) as sender:
+                # From a thread: more than the socket holds, so the send waits on the loop's reads.
+                message = ("events", [(reply_to.stream, _delta(large))])
+                await asyncio.to_thread(sender.send, message)
+                assert (await _next(events)).text == large
+                for byte in framed(("events", [(reply_to.stream, _delta("drip"))])):
+                    os.write(sender.fileno(), bytes([byte]))
+                    await asyncio.sleep(0)  # let the loop read what came so far
+                assert (await _next(events)).text == "drip"
+                two = [("events", [(reply_to.stream, _delta(t))]) for t in ("one", "two")]
+                os.write(sender.fileno(), b"".join(framed(m) for m in two))
+                assert [(await _next(events)).text for _ in range(2)] == ["one", "two"]
+        finally:
+            inbox.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_an_unreadable_message_closes_its_connection_only() -> None:
+    async def scenario() -> None:
+        inbox = EventInbox("node-a")
+        try:
+            reply_to, events = inbox.open()
+            with connect(reply_to) as garbled, connect(reply_to) as sound:
+                os.write(garbled.fileno(), struct.pack("!i", 3) + b"\x80zz")  # not a pickle
+                with pytest.raises(EOFError):  # the inbox closed that connection
+                    await asyncio.to_thread(garbled.recv)
+                sound.send(("events", [(reply_to.stream, _delta("still here"))]))
+                assert (await _next(events)).text == "still here"
+        finally:
+            inbox.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_connections_are_read_on_the_event_loop_not_by_threads() -> None:
+    async def scenario() -> None:
+        inbox = EventInbox("node-a")
+        try:
+            reply_to, events = inbox.open()
+            threads = threading.active_count()
+            with connect(reply_to) as first, connect(reply_to) as second:
+                for sender, text in ((first, "a"), (second, "b")):
+                    sender.send(("events", [(reply_to.stream, _delta(text))]))
+                assert {(await _next(events)).text for _ in range(2)} == {"a", "b"}
+                assert threading.active_count() == threads
+        finally:
+            inbox.shutdown()
 
     asyncio.run(scenario())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -85,6 +86,79 @@ def test_chat_stream_is_sse_ending_in_done(client):
     finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert [f["choices"][0]["finish_reason"] for f in finals] == ["length"]
     assert chunks[-1]["usage"]["completion_tokens"] == 6 and chunks[-1]["choices"] == []
+
+
+async def _asgi_messages(app, path: str, body: dict) -> list[dict]:
+    """What the app sends its server for one request: each body message is one write to the
+    client's socket."""
+    sent: list[dict] = []
+    request = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive() -> dict:
+        if request:
+            return request.pop()
+        await asyncio.Event().wait()  # the client stays connected
+        raise AssertionError  # unreachable
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+def test_a_stream_is_one_write_per_token_with_the_role_first_and_the_end_last(client):
+    """The role chunk goes out with the first token's, the finish chunk with the usage,
+    `[DONE]` and the end of the HTTP response: no write of its own for any of them."""
+    body = _chat(
+        model="tiny:full",
+        max_tokens=6,
+        temperature=0,
+        ignore_eos=True,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    sent = client.portal.call(_asgi_messages, client.app, CHAT, body)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert all(m["type"] == "http.response.body" for m in sent[1:])
+    assert [m["more_body"] for m in sent[1:]] == [True] * (len(sent) - 2) + [False]
+    pieces = [_frames(m["body"]) for m in sent[1:]]
+    first, *middle, last = pieces
+    assert [_kind(c) for c in first] == ["role", "content"]
+    assert all([_kind(c) for c in piece] == ["content"] for piece in middle)
+    assert [_kind(c) for c in last] == ["finish", "usage", "[DONE]"]
+    assert last[0]["choices"][0]["finish_reason"] == "length"
+    assert last[1]["usage"]["completion_tokens"] == 6
+
+
+def _frames(body: bytes) -> list[dict | str]:
+    frames = [f.removeprefix("data: ") for f in body.decode().split("\n\n") if f]
+    return [f if f == "[DONE]" else json.loads(f) for f in frames]
+
+
+def _kind(chunk: dict | str) -> str:
+    if chunk == "[DONE]":
+        return chunk
+    if not chunk["choices"]:
+        return "usage"
+    choice = chunk["choices"][0]
+    if choice["finish_reason"]:
+        return "finish"
+    return "role" if choice["delta"].get("role") else "content"
 
 
 def test_completion_stream_and_pinning(client):

@@ -1,0 +1,197 @@
+"""A listening Unix socket whose peers' messages are read on an asyncio event loop.
+
+The gateway's event inbox and a variant replica's door take messages sent by
+`multiprocessing.connection` (a 4-byte length, then the pickle). A thread blocked on each
+connection cost every message a thread wake-up, the interpreter lock handed over and a write to
+the loop's wake-up pipe, ~30 us of CPU a message more than reading the socket on the loop itself
+(loadtests/README.md, "The inbox read on the event loop"); on a 2-core machine that CPU comes out
+of the engine's decode step. So a thread only accepts (the auth handshake blocks) and hands each
+connection to the loop, which reads it when it is readable and parses whole messages out of
+what has come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import secrets
+import socket
+import struct
+import threading
+import uuid
+from collections.abc import Callable
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, Listener
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct("!i")  # multiprocessing.connection's header
+_LONG_LENGTH = struct.Struct("!Q")  # after a header of -1, for messages over 2 GiB
+_READ_SIZE = 1 << 16
+
+
+def framed(message: Any) -> bytes:
+    """`message` as `multiprocessing.connection.Connection.send` puts it on the wire, for
+    writers that must not block (a partial write is theirs to finish)."""
+    body = pickle.dumps(message)
+    if len(body) > 0x7FFFFFFF:
+        return _LENGTH.pack(-1) + _LONG_LENGTH.pack(len(body)) + body
+    return _LENGTH.pack(len(body)) + body
+
+
+class _Frames:
+    """One connection's bytes as they come, cut into whole messages."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def need(self) -> int:
+        """How many bytes to ask the socket for: the rest of a large message at once."""
+        if len(self._buffer) < _LENGTH.size:
+            return _READ_SIZE
+        header, size = self._header()
+        return max(_READ_SIZE, header + size - len(self._buffer))
+
+    def add(self, data: bytes) -> list[Any]:
+        """The messages completed by `data`, in order."""
+        self._buffer += data
+        messages = []
+        start = 0
+        with memoryview(self._buffer) as view:  # released before the buffer is cut
+            while True:
+                header, size = self._header(start)
+                if header == 0 or len(self._buffer) - start < header + size:
+                    break
+                with view[start + header : start + header + size] as body:
+                    messages.append(pickle.loads(body))
+                start += header + size
+        del self._buffer[:start]
+        return messages
+
+    def partial(self) -> bool:
+        return bool(self._buffer)
+
+    def _header(self, start: int = 0) -> tuple[int, int]:
+        """(header bytes, message bytes) of the message at `start`; (0, 0) until its header
+        is whole."""
+        if len(self._buffer) - start < _LENGTH.size:
+            return 0, 0
+        (size,) = _LENGTH.unpack_from(self._buffer, start)
+        if size != -1:
+            return _LENGTH.size, size
+        if len(self._buffer) - start < _LENGTH.size + _LONG_LENGTH.size:
+            return 0, 0
+        (size,) = _LONG_LENGTH.unpack_from(self._buffer, start + _LENGTH.size)
+        return _LENGTH.size + _LONG_LENGTH.size, size
+
+
+class MessageListener:
+    """A listening Unix socket in the abstract namespace (no file to clean up) that answers
+    only connections proving they know its auth key. A thread accepts; each connection is read
+    on `loop` (given here or with `bind`, before any peer can know the address), which calls
+    `handle(connection_number, message)` for each message and `closed(connection_number)`
+    after a connection's last one."""
+
+    def __init__(
+        self,
+        name: str,
+        handle: Callable[[int, Any], None],
+        closed: Callable[[int], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.authkey = secrets.token_bytes(16)
+        self.address = f"\0slimserve-{name}-{uuid.uuid4().hex}"
+        self.loop = loop
+        self._listener = Listener(self.address, family="AF_UNIX", authkey=self.authkey)
+        self._handle = handle
+        self._on_closed = closed
+        self._numbers = itertools.count()
+        self._connections: dict[int, Connection] = {}
+        self._closed = False
+        threading.Thread(target=self._accept, name=f"{name}-listener", daemon=True).start()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop to read on, when it was not known at construction."""
+        if self.loop is None:
+            self.loop = loop
+
+    def shutdown(self) -> None:
+        """Stop listening and close every connection (their peers see it). From any thread:
+        the loop, while it runs, reads each connection's end and calls `closed`."""
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        loop = self.loop
+        for number, connection in list(self._connections.items()):
+            # shutdown, not close: the loop sees the end, and so does the peer.
+            with (
+                contextlib.suppress(OSError),
+                socket.fromfd(connection.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock,
+            ):
+                sock.shutdown(socket.SHUT_RDWR)
+            if loop is None or not loop.is_running():  # nothing will read that end
+                self._drop(number, connection)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                connection = self._listener.accept()
+            except (OSError, EOFError, AuthenticationError):  # closed, or a failed handshake
+                if self._closed:
+                    return
+                log.warning("refused a connection to %s", self.address[1:], exc_info=True)
+                continue
+            number = next(self._numbers)
+            try:
+                if self.loop is None:
+                    raise RuntimeError("no event loop to read on yet")
+                self.loop.call_soon_threadsafe(self._watch, connection, number)
+            except RuntimeError as error:  # no loop, or it is closed
+                log.warning("dropped a connection to %s: %s", self.address[1:], error)
+                connection.close()
+
+    def _watch(self, connection: Connection, number: int) -> None:
+        """On the loop: read the connection whenever it has something."""
+        if self._closed:
+            connection.close()
+            return
+        os.set_blocking(connection.fileno(), False)
+        self._connections[number] = connection
+        frames = _Frames()
+        self.loop.add_reader(connection.fileno(), self._readable, connection, number, frames)
+
+    def _readable(self, connection: Connection, number: int, frames: _Frames) -> None:
+        try:
+            data = os.read(connection.fileno(), frames.need())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the peer, or shutdown, closed it
+            if frames.partial():
+                log.warning("a connection to %s ended mid-message", self.address[1:])
+            self._drop(number, connection)
+            return
+        try:
+            for message in frames.add(data):
+                self._handle(number, message)
+        except Exception:  # a message no one here can read: the peer does not speak this
+            log.exception("unreadable message at %s; closing its connection", self.address[1:])
+            self._drop(number, connection)
+
+    def _drop(self, number: int, connection: Connection) -> None:
+        if self._connections.pop(number, None) is None:
+            return
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(ValueError, OSError):  # ValueError: already closed
+                loop.remove_reader(connection.fileno())
+        with contextlib.suppress(OSError):
+            connection.close()
+        if self._on_closed is not None:
+            self._on_closed(number)
