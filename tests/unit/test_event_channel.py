@@ -6,9 +6,11 @@ event loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 import threading
+from collections.abc import Iterator
 from multiprocessing import AuthenticationError
 
 import pytest
@@ -16,6 +18,15 @@ import pytest
 from slimserve.serve.engine.event_channel import EventInbox, connect
 from slimserve.serve.engine.message_listener import framed
 from slimserve.serve.engine.types import EngineEvent
+
+
+@contextlib.contextmanager
+def _inbox() -> Iterator[EventInbox]:
+    inbox = EventInbox("node-a")
+    try:
+        yield inbox
+    finally:
+        inbox.shutdown()
 
 
 def _delta(text: str) -> EngineEvent:
@@ -28,8 +39,7 @@ async def _next(queue: asyncio.Queue) -> EngineEvent:
 
 def test_events_reach_the_stream_they_name_in_order() -> None:
     async def scenario() -> None:
-        inbox = EventInbox("node-a")
-        try:
+        with _inbox() as inbox:
             first, first_events = inbox.open()
             second, second_events = inbox.open()
             closed, _ = inbox.open()
@@ -45,16 +55,13 @@ def test_events_reach_the_stream_they_name_in_order() -> None:
                 assert (await _next(second_events)).text == "x"
                 assert (await _next(second_events)).kind == "done"
             assert first_events.empty() and second_events.empty()
-        finally:
-            inbox.shutdown()
 
     asyncio.run(scenario())
 
 
 def test_a_peer_without_the_key_is_refused_and_the_inbox_serves_on() -> None:
     async def scenario() -> None:
-        inbox = EventInbox("node-a")
-        try:
+        with _inbox() as inbox:
             reply_to, events = inbox.open()
             wrong = reply_to.model_copy(update={"authkey": "00" * 16})
             with pytest.raises(AuthenticationError):
@@ -62,8 +69,6 @@ def test_a_peer_without_the_key_is_refused_and_the_inbox_serves_on() -> None:
             with connect(reply_to) as sender:
                 sender.send(("events", [(reply_to.stream, _delta("still here"))]))
                 assert (await _next(events)).text == "still here"
-        finally:
-            inbox.shutdown()
 
     asyncio.run(scenario())
 
@@ -87,8 +92,7 @@ def test_messages_are_whole_however_the_bytes_arrive() -> None:
     """A large message comes over many reads, a small one byte by byte, and two in one write."""
 
     async def scenario() -> None:
-        inbox = EventInbox("node-a")
-        try:
+        with _inbox() as inbox:
             reply_to, events = inbox.open()
             large = "x" * 300_000 + "end"
             with connect(reply_to) as sender:
@@ -103,16 +107,13 @@ def test_messages_are_whole_however_the_bytes_arrive() -> None:
                 two = [("events", [(reply_to.stream, _delta(t))]) for t in ("one", "two")]
                 os.write(sender.fileno(), b"".join(framed(m) for m in two))
                 assert [(await _next(events)).text for _ in range(2)] == ["one", "two"]
-        finally:
-            inbox.shutdown()
 
     asyncio.run(scenario())
 
 
 def test_an_unreadable_message_closes_its_connection_only() -> None:
     async def scenario() -> None:
-        inbox = EventInbox("node-a")
-        try:
+        with _inbox() as inbox:
             reply_to, events = inbox.open()
             with connect(reply_to) as garbled, connect(reply_to) as sound:
                 os.write(garbled.fileno(), struct.pack("!i", 3) + b"\x80zz")  # not a pickle
@@ -120,16 +121,13 @@ def test_an_unreadable_message_closes_its_connection_only() -> None:
                     await asyncio.to_thread(garbled.recv)
                 sound.send(("events", [(reply_to.stream, _delta("still here"))]))
                 assert (await _next(events)).text == "still here"
-        finally:
-            inbox.shutdown()
 
     asyncio.run(scenario())
 
 
 def test_connections_are_read_on_the_event_loop_not_by_threads() -> None:
     async def scenario() -> None:
-        inbox = EventInbox("node-a")
-        try:
+        with _inbox() as inbox:
             reply_to, events = inbox.open()
             threads = threading.active_count()
             with connect(reply_to) as first, connect(reply_to) as second:
@@ -137,7 +135,5 @@ def test_connections_are_read_on_the_event_loop_not_by_threads() -> None:
                     sender.send(("events", [(reply_to.stream, _delta(text))]))
                 assert {(await _next(events)).text for _ in range(2)} == {"a", "b"}
                 assert threading.active_count() == threads
-        finally:
-            inbox.shutdown()
 
     asyncio.run(scenario())
