@@ -11,7 +11,7 @@ from .api.access import warn_if_exposed
 from .api.deployment import GatewayDeployment, routing_user_config
 from .config import DeploymentOptions, SlimserveConfig, load_config
 from .ray_settings import apply_serve_environment
-from .replica.server import VariantServer
+from .replica.server import VariantReplica
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def build_application(config: SlimserveConfig, listen: bool = False):  # -> ray.
     as_dict = config.model_dump(mode="json")
     variants = {}
     for name in config.variants:
-        deployment = serve.deployment(VariantServer).options(
+        deployment = serve.deployment(VariantReplica).options(
             name=f"variant-{name}", **variant_deployment_options(config, name)
         )
         variants[name] = deployment.bind(name, as_dict)

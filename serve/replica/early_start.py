@@ -16,7 +16,8 @@ goes on where it runs, the gateway watching that replica's door.
 
 A replica refuses early starts while its Serve calls and running unattached early starts fill
 its `max_ongoing_requests`; the Serve call then runs the request itself, after Serve's own
-queue.
+queue. A replica's graceful stop refuses new early starts and waits a while for those no Serve
+call spans (Serve's own wait covers only its calls): `VariantReplica` in server.py.
 
 The wire: `("start", GenerateRequest as a dict)` and `("abort", (inbox address, stream))`.
 """
@@ -77,12 +78,23 @@ class EarlyStarts:
         self._early: dict[EarlyKey, _Early] = {}
         self._arrivals: dict[EarlyKey, asyncio.Future[None]] = {}
         self.counts = {"early_started": 0, "early_refused": 0, "early_unattached": 0}
+        self._draining = False
         self._listener = MessageListener("door", self._on_message, self._abort_all, loop)
         self.door = ReplicaDoor(
             address=self._listener.address,
             authkey=self._listener.authkey.hex(),
             node_id=node_id,
         )
+
+    async def drain(self, timeout: float) -> None:
+        """A graceful stop: refuse new starts and let those running here with no Serve call
+        attached end, for at most `timeout` seconds (Ray Serve waits only for its own calls;
+        a start whose call went to the replica taking over runs here to its end)."""
+        self._draining = True
+        running = [e.task for e in self._early.values() if e.task is not None and not e.task.done()]
+        if running:
+            log.info("waiting for %d early-started requests to end", len(running))
+            await asyncio.wait(running, timeout=timeout)
 
     def close(self) -> None:
         self._listener.shutdown()
@@ -126,7 +138,7 @@ class EarlyStarts:
             log.warning("an early start that is no request: %s", error)
             return
         task = None
-        if self.serve_calls + self._unattached() < self._max_ongoing:
+        if not self._draining and self.serve_calls + self._unattached() < self._max_ongoing:
             run = self._run(request)
             if run is not None:
                 task = self._loop.create_task(run)

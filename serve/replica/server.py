@@ -333,3 +333,19 @@ class VariantServer:
         outlets = getattr(self, "outlets", None)
         if outlets is not None:
             outlets.close()
+
+
+# How long a graceful stop waits for early-started requests with no Serve call attached, within
+# Ray Serve's graceful_shutdown_timeout_s (20 s), which its wait for its own calls shares.
+EARLY_DRAIN_S = 10.0
+
+
+class VariantReplica(VariantServer):
+    """A VariantServer as Ray Serve runs it: its graceful stop first lets the requests started
+    at its door that no Serve call spans end (Serve waits only for its own calls)."""
+
+    async def __del__(self) -> None:  # Ray Serve awaits it; outside Serve, VariantServer's
+        early = getattr(self, "early", None)
+        if early is not None:
+            await early.drain(EARLY_DRAIN_S)
+        super().__del__()

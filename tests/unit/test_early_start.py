@@ -381,6 +381,52 @@ def test_a_gateway_that_goes_away_aborts_what_it_started_early(server, loop, inb
     assert loop.run_until_complete(scenario()) == 1  # the short one only: LONG was aborted
 
 
+def test_a_graceful_stop_lets_early_starts_end_and_refuses_new_ones(
+    server, loop, inbox, monkeypatch
+):
+    loop.run_until_complete(server.stats())  # opens the door
+    early = server.early
+    monkeypatch.setattr(early, "_draining", False)  # restored for the tests after
+    gate = asyncio.Event()
+    run = early._run
+
+    def held_run(request: GenerateRequest) -> Any:
+        async def held() -> None:
+            await gate.wait()  # injected: the request is still running when the stop comes
+            await run(request)
+
+        return held()
+
+    monkeypatch.setattr(early, "_run", held_run)
+
+    async def scenario():
+        door = ReplicaDoor.model_validate(early.door.model_dump())
+        connection = await asyncio.to_thread(connect, door)
+        first, first_events = inbox.open()
+        connection.send(("start", GREEDY.model_copy(update={"reply_to": first}).model_dump()))
+        await _until(lambda: (first.address, first.stream) in early._early)
+        draining = asyncio.ensure_future(early.drain(timeout=60))
+        counts = _counts(server)
+        late, _ = inbox.open()
+        connection.send(("start", GREEDY.model_copy(update={"reply_to": late}).model_dump()))
+        await _until(lambda: _counts(server)["early_refused"] > counts["early_refused"])
+        waited_for_it = not draining.done()
+        gate.set()
+        await draining
+        ended = [await asyncio.wait_for(first_events.get(), 30)]
+        while ended[-1].kind not in ("done", "error"):
+            ended.append(await asyncio.wait_for(first_events.get(), 30))
+        for reply_to in (first, late):  # no Serve call will claim them
+            connection.send(("abort", (reply_to.address, reply_to.stream)))
+        await _until(lambda: not early._early)
+        connection.close()
+        return waited_for_it, ended
+
+    waited_for_it, ended = loop.run_until_complete(scenario())
+    assert waited_for_it  # the stop waits while the request runs
+    assert ended[-1].kind == "done" and ended[-1].completion_tokens == 6  # ran to its end
+
+
 @pytest.mark.parametrize(
     ("deployment", "server", "early"),
     [
