@@ -126,10 +126,10 @@ class EventOutlets:
 
 
 class EventInbox:
-    """Gateway side: takes connections from engine processes on this node and puts each
-    event in the queue of the stream it names, read on the event loop of the first stream
-    opened (the gateway replica's); a stream on another loop gets its events by one wake-up of
-    that loop per message, not per event."""
+    """Gateway side: takes connections from engine processes on this node, read on the event
+    loop of the first stream opened (the gateway replica's), and puts each event in the queue
+    of the stream it names; a stream on another loop gets its events by one wake-up of that
+    loop per message, not per event."""
 
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
@@ -163,22 +163,11 @@ class EventInbox:
         self._listener.shutdown()
 
     def _received(self, _: int, message: tuple[str, list[tuple[int, EngineEvent]]]) -> None:
-        """On the listener's loop."""
         kind, items = message
         if kind != "events":
             return
-        here = self._listener.loop
-        elsewhere = []
-        for number, event in items:
-            stream = self._streams.get(number)
-            if stream is None:  # its caller left
-                continue
-            if stream[0] is here:
-                stream[1].put_nowait(event)
-            else:
-                elsewhere.append((stream, event))
-        if elsewhere:
-            deliver_to_streams(elsewhere)
+        streams = ((self._streams.get(number), event) for number, event in items)
+        deliver_to_streams((s, event) for s, event in streams if s is not None)  # else it left
 
 
 def this_node() -> str | None:

@@ -35,9 +35,17 @@ def put_all(items: list[tuple[asyncio.Queue, EngineEvent]]) -> None:
 
 def deliver_to_streams(items: Iterable[tuple[Stream, EngineEvent]]) -> None:
     """Each event to its stream's queue, one batch per loop; a loop that is gone gets
-    nothing (its callers left)."""
+    nothing (its callers left). Called on a stream's own loop (the gateway's inbox is read
+    there), its events are put at once, with no wake-up."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, EngineEvent]]] = {}
     for (loop, queue), event in items:
         by_loop.setdefault(loop, []).append((queue, event))
+    try:
+        here = asyncio.get_running_loop()
+    except RuntimeError:  # a thread of its own (the engine's)
+        here = None
     for loop, batch in by_loop.items():
-        LoopSink(loop).deliver(batch)
+        if loop is here:
+            put_all(batch)
+        else:
+            LoopSink(loop).deliver(batch)

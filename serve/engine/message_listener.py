@@ -3,11 +3,11 @@
 The gateway's event inbox and a variant replica's door take messages sent by
 `multiprocessing.connection` (a 4-byte length, then the pickle). A thread blocked on each
 connection cost every message a thread wake-up, the interpreter lock handed over and a write to
-the loop's wake-up pipe, ~30 us of CPU a message more than reading the socket on the loop itself
-(loadtests/README.md, "The inbox read on the event loop"); on a 2-core machine that CPU comes out
-of the engine's decode step. So a thread only accepts (the auth handshake blocks) and hands each
-connection to the loop, which reads it when it is readable and parses whole messages out of
-what has come.
+the loop's wake-up pipe, ~40 us of CPU a message more than reading the socket on the loop itself
+(loadtests/README.md, "The inbox and the door read on the event loop"); on a 2-core machine that
+CPU comes out of the engine's decode step. So a thread only accepts (the auth handshake
+blocks) and hands each connection to the loop, which reads it when it is readable and parses
+whole messages out of what has come.
 """
 
 from __future__ import annotations
