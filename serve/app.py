@@ -10,6 +10,7 @@ from typing import Any
 from .api.access import warn_if_exposed
 from .api.deployment import GatewayDeployment, routing_user_config
 from .config import DeploymentOptions, SlimserveConfig, load_config
+from .ports import reserved_port
 from .ray_settings import apply_serve_environment
 from .replica.server import VariantReplica
 
@@ -102,16 +103,19 @@ def run_local(config: SlimserveConfig) -> None:
             os.cpu_count(),
         )
     log.info("Ray Serve settings: %s", apply_serve_environment())  # before Ray starts
-    # address="local": always a fresh Ray of our own, never a cluster some other process started.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False)
-    # The gateway replica listens on the configured port itself, so Serve runs no HTTP proxy
-    # (one process fewer polling on a small machine).
-    # http_options only name the address in Serve's own "ready at" line: nothing binds it.
-    serve.start(
-        proxy_location="Disabled",
-        http_options={"host": config.server.host, "port": config.server.port},
-    )
-    serve.run(build_application(config, listen=True), name=APP_NAME, route_prefix="/")
+    # A busy port fails here, not minutes later when the gateway replica starts, and Ray's own
+    # processes cannot take it meanwhile (ports.py).
+    with reserved_port(config.server.host, config.server.port):
+        # address="local": always a fresh Ray of our own, never a cluster another process started.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+        # The gateway replica listens on the configured port itself, so Serve runs no HTTP
+        # proxy (one process fewer polling on a small machine).
+        # http_options only name the address in Serve's own "ready at" line: nothing binds it.
+        serve.start(
+            proxy_location="Disabled",
+            http_options={"host": config.server.host, "port": config.server.port},
+        )
+        serve.run(build_application(config, listen=True), name=APP_NAME, route_prefix="/")
     log.info("the gateway replica serves %s:%d itself", config.server.host, config.server.port)
 
 

@@ -12,6 +12,7 @@ import time
 
 from .config import ConfigError, SlimserveConfig, load_config
 from .logs import configure_logging
+from .ports import PortInUseError
 
 log = logging.getLogger("slimserve.cli")
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as error:
+    except (ConfigError, PortInUseError) as error:
         print(f"slimserve: {error}", file=sys.stderr)
         return 2
 

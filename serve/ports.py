@@ -1,13 +1,75 @@
-"""A free port for a server this process starts (the gateway's spare proxy port, benchmark and
-test servers)."""
+"""Ports for the servers this project starts: a free one for tests and benchmarks, and the
+gateway's own, held from before Ray starts until the gateway replica listens on it.
+
+A port the OS hands out (bind to port 0) lies in its ephemeral range, where every outgoing
+connection and every server of Ray's that binds port 0 also draws theirs: between picking such a
+port and binding it, one of Ray's processes can take it, and the gateway replica then fails to
+start on it. So `free_port` picks outside that range (and outside Ray's worker ports), and
+`reserved_port` keeps the gateway's port bound, not listening, while Ray starts: neither an
+automatic bind nor an outgoing connection takes a port that a socket is bound to.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import random
 import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+DEFAULT_EPHEMERAL = (32768, 60999)  # Linux's default, where the file cannot be read
+RAY_WORKER_PORTS = range(10002, 20000)  # ray start's default --min/--max-worker-port
+FIRST_CANDIDATE = RAY_WORKER_PORTS.stop
+TRIES = 64
+
+
+class PortInUseError(RuntimeError):
+    """The port a server was asked to listen on is taken."""
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The OS's range for automatically assigned ports, both ends included."""
+    try:
+        low, high = (int(part) for part in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return DEFAULT_EPHEMERAL
+    return low, high
+
+
+def _bindable(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on now on `host` (the OS picks it)."""
-    with socket.socket() as probe:
+    """A TCP port nothing is bound to now on `host`, outside the ephemeral range and Ray's
+    worker ports, so no automatically assigned port takes it before its server binds it."""
+    low, high = ephemeral_range()
+    candidates = [p for p in range(FIRST_CANDIDATE, 65536) if not low <= p <= high]
+    for port in random.sample(candidates, min(TRIES, len(candidates))):
+        if _bindable(host, port):
+            return port
+    with socket.socket() as probe:  # every candidate taken: let the OS pick one
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def reserved_port(host: str, port: int) -> Iterator[None]:
+    """Hold host:port bound (SO_REUSEADDR, not listening) for the block: the gateway replica,
+    binding it the same way, can still listen there, and nothing else can take it. Raises
+    PortInUseError at once when something is bound or listening there already."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as hold:
+        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            hold.bind((host, port))
+        except OSError as error:
+            raise PortInUseError(f"cannot listen on {host}:{port}: {error.strerror}") from error
+        yield

@@ -62,9 +62,10 @@ class InProcessBackend:
         self.server = server
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[EngineEvent, None]:
-        async for batch in self.server.generate(request.model_dump()):
-            for item in batch:
-                yield EngineEvent.model_validate(item)
+        async with contextlib.aclosing(self.server.generate(request.model_dump())) as batches:
+            async for batch in batches:
+                for item in batch:
+                    yield EngineEvent.model_validate(item)
 
     async def stats(self) -> dict[str, Any]:
         return await self.server.stats()

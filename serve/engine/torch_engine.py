@@ -320,8 +320,8 @@ class TorchEngine:
         if isinstance(seq, ErrorInfo):
             yield EngineEvent(kind="error", error=seq)
             return
-        yield EngineEvent(kind="accepted", prompt_tokens=len(prompt_ids))
-        try:
+        try:  # a caller that leaves at "accepted" leaves a queued request: abort it too
+            yield EngineEvent(kind="accepted", prompt_tokens=len(prompt_ids))
             async for event in drain_events(events):
                 yield event
         finally:

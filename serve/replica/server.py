@@ -6,6 +6,7 @@ Runs as a Ray Serve deployment (one per variant), and equally in-process for tes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -161,8 +162,11 @@ class VariantServer:
                 if claimed != "refused":
                     await claimed  # cancelling this call cancels it: the engine aborts it
                     return
-            async for batch in self._serve(req):
-                yield batch
+            # Closing this call closes what it iterates at once, so the engine drops the
+            # request before the close returns: a retry finds its queue place free.
+            async with contextlib.aclosing(self._serve(req)) as batches:
+                async for batch in batches:
+                    yield batch
         finally:
             if early is not None:
                 early.serve_calls -= 1
@@ -174,8 +178,9 @@ class VariantServer:
             return
         self.streams[sender] += 1
         events = self._events(req, forward=sender == "from_engine")
-        async for batch in paced_batches(events, self.pacer):
-            yield [event.model_dump() for event in batch]
+        async with contextlib.aclosing(paced_batches(events, self.pacer)) as batches:
+            async for batch in batches:
+                yield [event.model_dump() for event in batch]
 
     def _early_run(self, req: GenerateRequest) -> Coroutine[Any, Any, None] | None:
         """An early start's whole run, every event to the gateway's inbox; None when this
@@ -194,9 +199,10 @@ class VariantServer:
         assert req.reply_to is not None
         self.streams[sender] += 1
         events = self._events(req, forward=sender == "from_engine")
-        async for batch in paced_batches(events, self.pacer):
-            if not outlet.send([(req.reply_to.stream, event) for event in batch]):
-                return  # the gateway that asked is gone: closing the events aborts it
+        async with contextlib.aclosing(paced_batches(events, self.pacer)) as batches:
+            async for batch in batches:
+                if not outlet.send([(req.reply_to.stream, event) for event in batch]):
+                    return  # the gateway that asked is gone: closing the events aborts it
 
     def _sender(self, req: GenerateRequest) -> tuple[str, EventOutlet | None]:
         """Who sends this request's events to the gateway (a key of `streams`), and this
@@ -231,18 +237,19 @@ class VariantServer:
             )
         else:
             engine_events = self.engine.generate(req.request_id, prompt_ids, req.sampling)
-        async for event in engine_events:
-            if event.kind == "forwarded":  # the engine sent the events to the gateway itself
-                return
-            if event.kind == "prompt":
-                self._describe_prompt(event, req, prompt_ids)
-            elif event.kind == "delta" and event.logprobs:
-                self._label(event.logprobs)
-            yield event
-            if event.kind == "accepted" and echo_here:
-                prompt = EngineEvent(kind="prompt")
-                self._describe_prompt(prompt, req, prompt_ids)
-                yield prompt
+        async with contextlib.aclosing(engine_events):
+            async for event in engine_events:
+                if event.kind == "forwarded":  # the engine sent the events to the gateway itself
+                    return
+                if event.kind == "prompt":
+                    self._describe_prompt(event, req, prompt_ids)
+                elif event.kind == "delta" and event.logprobs:
+                    self._label(event.logprobs)
+                yield event
+                if event.kind == "accepted" and echo_here:
+                    prompt = EngineEvent(kind="prompt")
+                    self._describe_prompt(prompt, req, prompt_ids)
+                    yield prompt
 
     async def score(self, request: dict[str, Any], reference: str, limit: int) -> dict[str, Any]:
         """Next-token log-probs of the request's prompt + `reference` (see serve.scoring)."""

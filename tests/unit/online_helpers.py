@@ -3,6 +3,7 @@ model, the real FastAPI app, a TestClient. Shared by the MFU, shadow, canary and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -122,3 +123,12 @@ def until(condition: Callable[[], bool], what: str, limit: float = 60.0) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+async def until_async(condition: Callable[[], bool], what: str, limit: float = 60.0) -> None:
+    """`until` inside a coroutine: the event loop keeps running while it waits."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)

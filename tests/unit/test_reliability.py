@@ -27,7 +27,7 @@ from slimserve.serve.config import ServerOptions, SlimserveConfig, parse_config
 from slimserve.serve.replica.server import VariantServer
 
 from .conftest import tiny_llama
-from .online_helpers import serving, until, variant_servers
+from .online_helpers import serving, until, until_async, variant_servers
 
 pytestmark = pytest.mark.xdist_group("ray")  # starts Ray: see tests/conftest.py
 
@@ -137,6 +137,31 @@ def test_overload_is_refused_at_once_with_retry_after_and_queued_work_dropped(ov
     holder.join(timeout=60)
     waiter.join(timeout=60)
     assert waiter.status == 200 and waiter.events[-1] == "[DONE]"
+    until(lambda: engine.stats()["running"] == 0, "the slot to be freed")
+
+
+def test_a_stream_closed_while_queued_frees_its_place_before_the_close_returns(overload_gateway):
+    # What a retry after a lost stream needs: the request it replaces gives up its place in the
+    # queue at once, not when the event loop gets round to closing the generators inside.
+    _, server = overload_gateway
+    engine = server.engine
+
+    def request(request_id: str, max_tokens: int) -> dict:
+        sampling = {"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True}
+        return {"request_id": request_id, "prompt_token_ids": [1, 5, 9], "sampling": sampling}
+
+    async def scenario() -> None:
+        holder = server.generate(request("holder", LONG_CONTEXT - 64))
+        await anext(holder)
+        await until_async(lambda: engine.stats()["running"] == 1, "the slot to be taken")
+        queued = server.generate(request("queued", 4))
+        await anext(queued)  # accepted, and waiting behind the holder
+        assert engine.stats()["waiting"] == 1
+        await queued.aclose()
+        assert engine.stats()["waiting"] == 0
+        await holder.aclose()
+
+    asyncio.run(scenario())
     until(lambda: engine.stats()["running"] == 0, "the slot to be freed")
 
 
