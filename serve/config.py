@@ -154,9 +154,16 @@ class DeploymentOptions(_Strict):
     early_start: bool = Field(
         True,
         description="with server.direct_streams and one replica, the gateway replica on its "
-        "node sends each request to the replica itself, and the Serve call, made once the "
-        "first token is out, attaches to the running request: the prompt reaches the engine "
-        "without waiting for Serve's call",
+        "node sends each request to the replica itself (which admits it against "
+        "max_ongoing_requests), and a Serve call attaches to the running request once it has "
+        "run attach_after_ms: the prompt reaches the engine without waiting for Serve's call",
+    )
+    attach_after_ms: float = Field(
+        250.0,
+        ge=0,
+        description="with early_start: how long a request runs before its Serve call attaches "
+        "(the call costs a few ms of CPU, which the engine's cores pay for); a request that "
+        "ends sooner never takes one, so Serve's own request metrics do not count it",
     )
 
 

@@ -22,9 +22,6 @@ log = logging.getLogger(__name__)
 FORWARDED_END_GRACE_S = 5.0
 # Put in a stream's queue when its Serve call ended.
 _SERVE_CALL_ENDED = EngineEvent(kind="forwarded")
-# A request started early at a replica's door gets its Serve call once its first token is out,
-# or after this long, whichever comes first (replica/early_start.py).
-ATTACH_AFTER_S = 0.05
 # How often a stream no Serve call spans checks that its replica's door is still there.
 WATCH_S = 1.0
 
@@ -124,8 +121,8 @@ class RayBackend:
     node sends the events there itself (event_channel.py); the Serve call still spans the
     request and brings what the replica relays (from another node) or fails with. With
     `early_start` as well (a variant of one replica), each request starts at the replica's
-    door, learnt from its stats, and the Serve call attaches to it there once its first token
-    is out (replica/early_start.py)."""
+    door, learnt from its stats, and the Serve call attaches to it there once it has run
+    `attach_after_s` (replica/early_start.py)."""
 
     def __init__(
         self,
@@ -133,11 +130,13 @@ class RayBackend:
         handle: Any,
         inbox: EventInbox | None = None,
         early_start: bool = False,
+        attach_after_s: float = 0.0,
     ) -> None:
         self.variant = variant
         self.handle = handle
         self.inbox = inbox
         self.early_start = early_start and inbox is not None
+        self.attach_after_s = attach_after_s
         self._door: Door | None = None
         self._stream = handle.options(stream=True)
         self._finishing: set[asyncio.Task] = set()  # Serve calls whose stream already ended
@@ -190,8 +189,9 @@ class RayBackend:
     ) -> AsyncGenerator[EngineEvent, None]:
         """One request's stream, its events from the inbox, spanned by a Serve call. With
         `door`, the request starts there at once and the Serve call that attaches to it comes
-        once its first token is out (or ATTACH_AFTER_S passed): Serve's call costs CPU that,
-        made during the prefill, the engine's two cores pay for in TTFT. Should that call reach
+        once it has run `attach_after_s`, and never when it ends sooner: Serve's call costs
+        ~2-3 ms of CPU that the engine's two cores pay for, in TTFT when made during the
+        prefill, between tokens after (the door already did admission). Should that call reach
         a replica that never got the request, this ends with "unattached" when nothing went to
         the caller yet (the request is aborted at the door, to be asked again), else the
         request goes on where it runs, watched through the door."""
@@ -205,17 +205,18 @@ class RayBackend:
             return _ServeCall(self._stream, asked, events, self._failed)
 
         call = None if early else serve_call()
-        attach_at = loop.time() + ATTACH_AFTER_S
+        attach_at = loop.time() + self.attach_after_s
         passed_on = False  # an event went to the caller
         spanned = True  # a Serve call spans the request (or will)
         ended = False
         try:
             while True:
                 if call is None:
+                    remaining = attach_at - loop.time()
                     try:
-                        event = await asyncio.wait_for(
-                            events.get(), max(attach_at - loop.time(), 0.0)
-                        )
+                        if remaining <= 0:
+                            raise TimeoutError
+                        event = await asyncio.wait_for(events.get(), remaining)
                     except TimeoutError:
                         call = serve_call()
                         continue
@@ -245,8 +246,6 @@ class RayBackend:
                 if event.kind in ("done", "error"):
                     ended = True
                     return
-                if call is None and event.kind == "delta":
-                    call = serve_call()
         finally:
             inbox.close(reply_to.stream)
             if door is not None and early and (call is None or not ended or not spanned):

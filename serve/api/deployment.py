@@ -33,7 +33,13 @@ class GatewayDeployment:
         node = this_node()
         self.inbox = EventInbox(node) if cfg.server.direct_streams and node is not None else None
         backends = {
-            name: RayBackend(name, handle, self.inbox, early_start=early_starts(cfg, name))
+            name: RayBackend(
+                name,
+                handle,
+                self.inbox,
+                early_start=early_starts(cfg, name),
+                attach_after_s=cfg.deployment_for(name).attach_after_ms / 1000,
+            )
             for name, handle in variants.items()
         }
         self.core = GatewayCore(cfg, backends)

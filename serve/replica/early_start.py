@@ -6,13 +6,16 @@ engine could not start a prompt before it. When the gateway replica shares the n
 variant that runs one replica, it sends each request to the replica's door (a Unix socket in
 the abstract namespace, with an auth key) instead, and the replica starts it at once, its
 events going to the gateway's inbox as for any request (engine/event_channel.py). The Serve
-call follows once the request's first token is out (or 50 ms passed: api/backends.py) and
-attaches to the running request, so Serve's routing, `max_ongoing_requests`, cancellation and
-replica restarts act on it as before; made during the prefill, that call's CPU came out of the
-engine's two cores and TTFT paid for it. A Serve call that reaches a replica that never got
-the request (one that took over, say) is answered "unattached": before anything went to the
-client the gateway aborts the early start and asks again the ordinary way; after, the request
-goes on where it runs, the gateway watching that replica's door.
+call follows once the request has run `deployment.attach_after_ms` (api/backends.py) and
+attaches to the running request, so Serve's cancellation, graceful stop and request metrics
+see it; made during the prefill, that call's CPU came out of the engine's two cores and TTFT
+paid for it, and made after the first token it slowed a short answer's decode by 6-14%
+(loadtests/README.md). A request that ends sooner never takes a Serve call: the door admits it
+against `max_ongoing_requests`, the gateway's abort ends it, and the graceful stop below waits
+for it. A Serve call that reaches a replica that never got the request (one that took over,
+say) is answered "unattached": before anything went to the client the gateway aborts the early
+start and asks again the ordinary way; after, the request goes on where it runs, the gateway
+watching that replica's door.
 
 A replica refuses early starts while its Serve calls and running unattached early starts fill
 its `max_ongoing_requests`; the Serve call then runs the request itself, after Serve's own

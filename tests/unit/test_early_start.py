@@ -110,10 +110,10 @@ def inbox(loop):
 
 
 async def _backend(
-    server: Any, inbox: EventInbox, elsewhere: bool = False
+    server: Any, inbox: EventInbox, elsewhere: bool = False, attach_after_s: float = 0.0
 ) -> tuple[RayBackend, _Handle]:
     handle = _Handle(server, elsewhere)
-    backend = RayBackend("child", handle, inbox, early_start=True)
+    backend = RayBackend("child", handle, inbox, early_start=True, attach_after_s=attach_after_s)
     stats = await backend.stats()  # opens the replica's door and learns it
     assert "door" not in stats  # the door is the backend's, never a client's
     return backend, handle
@@ -180,6 +180,76 @@ def test_a_request_starts_at_the_door_and_its_serve_call_attaches(
     assert [p["early"] for p in payloads] == [True]
     assert change == {"early_started": 1, sender: 1}
     assert _text(events) == plain
+
+
+def test_a_request_that_ends_before_its_attach_time_takes_no_serve_call(server, loop, inbox):
+    async def scenario():
+        backend, handle = await _backend(server, inbox, attach_after_s=60.0)
+        before = _counts(server)
+        events = await _collect(backend, GREEDY)
+        await _until(lambda: _idle(server))  # the gateway's word freed its place at the door
+        return events, handle.payloads, _change(before, server), await _plain_text(server, GREEDY)
+
+    events, payloads, change, plain = loop.run_until_complete(scenario())
+    assert payloads == []
+    assert change == {"early_started": 1, "from_engine": 1}
+    assert events[-1].kind == "done" and _text(events) == plain
+
+
+class _EndAfterServeCall(asyncio.Queue):
+    """Injected order: a stream's end waits until its Serve call was made, so the request
+    outlives its attach time however fast the engine is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Any] = []
+        self.called = False
+
+    def put_nowait(self, item: Any) -> None:
+        if not self.called and (getattr(item, "kind", None) == "done" or self.held):
+            self.held.append(item)
+        else:
+            super().put_nowait(item)
+
+    def serve_call_made(self) -> None:
+        self.called = True
+        for item in self.held:
+            super().put_nowait(item)
+        self.held.clear()
+
+
+def test_a_request_that_outlives_its_attach_time_gets_its_serve_call(
+    server, loop, inbox, monkeypatch
+):
+    held = _EndAfterServeCall()
+    open_stream = inbox.open
+
+    def open_held() -> tuple[Any, asyncio.Queue]:
+        reply_to, _ = open_stream()
+        inbox._streams[reply_to.stream] = (asyncio.get_running_loop(), held)
+        return reply_to, held
+
+    monkeypatch.setattr(inbox, "open", open_held)
+
+    async def scenario():
+        backend, handle = await _backend(server, inbox, attach_after_s=0.05)
+        remote = handle.remote
+
+        def remote_then_release(payload: dict) -> _ServeCall:
+            call = remote(payload)
+            held.serve_call_made()
+            return call
+
+        handle.remote = remote_then_release
+        before = _counts(server)
+        events = await asyncio.wait_for(_collect(backend, GREEDY), 30)
+        await _until(lambda: _idle(server))
+        return events, handle.payloads, _change(before, server)
+
+    events, payloads, change = loop.run_until_complete(scenario())
+    assert [p["early"] for p in payloads] == [True]
+    assert change == {"early_started": 1, "from_engine": 1}
+    assert events[-1].kind == "done"
 
 
 def test_a_start_that_never_reaches_the_door_is_asked_again_without_it(
