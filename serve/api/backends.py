@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from ..engine.event_channel import EventInbox, connect
 from ..engine.limits import server_error
 from ..engine.types import EngineEvent, GenerateRequest, ReplicaDoor
-from .failures import VariantDownError, from_backend_exception, is_lost_replica
+from .failures import VariantDownError, from_backend_exception, is_lost_replica, unavailable
 from .replica_door import Door
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,12 @@ async def _wait_for_end(events: asyncio.Queue, variant: str) -> EngineEvent:
         return EngineEvent(kind="error", error=server_error(message))
 
 
+def _replica_gone(variant: str) -> EngineEvent:
+    """The end of a stream whose replica (its door) went away with the request: as for a
+    lost replica under a Serve call, so the router takes the variant out until it is back."""
+    return EngineEvent(kind="error", error=unavailable(variant, "its replica went away mid-stream"))
+
+
 async def _watched(events: asyncio.Queue, door: Door, variant: str) -> EngineEvent:
     """The next event of a stream that runs at `door`'s replica with no Serve call spanning
     it: an error once that replica is gone."""
@@ -42,8 +48,7 @@ async def _watched(events: asyncio.Queue, door: Door, variant: str) -> EngineEve
             return await asyncio.wait_for(events.get(), WATCH_S)
         except TimeoutError:
             if door.gone():
-                message = f"the replica of variant {variant} went away mid-stream"
-                return EngineEvent(kind="error", error=server_error(message))
+                return _replica_gone(variant)
 
 
 class VariantBackend(Protocol):
@@ -218,8 +223,11 @@ class RayBackend:
                             raise TimeoutError
                         event = await asyncio.wait_for(events.get(), remaining)
                     except TimeoutError:
-                        call = serve_call()
-                        continue
+                        assert door is not None  # no call yet: the request started there
+                        if not door.gone():
+                            call = serve_call()
+                            continue
+                        event = _replica_gone(self.variant)  # no Serve call can find it now
                 elif not spanned and door is not None:
                     event = await _watched(events, door, self.variant)
                 elif call.ended:  # the Serve call ended: the stream's end is on its way

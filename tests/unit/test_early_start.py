@@ -252,6 +252,33 @@ def test_a_request_that_outlives_its_attach_time_gets_its_serve_call(
     assert events[-1].kind == "done"
 
 
+def test_a_replica_gone_before_the_attach_time_ends_the_stream_as_a_lost_replica(
+    server, loop, inbox, monkeypatch
+):
+    held = _EndAfterServeCall()  # the answer's end never comes: the replica "died" first
+    open_stream = inbox.open
+
+    def open_held() -> tuple[Any, asyncio.Queue]:
+        reply_to, _ = open_stream()
+        inbox._streams[reply_to.stream] = (asyncio.get_running_loop(), held)
+        return reply_to, held
+
+    monkeypatch.setattr(inbox, "open", open_held)
+
+    async def scenario():
+        backend, handle = await _backend(server, inbox, attach_after_s=0.1)
+        # Injected: its replica went away with the request, once the request has started.
+        backend._door.gone = lambda: bool(held.held)
+        events = await asyncio.wait_for(_collect(backend, GREEDY), 30)
+        await _until(lambda: _idle(server))
+        return events, handle.payloads
+
+    events, payloads = loop.run_until_complete(scenario())
+    assert payloads == []  # no Serve call to a replica that cannot have the request
+    assert events[-1].kind == "error" and events[-1].error.code == "variant_unavailable"
+    assert any(e.kind == "delta" for e in events)
+
+
 def test_a_start_that_never_reaches_the_door_is_asked_again_without_it(
     server, loop, inbox, monkeypatch
 ):
