@@ -149,6 +149,19 @@ async def _until(check: Callable[[], bool], seconds: float = 15.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def _stream_into(inbox: EventInbox, monkeypatch: Any, make: Callable[[], asyncio.Queue]) -> None:
+    """Injected: each stream the inbox opens puts its events into the queue `make` gives."""
+    open_stream = inbox.open
+
+    def open_into() -> tuple[Any, asyncio.Queue]:
+        reply_to, _ = open_stream()
+        queue = make()
+        inbox._streams[reply_to.stream] = (asyncio.get_running_loop(), queue)
+        return reply_to, queue
+
+    monkeypatch.setattr(inbox, "open", open_into)
+
+
 def _idle(server: Any) -> bool:
     stats = server.engine.stats()
     return stats["running"] == 0 and stats["waiting"] == 0 and not server.early._early
@@ -222,14 +235,7 @@ def test_a_request_that_outlives_its_attach_time_gets_its_serve_call(
     server, loop, inbox, monkeypatch
 ):
     held = _EndAfterServeCall()
-    open_stream = inbox.open
-
-    def open_held() -> tuple[Any, asyncio.Queue]:
-        reply_to, _ = open_stream()
-        inbox._streams[reply_to.stream] = (asyncio.get_running_loop(), held)
-        return reply_to, held
-
-    monkeypatch.setattr(inbox, "open", open_held)
+    _stream_into(inbox, monkeypatch, lambda: held)
 
     async def scenario():
         backend, handle = await _backend(server, inbox, attach_after_s=0.05)
@@ -256,14 +262,7 @@ def test_a_replica_gone_before_the_attach_time_ends_the_stream_as_a_lost_replica
     server, loop, inbox, monkeypatch
 ):
     held = _EndAfterServeCall()  # the answer's end never comes: the replica "died" first
-    open_stream = inbox.open
-
-    def open_held() -> tuple[Any, asyncio.Queue]:
-        reply_to, _ = open_stream()
-        inbox._streams[reply_to.stream] = (asyncio.get_running_loop(), held)
-        return reply_to, held
-
-    monkeypatch.setattr(inbox, "open", open_held)
+    _stream_into(inbox, monkeypatch, lambda: held)
 
     async def scenario():
         backend, handle = await _backend(server, inbox, attach_after_s=0.1)
@@ -329,15 +328,7 @@ def test_a_serve_call_that_misses_after_tokens_went_out_leaves_the_request_runni
     server, loop, inbox, monkeypatch
 ):
     monkeypatch.setattr(early_start, "ATTACH_GRACE_S", 0.05)
-    open_stream = inbox.open
-
-    def open_held() -> tuple[Any, asyncio.Queue]:
-        reply_to, _ = open_stream()
-        held = _EndAfterUnattached()
-        inbox._streams[reply_to.stream] = (asyncio.get_running_loop(), held)
-        return reply_to, held
-
-    monkeypatch.setattr(inbox, "open", open_held)
+    _stream_into(inbox, monkeypatch, _EndAfterUnattached)
 
     async def scenario():
         backend, handle = await _backend(server, inbox, elsewhere=True)
