@@ -39,11 +39,11 @@ def target_linears(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Line
 
 @functools.lru_cache(maxsize=8)
 def _meta_linear_shapes(config_json: str, config_class: type) -> dict[str, tuple[int, int]]:
-    from transformers import AutoModelForCausalLM
+    from slimserve.models.loading import causal_lm_from_config
 
     config = config_class.from_dict(json.loads(config_json))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = causal_lm_from_config(config)
     return {name: (m.out_features, m.in_features) for name, m in target_linears(model, [])}
 
 

@@ -166,11 +166,10 @@ def _mismatch(manifest: store.Manifest, key: str, identity: dict[str, Any]) -> s
 
 
 def _load_plain(model_path: str, dtype: str):
-    from transformers import AutoModelForCausalLM
-
+    from slimserve.models.loading import causal_lm_from_pretrained
     from slimserve.models.store import torch_dtype
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype))
+    model = causal_lm_from_pretrained(model_path, dtype=torch_dtype(dtype))
     return model.eval()
 
 

@@ -182,10 +182,11 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
 def skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     """The architecture with parameters on the meta device and real (computed) buffers."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+
+    from slimserve.models.loading import causal_lm_from_config
 
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return causal_lm_from_config(config, dtype=dtype)
 
 
 def _materialize(model: nn.Module) -> None:

@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
+from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from slimserve.compression.calibration import load_text, token_windows
 from slimserve.compression.evaluation import evaluation_ids, perplexity
+from slimserve.models.loading import causal_lm_from_pretrained
 from slimserve.models.paths import cache_root
 from slimserve.models.store import resolve_model
 
@@ -130,7 +131,7 @@ def distill(
     torch.manual_seed(config.train.seed)
     teacher_path = resolve_model(config.teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
+    teacher = causal_lm_from_pretrained(teacher_path, dtype=torch.float32).eval()
     kept = kept_blocks(teacher, config.student, tokenizer, config.data.source)
     student = make_student(teacher, kept, config.student, tokenizer, config.data.source)
     log.info(

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from .loading import causal_lm_from_config, causal_lm_from_pretrained
 from .paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -48,17 +49,15 @@ def _embedded_gguf(alias: str) -> Path:
 
 def _materialize(gguf: Path, target: Path) -> None:
     """De-quantize the GGUF into a plain bf16 HF directory (safetensors, no quantization_config)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
-    )
+    loaded = causal_lm_from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
     config = loaded.config
     # A GGUF-loaded model refuses to save; rebuild a plain one with the same weights.
     del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    plain = causal_lm_from_config(config, dtype=torch.bfloat16)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     staging = target.with_name(target.name + f".partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -93,10 +92,10 @@ def checkpoint_weight_bytes(path: str) -> int:
 
 
 def load_model_and_tokenizer(name: str, dtype: str):  # -> (PreTrainedModel, tokenizer)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = resolve_model(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    model = causal_lm_from_pretrained(path, dtype=torch_dtype(dtype))
     model.eval()
     return model, tokenizer

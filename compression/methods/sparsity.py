@@ -36,10 +36,11 @@ def decoder_linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
     """
     import torch
     from torch import nn
-    from transformers import AutoModelForCausalLM
+
+    from slimserve.models.loading import causal_lm_from_config
 
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config)
+        skeleton = causal_lm_from_config(model_config)
     return {
         name: (module.out_features, module.in_features)
         for name, module in skeleton.named_modules()

@@ -38,11 +38,13 @@ class VariantBench(BaseModel):
 
 def checkpoint_flops(model_name: str) -> FlopModel:
     """The FLOP model of a checkpoint from its config alone (meta device, no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from slimserve.models.loading import causal_lm_from_config
 
     config = AutoConfig.from_pretrained(resolve_model(model_name))
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = causal_lm_from_config(config)
     return count_model_flops(skeleton)
 
 
