@@ -37,9 +37,12 @@ def ephemeral_range() -> tuple[int, int]:
     return low, high
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _bindable(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
         try:
             probe.bind((host, port))
         except OSError:
@@ -64,9 +67,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 def reserved_port(host: str, port: int) -> Iterator[None]:
     """Hold host:port bound (SO_REUSEADDR, not listening) for the block: the gateway replica,
     binding it the same way, can still listen there, and nothing else can take it. Raises
-    PortInUseError at once when something is bound or listening there already."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as hold:
+    PortInUseError at once when something listens there or holds it bound."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as hold:
         hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             hold.bind((host, port))

@@ -218,12 +218,12 @@ class RayBackend:
             while True:
                 if call is None:
                     remaining = attach_at - loop.time()
-                    try:
-                        if remaining <= 0:
-                            raise TimeoutError
-                        event = await asyncio.wait_for(events.get(), remaining)
-                    except TimeoutError:
-                        assert door is not None  # no call yet: the request started there
+                    event = None
+                    if remaining > 0:
+                        with contextlib.suppress(TimeoutError):
+                            event = await asyncio.wait_for(events.get(), remaining)
+                    if event is None:  # its attach time: the request started at the door
+                        assert door is not None
                         if not door.gone():
                             call = serve_call()
                             continue
