@@ -51,12 +51,8 @@ class Door:
                 return False
             self._pending += data
             return True
-        try:
-            written = os.write(self._fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            self.close()
+        written = self._write(data)
+        if written is None:
             return False
         if written < len(data):
             self._pending += data[written:]
@@ -78,13 +74,19 @@ class Door:
         with contextlib.suppress(OSError):
             self._connection.close()
 
-    def _flush(self) -> None:
+    def _write(self, data: bytes | bytearray) -> int | None:
+        """Bytes the socket took now; None when the peer is gone (the door is then closed)."""
         try:
-            written = os.write(self._fd, self._pending)
+            return os.write(self._fd, data)
         except BlockingIOError:
-            return
+            return 0
         except OSError:
             self.close()
+            return None
+
+    def _flush(self) -> None:
+        written = self._write(self._pending)
+        if not written:  # nothing taken yet, or the door closed
             return
         del self._pending[:written]
         if not self._pending:
