@@ -149,10 +149,12 @@ def settle() -> None:
             return
 
 
-async def _in_process(server: VariantServer, variant: str, measured: list[Load]) -> dict:
+async def _in_process(
+    server: VariantServer, variant: str, measured: list[Load]
+) -> dict[str, BenchRow]:
     """Every load on one event loop (vLLM's AsyncLLM stays bound to the loop it first served)."""
     await one_request(server, 0, 4)  # warm-up
-    rows = {}
+    rows: dict[str, BenchRow] = {}
     for load in measured:
         rows[load.name] = await closed_loop(
             lambda index, tokens=load.tokens: one_request(server, index, tokens),
@@ -163,7 +165,9 @@ async def _in_process(server: VariantServer, variant: str, measured: list[Load])
     return rows
 
 
-def measure_in_process(config_path: Path, variant: str, measured: list[Load]) -> dict:
+def measure_in_process(
+    config_path: Path, variant: str, measured: list[Load]
+) -> dict[str, BenchRow]:
     config = load_config(config_path).model_dump(mode="json")
     server = VariantServer(variant, config)
     try:
@@ -173,10 +177,10 @@ def measure_in_process(config_path: Path, variant: str, measured: list[Load]) ->
         server.engine.shutdown()
 
 
-async def _through_gateway(url: str, variant: str, measured: list[Load]) -> dict:
+async def _through_gateway(url: str, variant: str, measured: list[Load]) -> dict[str, BenchRow]:
     async with httpx.AsyncClient() as client:
         public = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
-    rows = {}
+    rows: dict[str, BenchRow] = {}
     for load in measured:
         rows[load.name] = await bench_variant(
             url, f"{public}:{variant}", variant, load.concurrency, load.requests, load.tokens
@@ -184,7 +188,9 @@ async def _through_gateway(url: str, variant: str, measured: list[Load]) -> dict
     return rows
 
 
-def measure_gateway(config_path: Path, variant: str, measured: list[Load], logs: Path) -> dict:
+def measure_gateway(
+    config_path: Path, variant: str, measured: list[Load], logs: Path
+) -> dict[str, BenchRow]:
     with running(slimserve_spec(str(config_path), free_port()), logs) as url:
         settle()
         return asyncio.run(_through_gateway(url, variant, measured))
