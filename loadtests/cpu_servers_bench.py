@@ -160,12 +160,12 @@ def cpu_busy(seconds: float = 3.0) -> float:
     return 1 - (idle_after - idle_before) / max(1, total_after - total_before)
 
 
-def wait_for_quiet(args: argparse.Namespace) -> None:
-    """Before a server starts: wait (up to --quiet-timeout s) until other processes keep the CPUs
-    less than --quiet-busy busy; llama.cpp's threads, one per core, slow down many times over
-    when another process takes a core."""
-    deadline = time.monotonic() + args.quiet_timeout
-    while (busy := cpu_busy()) > args.quiet_busy:
+def wait_for_quiet(most_busy: float, timeout: float) -> None:
+    """Before a measurement: wait (up to `timeout` s) until other processes keep the CPUs at most
+    `most_busy` busy (a server's start-up, the last one's exit); llama.cpp's threads, one per
+    core, slow down many times over when another process takes a core."""
+    deadline = time.monotonic() + timeout
+    while (busy := cpu_busy()) > most_busy:
         if time.monotonic() > deadline:
             log.warning("CPUs still %.0f%% busy with other work; measuring anyway", 100 * busy)
             return
@@ -208,7 +208,7 @@ def measure_vllm(args: argparse.Namespace) -> list[Entry]:
 
 
 def measure(server: str, args: argparse.Namespace) -> list[Entry]:
-    wait_for_quiet(args)
+    wait_for_quiet(args.quiet_busy, args.quiet_timeout)
     if server in LLAMACPP_SERVERS:
         return measure_llamacpp(LLAMACPP_SERVERS[server], args)
     if server == "slimserve":

@@ -20,9 +20,9 @@ import asyncio
 import logging
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import yaml
@@ -34,7 +34,7 @@ from slimserve.serve.ports import free_port
 from slimserve.serve.replica.server import VariantServer
 
 from .cpu_servers import running, slimserve_spec
-from .cpu_servers_bench import cpu_busy
+from .cpu_servers_bench import wait_for_quiet
 from .decode_bench import BenchRow, bench_variant, closed_loop
 from .engine_bench import one_request
 
@@ -66,7 +66,7 @@ class Load(BaseModel):
 
 class Round(BaseModel):
     index: int
-    first: str  # which path ran first
+    first: Literal["in-process", "gateway"]  # which path ran first
     in_process: dict[str, BenchRow]  # load name -> figures
     gateway: dict[str, BenchRow]
 
@@ -140,15 +140,6 @@ def goals(rounds: list[Round], measured: list[Load]) -> list[Goal]:
     return out
 
 
-def settle() -> None:
-    """Wait until the CPUs are quiet (or QUIET_TIMEOUT_S passed)."""
-    deadline = time.monotonic() + QUIET_TIMEOUT_S
-    while (busy := cpu_busy()) > QUIET_BUSY:
-        if time.monotonic() > deadline:
-            log.warning("CPUs still %.0f%% busy; measuring anyway", 100 * busy)
-            return
-
-
 async def _in_process(
     server: VariantServer, variant: str, measured: list[Load]
 ) -> dict[str, BenchRow]:
@@ -171,7 +162,7 @@ def measure_in_process(
     config = load_config(config_path).model_dump(mode="json")
     server = VariantServer(variant, config)
     try:
-        settle()
+        wait_for_quiet(QUIET_BUSY, QUIET_TIMEOUT_S)
         return asyncio.run(_in_process(server, variant, measured))
     finally:
         server.engine.shutdown()
@@ -192,7 +183,7 @@ def measure_gateway(
     config_path: Path, variant: str, measured: list[Load], logs: Path
 ) -> dict[str, BenchRow]:
     with running(slimserve_spec(str(config_path), free_port()), logs) as url:
-        settle()
+        wait_for_quiet(QUIET_BUSY, QUIET_TIMEOUT_S)
         return asyncio.run(_through_gateway(url, variant, measured))
 
 
