@@ -19,13 +19,12 @@ from slimserve.serve.engine.types import GenerateRequest, SamplingParams
 from slimserve.serve.logs import configure_logging
 from slimserve.serve.replica.server import VariantServer
 
-from .decode_bench import PROMPTS, BenchRow, RequestResult, closed_loop, render
+from .decode_bench import PROMPTS, BenchRow, closed_loop, render
 
 log = logging.getLogger("slimserve.loadtests.engine_bench")
 
 
-async def one_request(server: VariantServer, index: int, tokens: int) -> RequestResult:
-    """One greedy chat request of `tokens` tokens, the prompt chosen by `index`."""
+async def _one(server: VariantServer, index: int, tokens: int) -> tuple[int, float, float]:
     request = GenerateRequest(
         request_id=f"bench-{index}-{time.monotonic_ns()}",
         messages=[{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
@@ -52,12 +51,12 @@ async def bench(
 ) -> list[BenchRow]:
     """Every concurrency level on one event loop: vLLM's AsyncLLM is bound to the loop it
     first served, so a fresh loop per level would find its engine shut down."""
-    await one_request(server, 0, 4)  # warm-up
+    await _one(server, 0, 4)  # warm-up
     rows = []
     for concurrency in levels:
         requests = max(requests_per_stream * concurrency, concurrency)
         row = await closed_loop(
-            lambda index: one_request(server, index, tokens), variant, concurrency, requests
+            lambda index: _one(server, index, tokens), variant, concurrency, requests
         )
         log.info("%s", row.model_dump_json())
         rows.append(row)

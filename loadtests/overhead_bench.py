@@ -35,8 +35,8 @@ from slimserve.serve.replica.server import VariantServer
 
 from .cpu_servers import running, slimserve_spec
 from .cpu_servers_bench import wait_for_quiet
-from .decode_bench import BenchRow, bench_variant, closed_loop
-from .engine_bench import one_request
+from .decode_bench import BenchRow, bench_variant
+from .engine_bench import bench
 
 log = logging.getLogger("slimserve.loadtests.overhead_bench")
 
@@ -56,12 +56,16 @@ LONG = "one stream"
 
 
 class Load(BaseModel):
-    """One measured load: streams, tokens a request, requests in all."""
+    """One measured load: streams, tokens a request, requests each stream sends."""
 
     name: str
     concurrency: int
     tokens: int
-    requests: int
+    requests_per_stream: int
+
+    @property
+    def requests(self) -> int:
+        return self.concurrency * self.requests_per_stream
 
 
 class Round(BaseModel):
@@ -83,15 +87,20 @@ class Goal(BaseModel):
 
 def loads(args: argparse.Namespace) -> list[Load]:
     levels = [
-        Load(name=SHORT, concurrency=1, tokens=args.short_tokens, requests=args.short_requests),
-        Load(name=LONG, concurrency=1, tokens=args.tokens, requests=args.long_requests),
+        Load(
+            name=SHORT,
+            concurrency=1,
+            tokens=args.short_tokens,
+            requests_per_stream=args.short_requests,
+        ),
+        Load(name=LONG, concurrency=1, tokens=args.tokens, requests_per_stream=args.long_requests),
     ]
     levels += [
         Load(
             name=f"{streams} streams",
             concurrency=streams,
             tokens=args.tokens,
-            requests=streams * args.requests_per_stream,
+            requests_per_stream=args.requests_per_stream,
         )
         for streams in args.concurrency
     ]
@@ -143,15 +152,12 @@ def goals(rounds: list[Round], measured: list[Load]) -> list[Goal]:
 async def _in_process(
     server: VariantServer, variant: str, measured: list[Load]
 ) -> dict[str, BenchRow]:
-    """Every load on one event loop (vLLM's AsyncLLM stays bound to the loop it first served)."""
-    await one_request(server, 0, 4)  # warm-up
+    """Every load on one event loop (engine_bench.bench's reason), each after a warm-up request
+    as decode_bench gives each load through the gateway."""
     rows: dict[str, BenchRow] = {}
     for load in measured:
-        rows[load.name] = await closed_loop(
-            lambda index, tokens=load.tokens: one_request(server, index, tokens),
-            variant,
-            load.concurrency,
-            load.requests,
+        (rows[load.name],) = await bench(
+            server, variant, [load.concurrency], load.requests_per_stream, load.tokens
         )
     return rows
 
