@@ -154,16 +154,10 @@ class DeploymentOptions(_Strict):
     early_start: bool = Field(
         True,
         description="with server.direct_streams and one replica, the gateway replica on its "
-        "node sends each request to the replica itself (which admits it against "
-        "max_ongoing_requests), and a Serve call attaches to the running request once it has "
-        "run attach_after_ms: the prompt reaches the engine without waiting for Serve's call",
-    )
-    attach_after_ms: float = Field(
-        250.0,
-        ge=0,
-        description="with early_start: how long a request runs before its Serve call attaches "
-        "(the call costs a few ms of CPU, which the engine's cores pay for); a request that "
-        "ends sooner never takes one, so Serve's own request metrics do not count it",
+        "node sends each request to the replica's door, no Serve call made: the prompt reaches "
+        "the engine at once and the call's CPU is saved. The door admits it against "
+        "max_ongoing_requests (shared with Serve calls) or refuses it to a Serve call; Serve's "
+        "own request metrics do not count door requests",
     )
 
 

@@ -12,8 +12,8 @@ from typing import Any, Protocol
 from ..engine.event_channel import EventInbox, connect
 from ..engine.limits import server_error
 from ..engine.types import EngineEvent, GenerateRequest, ReplicaDoor
-from .failures import VariantDownError, from_backend_exception, is_lost_replica, unavailable
-from .replica_door import Door
+from .failures import VariantDownError, from_backend_exception, is_lost_replica
+from .replica_door import REFUSED, Door
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 FORWARDED_END_GRACE_S = 5.0
 # Put in a stream's queue when its Serve call ended.
 _SERVE_CALL_ENDED = EngineEvent(kind="forwarded")
-# How often a stream no Serve call spans checks that its replica's door is still there.
-WATCH_S = 1.0
 
 
 async def _wait_for_end(events: asyncio.Queue, variant: str) -> EngineEvent:
@@ -32,23 +30,6 @@ async def _wait_for_end(events: asyncio.Queue, variant: str) -> EngineEvent:
     except TimeoutError:
         message = f"variant {variant} ended a stream whose end never arrived"
         return EngineEvent(kind="error", error=server_error(message))
-
-
-def _replica_gone(variant: str) -> EngineEvent:
-    """The end of a stream whose replica (its door) went away with the request: as for a
-    lost replica under a Serve call, so the router takes the variant out until it is back."""
-    return EngineEvent(kind="error", error=unavailable(variant, "its replica went away mid-stream"))
-
-
-async def _watched(events: asyncio.Queue, door: Door, variant: str) -> EngineEvent:
-    """The next event of a stream that runs at `door`'s replica with no Serve call spanning
-    it: an error once that replica is gone."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), WATCH_S)
-        except TimeoutError:
-            if door.gone():
-                return _replica_gone(variant)
 
 
 class VariantBackend(Protocol):
@@ -125,9 +106,9 @@ class RayBackend:
     With an `inbox`, a request names it, and an engine process or a variant replica on this
     node sends the events there itself (event_channel.py); the Serve call still spans the
     request and brings what the replica relays (from another node) or fails with. With
-    `early_start` as well (a variant of one replica), each request starts at the replica's
-    door, learnt from its stats, and the Serve call attaches to it there once it has run
-    `attach_after_s` (replica/early_start.py)."""
+    `early_start` as well (a variant of one replica), each request goes to the replica's door,
+    learnt from its stats, and takes a Serve call only when the door has no room for it
+    (replica/early_start.py)."""
 
     def __init__(
         self,
@@ -135,13 +116,11 @@ class RayBackend:
         handle: Any,
         inbox: EventInbox | None = None,
         early_start: bool = False,
-        attach_after_s: float = 0.0,
     ) -> None:
         self.variant = variant
         self.handle = handle
         self.inbox = inbox
         self.early_start = early_start and inbox is not None
-        self.attach_after_s = attach_after_s
         self._door: Door | None = None
         self._stream = handle.options(stream=True)
         self._finishing: set[asyncio.Task] = set()  # Serve calls whose stream already ended
@@ -149,7 +128,7 @@ class RayBackend:
     def generate(self, request: GenerateRequest) -> AsyncGenerator[EngineEvent, None]:
         if self.inbox is None:
             return self._relayed(request)
-        return self._direct(request, self.inbox)
+        return self._through_inbox(request, self.inbox)
 
     async def _relayed(self, request: GenerateRequest) -> AsyncGenerator[EngineEvent, None]:
         response = self._stream.generate.remote(request.model_dump())
@@ -164,103 +143,47 @@ class RayBackend:
         finally:
             response.cancel()  # frees the replica's batch slot when the caller went away
 
-    async def _direct(
+    async def _through_inbox(
         self, request: GenerateRequest, inbox: EventInbox
     ) -> AsyncGenerator[EngineEvent, None]:
-        door = self._door
-        if door is not None and door.gone():  # its replica went away
-            self._drop_door()
-            door = None
-        if door is not None:
-            async with contextlib.aclosing(self._through_inbox(request, inbox, door)) as events:
-                async for event in events:
-                    if event.kind == "unattached":
-                        break
-                    yield event
-                else:
-                    return
-            log.info(
-                "variant %s: the replica a Serve call reached never got request %s early; "
-                "asking again without the door",
-                self.variant,
-                request.request_id,
-            )
-            self._drop_door()  # the stats probe learns the door of the replica now serving
-        async for event in self._through_inbox(request, inbox, None):
-            yield event
-
-    async def _through_inbox(
-        self, request: GenerateRequest, inbox: EventInbox, door: Door | None
-    ) -> AsyncGenerator[EngineEvent, None]:
-        """One request's stream, its events from the inbox, spanned by a Serve call. With
-        `door`, the request starts there at once and the Serve call that attaches to it comes
-        once it has run `attach_after_s`, and never when it ends sooner: Serve's call costs
-        ~2-3 ms of CPU that the engine's two cores pay for, in TTFT when made during the
-        prefill, between tokens after (the door already did admission). Should that call reach
-        a replica that never got the request, this ends with "unattached" when nothing went to
-        the caller yet (the request is aborted at the door, to be asked again), else the
-        request goes on where it runs, watched through the door."""
-        loop = asyncio.get_running_loop()
+        """One request's stream, its events from the inbox. It goes to the replica's door
+        when there is one (a Serve call costs ~2-3 ms of CPU that the engine's two cores pay
+        for, in TTFT and between tokens), else, or when the door has no room, a Serve call
+        spans it."""
         reply_to, events = inbox.open()
         payload = request.model_copy(update={"reply_to": reply_to}).model_dump()
-        early = door is not None and door.send(("start", payload))
-
-        def serve_call() -> _ServeCall:
-            asked = {**payload, "early": True} if early else payload
-            return _ServeCall(self._stream, asked, events, self._failed)
-
-        call = None if early else serve_call()
-        attach_at = loop.time() + self.attach_after_s
-        passed_on = False  # an event went to the caller
-        spanned = True  # a Serve call spans the request (or will)
+        door = self._door
+        if door is not None and door.broken:  # its replica went away
+            self._door = door = None  # the stats probe learns the door of the one now serving
+        at_door = door is not None and door.start(reply_to.stream, payload, events)
+        call = None if at_door else self._serve_call(payload, events)
         ended = False
         try:
             while True:
-                if call is None:
-                    remaining = attach_at - loop.time()
-                    event = None
-                    if remaining > 0:
-                        with contextlib.suppress(TimeoutError):
-                            event = await asyncio.wait_for(events.get(), remaining)
-                    if event is None:  # its attach time: the request started at the door
-                        assert door is not None
-                        if not door.gone():
-                            call = serve_call()
-                            continue
-                        event = _replica_gone(self.variant)  # no Serve call can find it now
-                elif not spanned and door is not None:
-                    event = await _watched(events, door, self.variant)
-                elif call.ended:  # the Serve call ended: the stream's end is on its way
+                if call is not None and call.ended:  # the stream's end is on its way
                     event = await _wait_for_end(events, self.variant)
                 else:
                     event = await events.get()
                 if event is _SERVE_CALL_ENDED:
                     call.ended = True
                     continue
-                if event.kind == "unattached":
-                    if not passed_on:
-                        yield event
-                        return
-                    log.warning(
-                        "variant %s: request %s goes on at the replica it started at, with no "
-                        "Serve call",
-                        self.variant,
-                        request.request_id,
-                    )
-                    spanned = False
+                if event is REFUSED:  # Serve's queue decides when it runs
+                    at_door = False
+                    call = self._serve_call(payload, events)
                     continue
                 yield event
-                passed_on = True
                 if event.kind in ("done", "error"):
                     ended = True
                     return
         finally:
             inbox.close(reply_to.stream)
-            if door is not None and early and (call is None or not ended or not spanned):
-                # Never attached (its place at the door freed), or the caller left.
-                door.send(("abort", (reply_to.address, reply_to.stream)))
+            if at_door:
+                door.finish(reply_to.address, reply_to.stream, aborted=not ended)
             if call is not None:
                 call.settle(ended, self._finishing)
+
+    def _serve_call(self, payload: dict[str, Any], events: asyncio.Queue) -> _ServeCall:
+        return _ServeCall(self._stream, payload, events, self._failed)
 
     async def _learn_door(self, found: dict[str, Any] | None) -> None:
         """Keep a connection to the door a stats answer named (on this node), or none."""
@@ -275,9 +198,13 @@ class RayBackend:
         try:
             connection = await asyncio.to_thread(connect, door)
         except (OSError, EOFError, AuthenticationError) as error:
-            log.warning("cannot reach variant %s's door (%s); no early starts", self.variant, error)
+            log.warning(
+                "cannot reach variant %s's door (%s); its requests take Serve calls",
+                self.variant,
+                error,
+            )
             return
-        self._door = Door(door, connection)
+        self._door = Door(self.variant, door, connection)
 
     def _drop_door(self) -> None:
         if self._door is not None:

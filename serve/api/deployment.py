@@ -33,13 +33,7 @@ class GatewayDeployment:
         node = this_node()
         self.inbox = EventInbox(node) if cfg.server.direct_streams and node is not None else None
         backends = {
-            name: RayBackend(
-                name,
-                handle,
-                self.inbox,
-                early_start=early_starts(cfg, name),
-                attach_after_s=cfg.deployment_for(name).attach_after_ms / 1000,
-            )
+            name: RayBackend(name, handle, self.inbox, early_start=early_starts(cfg, name))
             for name, handle in variants.items()
         }
         self.core = GatewayCore(cfg, backends)
@@ -74,8 +68,8 @@ class GatewayDeployment:
 
 
 def early_starts(config: SlimserveConfig, variant: str) -> bool:
-    """Whether requests to `variant` start early at its replica's door: only a variant of one
-    replica, where Serve's call cannot reach another (replica/early_start.py)."""
+    """Whether requests to `variant` go to its replica's door: only a variant of one replica,
+    where the door's requests and Serve's calls share one count (replica/early_start.py)."""
     options = config.deployment_for(variant)
     one_replica = options.autoscaling is None and options.replicas == 1
     return config.server.direct_streams and options.early_start and one_replica

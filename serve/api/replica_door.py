@@ -1,11 +1,15 @@
 """The gateway's connection to a variant replica's door (replica/early_start.py).
 
 Written from the gateway's event loop itself: handed to a writer thread, a start waited for
-the interpreter lock behind the Serve call being made. The socket is non-blocking and what it
-cannot take at once waits here, in order, until the replica reads; nothing is dropped. (The
-first version closed a door whose socket did not report writable, which a Unix socket stops
-reporting once a quarter of its buffer is in flight: a burst of 32 starts closed it, and the
-replica then aborted the starts not yet attached.)
+the interpreter lock behind whatever the loop was doing. The socket is non-blocking and what it
+cannot take at once waits, in order, until the replica reads; nothing is dropped. (The first
+version closed a door whose socket did not report writable, which a Unix socket stops reporting
+once a quarter of its buffer is in flight: a burst of 32 starts closed it, and the replica then
+aborted them.)
+
+The loop reads the door too: the replica answers a start it has no room for with
+`("refused", stream)`, and the door's end is the replica's end, which ends every request
+running there with a lost replica's error (no Serve call spans them to say so).
 """
 
 from __future__ import annotations
@@ -15,79 +19,92 @@ import contextlib
 import logging
 import os
 from multiprocessing.connection import Connection
+from typing import Any
 
-from ..engine.event_channel import closed_by_inbox
-from ..engine.message_listener import framed
-from ..engine.types import ReplicaDoor
+from ..engine.message_listener import FramedWriter, Frames
+from ..engine.types import EngineEvent, ReplicaDoor
+from .failures import unavailable
 
 log = logging.getLogger(__name__)
 
 # What may wait for a replica that stopped reading its door before the door is given up
-# (which aborts the starts not yet attached there): thousands of requests' worth.
+# (which ends the requests running there): thousands of requests' worth.
 MAX_PENDING_BYTES = 16 << 20
+
+# Put in a stream's queue when the replica had no room for it.
+REFUSED = EngineEvent(kind="refused")
 
 
 class Door:
-    """Messages to one replica's door, in order, never waiting on the socket."""
+    """Requests started at one replica's door: each stream's events come by the gateway's
+    inbox, and what the door itself says about a stream goes into that stream's queue."""
 
-    def __init__(self, door: ReplicaDoor, connection: Connection) -> None:
+    def __init__(self, variant: str, door: ReplicaDoor, connection: Connection) -> None:
+        self.variant = variant
         self.address = door.address
         self._connection = connection
         self._fd = connection.fileno()
         os.set_blocking(self._fd, False)
         self._loop = asyncio.get_running_loop()
-        self._pending = bytearray()
+        self._writer = FramedWriter(self._fd, self._loop, MAX_PENDING_BYTES, self.close)
+        self._frames = Frames()
+        self._streams: dict[int, asyncio.Queue] = {}  # started here and not yet finished
         self.broken = False
+        self._loop.add_reader(self._fd, self._readable)
 
-    def send(self, message: tuple) -> bool:
-        """False, and the door closed, when the replica is gone or has stopped reading."""
-        if self.broken:
+    def start(self, stream: int, payload: dict[str, Any], events: asyncio.Queue) -> bool:
+        """Send a request (its `reply_to` naming `stream`); False when the door is closed."""
+        if not self._writer.send(("start", payload)):
             return False
-        data = framed(message)
-        if self._pending:
-            if len(self._pending) + len(data) > MAX_PENDING_BYTES:
-                log.warning("a variant replica stopped reading its door; closing it")
-                self.close()
-                return False
-            self._pending += data
-            return True
-        written = self._write(data)
-        if written is None:
-            return False
-        if written < len(data):
-            self._pending += data[written:]
-            self._loop.add_writer(self._fd, self._flush)
+        self._streams[stream] = events
         return True
+
+    def finish(self, address: str, stream: int, aborted: bool) -> None:
+        """A stream started here is over for the gateway; `aborted`: before its end, so the
+        replica is told to drop it."""
+        if self._streams.pop(stream, None) is not None and aborted:
+            self._writer.send(("abort", (address, stream)))
 
     def pending(self) -> int:
         """Bytes written here and not yet taken by the socket."""
-        return len(self._pending)
-
-    def gone(self) -> bool:
-        return self.broken or closed_by_inbox(self._connection)
+        return self._writer.pending()
 
     def close(self) -> None:
-        if self._pending:
-            self._loop.remove_writer(self._fd)
-            self._pending.clear()
+        """Closing the door (the gateway's choice, or the replica's end) ends what still runs
+        there: the replica aborts it, and each stream gets a lost replica's error."""
+        if self.broken:
+            return
         self.broken = True
+        self._writer.close()
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self._fd)
         with contextlib.suppress(OSError):
             self._connection.close()
+        streams, self._streams = self._streams, {}
+        if streams:
+            log.warning(
+                "variant %s: its replica's door closed with %d requests running there",
+                self.variant,
+                len(streams),
+            )
+        gone = unavailable(self.variant, "its replica went away mid-stream")
+        for events in streams.values():
+            events.put_nowait(EngineEvent(kind="error", error=gone))
 
-    def _write(self, data: bytes | bytearray) -> int | None:
-        """Bytes the socket took now; None when the peer is gone (the door is then closed)."""
+    def _readable(self) -> None:
         try:
-            return os.write(self._fd, data)
-        except BlockingIOError:
-            return 0
-        except OSError:
-            self.close()
-            return None
-
-    def _flush(self) -> None:
-        written = self._write(self._pending)
-        if not written:  # nothing taken yet, or the door closed
+            data = os.read(self._fd, self._frames.need())
+        except (BlockingIOError, InterruptedError):
             return
-        del self._pending[:written]
-        if not self._pending:
-            self._loop.remove_writer(self._fd)
+        except OSError:
+            data = b""
+        if not data:  # the replica is gone
+            self.close()
+            return
+        for kind, stream in self._frames.add(data):
+            if kind != "refused":
+                log.warning("unknown answer %r at variant %s's door", kind, self.variant)
+                continue
+            events = self._streams.pop(stream, None)
+            if events is not None:  # else the gateway already finished it
+                events.put_nowait(REFUSED)

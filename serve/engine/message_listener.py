@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 _LENGTH = struct.Struct("!i")  # multiprocessing.connection's header
 _LONG_LENGTH = struct.Struct("!Q")  # after a header of -1, for messages over 2 GiB
 _READ_SIZE = 1 << 16
+# What may wait for a peer that stopped reading this side's answers before its connection is
+# dropped.
+MAX_PENDING_ANSWER_BYTES = 1 << 20
 
 
 def framed(message: Any) -> bytes:
@@ -44,7 +47,7 @@ def framed(message: Any) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
-class _Frames:
+class Frames:
     """One connection's bytes as they come, cut into whole messages."""
 
     def __init__(self) -> None:
@@ -90,12 +93,87 @@ class _Frames:
         return _LENGTH.size + _LONG_LENGTH.size, size
 
 
+class FramedWriter:
+    """Messages to a non-blocking socket, in order, never waiting on it: what the socket cannot
+    take at once waits here and is written whenever the loop says it is writable, so nothing is
+    dropped. `broken` is called once, when the peer is gone or more than `max_pending` bytes
+    wait for a peer that stopped reading."""
+
+    def __init__(
+        self,
+        fd: int,
+        loop: asyncio.AbstractEventLoop,
+        max_pending: int,
+        broken: Callable[[], None],
+    ) -> None:
+        self._fd = fd
+        self._loop = loop
+        self._max_pending = max_pending
+        self._broken = broken
+        self._pending = bytearray()
+        self.closed = False
+
+    def send(self, message: Any) -> bool:
+        """False when the socket is given up (and `broken` was called)."""
+        if self.closed:
+            return False
+        data = framed(message)
+        if self._pending:
+            if len(self._pending) + len(data) > self._max_pending:
+                log.warning("a peer stopped reading its socket; giving it up")
+                self._give_up()
+                return False
+            self._pending += data
+            return True
+        written = self._write(data)
+        if written is None:
+            return False
+        if written < len(data):
+            self._pending += data[written:]
+            self._loop.add_writer(self._fd, self._flush)
+        return True
+
+    def pending(self) -> int:
+        """Bytes sent here and not yet taken by the socket."""
+        return len(self._pending)
+
+    def close(self) -> None:
+        """Stop writing (the socket is its owner's to close)."""
+        if self._pending:
+            self._loop.remove_writer(self._fd)
+            self._pending.clear()
+        self.closed = True
+
+    def _give_up(self) -> None:
+        if not self.closed:
+            self.close()
+            self._broken()
+
+    def _write(self, data: bytes | bytearray) -> int | None:
+        """Bytes the socket took now; None when the peer is gone (the socket is given up)."""
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self._give_up()
+            return None
+
+    def _flush(self) -> None:
+        written = self._write(self._pending)
+        if not written:  # nothing taken yet, or given up
+            return
+        del self._pending[:written]
+        if not self._pending:
+            self._loop.remove_writer(self._fd)
+
+
 class MessageListener:
     """A listening Unix socket in the abstract namespace (no file to clean up) that answers
     only connections proving they know its auth key. A thread accepts; each connection is read
     on `loop` (given here or with `bind`, before any peer can know the address), which calls
     `handle(connection_number, message)` for each message and `closed(connection_number)`
-    after a connection's last one."""
+    after a connection's last one; `send` answers on a connection."""
 
     def __init__(
         self,
@@ -112,6 +190,7 @@ class MessageListener:
         self._on_closed = closed
         self._numbers = itertools.count()
         self._connections: dict[int, Connection] = {}
+        self._writers: dict[int, FramedWriter] = {}  # connections answered on
         self._closed = False
         threading.Thread(target=self._accept, name=f"{name}-listener", daemon=True).start()
 
@@ -119,6 +198,22 @@ class MessageListener:
         """The loop to read on, when it was not known at construction."""
         if self.loop is None:
             self.loop = loop
+
+    def send(self, number: int, message: Any) -> bool:
+        """On the loop: answer on connection `number`, never waiting on its socket; False
+        when that connection is gone."""
+        connection = self._connections.get(number)
+        if connection is None:
+            return False
+        writer = self._writers.get(number)
+        if writer is None:
+            writer = self._writers[number] = FramedWriter(
+                connection.fileno(),
+                self.loop,
+                MAX_PENDING_ANSWER_BYTES,
+                lambda: self._drop(number, connection),
+            )
+        return writer.send(message)
 
     def shutdown(self) -> None:
         """Stop listening and close every connection (their peers see it). From any thread:
@@ -162,10 +257,10 @@ class MessageListener:
             return
         os.set_blocking(connection.fileno(), False)
         self._connections[number] = connection
-        frames = _Frames()
+        frames = Frames()
         self.loop.add_reader(connection.fileno(), self._readable, connection, number, frames)
 
-    def _readable(self, connection: Connection, number: int, frames: _Frames) -> None:
+    def _readable(self, connection: Connection, number: int, frames: Frames) -> None:
         try:
             data = os.read(connection.fileno(), frames.need())
         except (BlockingIOError, InterruptedError):
@@ -187,6 +282,9 @@ class MessageListener:
     def _drop(self, number: int, connection: Connection) -> None:
         if self._connections.pop(number, None) is None:
             return
+        writer = self._writers.pop(number, None)
+        if writer is not None:
+            writer.close()
         loop = self.loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(ValueError, OSError):  # ValueError: already closed

@@ -76,10 +76,9 @@ class TokenLogprob(TopLogprob):
 
 class EngineEvent(BaseModel):
     # "forwarded" ends a stream at the variant replica whose events the engine sent to the
-    # gateway itself (event_channel.py); it never reaches the gateway. "unattached" answers a
-    # Serve call for a request started early (replica/early_start.py) at a replica that never
-    # got it; it never reaches a client.
-    kind: Literal["accepted", "prompt", "delta", "done", "error", "forwarded", "unattached"]
+    # gateway itself (event_channel.py); it never reaches the gateway. "refused": a replica's
+    # door had no room for a request (replica/early_start.py); it never reaches a client.
+    kind: Literal["accepted", "prompt", "delta", "done", "error", "forwarded", "refused"]
     text: str = ""  # on delta: the new text; on prompt: the prompt's text
     tokens: int = 0  # generated tokens this event stands for
     logprobs: list[TokenLogprob] | None = None  # on delta, when asked: one per token
@@ -119,7 +118,7 @@ class ReplyTo(BaseModel):
 
 class ReplicaDoor(BaseModel):
     """Where a gateway replica on the same node may send a request to a variant replica
-    before its Ray Serve call (replica/early_start.py)."""
+    without a Ray Serve call (replica/early_start.py)."""
 
     address: str  # an abstract Unix socket name ("\0..."), reachable on its node only
     authkey: str  # hex
@@ -140,9 +139,6 @@ class GenerateRequest(BaseModel):
     # Where the events may go straight (a gateway replica's inbox): the variant replica decides
     # whether its engine process sends them there, it does, or Serve's stream carries them.
     reply_to: ReplyTo | None = None
-    # This Serve call is for a request the gateway already sent to the replica's door (with
-    # the same reply_to): it attaches to it there; a replica that never got it says so.
-    early: bool = False
 
     @property
     def labels_tokens(self) -> bool:

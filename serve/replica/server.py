@@ -143,33 +143,21 @@ class VariantServer:
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         """The request's events, a batch per message (see engine/pacing.py), as plain dicts; nothing
         when they went to the gateway's inbox (`reply_to`) straight from the engine process or
-        from here. With `early`, the request is one the gateway sent to this replica's door
-        first (early_start.py): this call attaches to it."""
+        from here. With the door open, the call first waits for a place its requests leave
+        (early_start.py)."""
         if self.failure is not None:
             info = unavailable_error(f"variant {self.variant} is unavailable: {self.failure}")
             yield [EngineEvent(kind="error", error=info).model_dump()]
             return
         req = GenerateRequest.model_validate(request)
-        early = self.early
-        if early is not None:
-            early.serve_calls += 1
-        try:
-            if req.early:
-                claimed = await early.claim(req) if early is not None else None
-                if claimed is None:  # the gateway aborts it where it went and asks again
-                    yield [EngineEvent(kind="unattached").model_dump()]
-                    return
-                if claimed != "refused":
-                    await claimed  # cancelling this call cancels it: the engine aborts it
-                    return
-            # Closing this call closes what it iterates at once, so the engine drops the
-            # request before the close returns: a retry finds its queue place free.
-            async with contextlib.aclosing(self._serve(req)) as batches:
-                async for batch in batches:
-                    yield batch
-        finally:
-            if early is not None:
-                early.serve_calls -= 1
+        # Closing this call closes what it iterates at once, so the engine drops the request
+        # before the close returns: a retry finds its queue place free.
+        async with (
+            self.early.serve_call() if self.early is not None else contextlib.nullcontext(),
+            contextlib.aclosing(self._serve(req)) as batches,
+        ):
+            async for batch in batches:
+                yield batch
 
     async def _serve(self, req: GenerateRequest) -> AsyncIterator[list[dict[str, Any]]]:
         sender, outlet = self._sender(req)
@@ -183,7 +171,7 @@ class VariantServer:
                 yield [event.model_dump() for event in batch]
 
     def _early_run(self, req: GenerateRequest) -> Coroutine[Any, Any, None] | None:
-        """An early start's whole run, every event to the gateway's inbox; None when this
+        """A door request's whole run, every event to the gateway's inbox; None when this
         replica cannot send there."""
         if req.reply_to is None:
             return None
@@ -311,7 +299,7 @@ class VariantServer:
         }
 
     def _open_door(self) -> None:
-        """The door for early starts (early_start.py), once, on the loop the replica serves
+        """The door (early_start.py), once, on the loop the replica serves
         on; only inside Ray, where a gateway replica can share the node."""
         if self.early is None and self._opens_door and self.node_id is not None:
             self.early = EarlyStarts(
@@ -342,14 +330,14 @@ class VariantServer:
             outlets.close()
 
 
-# How long a graceful stop waits for early-started requests with no Serve call attached, within
+# How long a graceful stop waits for the requests running through the door (no Serve call), within
 # Ray Serve's graceful_shutdown_timeout_s (20 s), which its wait for its own calls shares.
 EARLY_DRAIN_S = 10.0
 
 
 class VariantReplica(VariantServer):
     """A VariantServer as Ray Serve runs it: its graceful stop first lets the requests started
-    at its door that no Serve call spans end (Serve waits only for its own calls)."""
+    at its door end (Serve waits only for its own calls)."""
 
     async def __del__(self) -> None:  # Ray Serve awaits it; outside Serve, VariantServer's
         early = getattr(self, "early", None)

@@ -95,8 +95,8 @@ def test_vllm_disconnect_aborts_the_request(vllm_gateway):
     # itself, none on Serve's stream.
     assert stats["streams"]["from_replica"] > 0
     assert stats["streams"]["through_serve"] == stats["streams"]["from_engine"] == 0
-    # The requests started at the replica's door before their Serve calls attached to them.
-    assert stats["streams"]["early_started"] > 0 and stats["streams"]["early_unattached"] == 0
+    # The requests went to the replica's door, no Serve call made.
+    assert stats["streams"]["early_started"] > 0 and stats["streams"]["early_refused"] == 0
 
 
 def test_metrics_cover_the_vllm_variant(vllm_gateway, client):

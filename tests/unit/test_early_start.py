@@ -1,9 +1,9 @@
-"""Requests started at a variant replica's door before their Serve call reaches it
+"""Requests sent to a variant replica's door, no Serve call made for them
 (replica/early_start.py): a real VariantServer of a tiny model (its engine in its own process)
 and the gateway's RayBackend, Ray Serve's handle stood in for by one that calls the server's
 methods in this process; the whole path through Ray Serve is in
-tests/integration/test_gateway_e2e.py. Faults injected on purpose: a start that never reaches
-the door, a replica with no room, a caller that leaves, a gateway that goes away."""
+tests/integration/test_gateway_e2e.py. Faults injected on purpose: a replica with no room, a
+replica that goes away, a caller that leaves, a gateway that goes away."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from slimserve.serve.engine.types import (
     ReplicaDoor,
     SamplingParams,
 )
-from slimserve.serve.replica import early_start
+from slimserve.serve.replica.early_start import Room
 
 from .online_helpers import online_config, variant_servers
 
@@ -61,23 +61,19 @@ class _Stats:
 
 
 class _Handle:
-    """Ray Serve's handle to the one replica, `server`; `elsewhere`: an injected fault, the
-    calls for early-started requests reach a replica that never got them."""
+    """Ray Serve's handle to the one replica, `server`."""
 
-    def __init__(self, server: Any, elsewhere: bool = False) -> None:
+    def __init__(self, server: Any) -> None:
         self.server = server
         self.generate = self
         self.stats = _Stats(server)
         self.payloads: list[dict] = []
-        self.elsewhere = elsewhere
 
     def options(self, stream: bool) -> _Handle:
         return self
 
     def remote(self, payload: dict) -> _ServeCall:
         self.payloads.append(payload)
-        if self.elsewhere and payload["early"]:
-            payload = payload | {"reply_to": payload["reply_to"] | {"stream": 10**9}}
         return _ServeCall(self.server.generate(payload))
 
 
@@ -109,13 +105,12 @@ def inbox(loop):
     opened.shutdown()
 
 
-async def _backend(
-    server: Any, inbox: EventInbox, elsewhere: bool = False, attach_after_s: float = 0.0
-) -> tuple[RayBackend, _Handle]:
-    handle = _Handle(server, elsewhere)
-    backend = RayBackend("child", handle, inbox, early_start=True, attach_after_s=attach_after_s)
+async def _backend(server: Any, inbox: EventInbox) -> tuple[RayBackend, _Handle]:
+    handle = _Handle(server)
+    backend = RayBackend("child", handle, inbox, early_start=True)
     stats = await backend.stats()  # opens the replica's door and learns it
     assert "door" not in stats  # the door is the backend's, never a client's
+    assert backend._door is not None
     return backend, handle
 
 
@@ -149,17 +144,18 @@ async def _until(check: Callable[[], bool], seconds: float = 15.0) -> None:
         await asyncio.sleep(0.05)
 
 
-def _stream_into(inbox: EventInbox, monkeypatch: Any, make: Callable[[], asyncio.Queue]) -> None:
-    """Injected: each stream the inbox opens puts its events into the queue `make` gives."""
-    open_stream = inbox.open
+def _hold_runs(early: Any, gate: asyncio.Event, monkeypatch: Any) -> None:
+    """Injected: requests started at the door wait for `gate` before they run."""
+    run = early._run
 
-    def open_into() -> tuple[Any, asyncio.Queue]:
-        reply_to, _ = open_stream()
-        queue = make()
-        inbox._streams[reply_to.stream] = (asyncio.get_running_loop(), queue)
-        return reply_to, queue
+    def held_run(request: GenerateRequest) -> Any:
+        async def held() -> None:
+            await gate.wait()
+            await run(request)
 
-    monkeypatch.setattr(inbox, "open", open_into)
+        return held()
+
+    monkeypatch.setattr(early, "_run", held_run)
 
 
 def _idle(server: Any) -> bool:
@@ -176,9 +172,7 @@ LOGPROBS = GREEDY.model_copy(
 @pytest.mark.parametrize(
     ("request_", "sender"), [(GREEDY, "from_engine"), (LOGPROBS, "from_replica")]
 )
-def test_a_request_starts_at_the_door_and_its_serve_call_attaches(
-    server, loop, inbox, request_, sender
-):
+def test_a_request_runs_at_the_door_with_no_serve_call(server, loop, inbox, request_, sender):
     async def scenario():
         backend, handle = await _backend(server, inbox)
         before = _counts(server)
@@ -189,212 +183,67 @@ def test_a_request_starts_at_the_door_and_its_serve_call_attaches(
 
     events, payloads, change, plain = loop.run_until_complete(scenario())
     assert events[0].kind == "accepted" and events[-1].kind == "done"
-    assert all(e.kind not in ("attached", "unattached") for e in events)
-    assert [p["early"] for p in payloads] == [True]
+    assert all(e.kind != "refused" for e in events)
+    assert payloads == []
     assert change == {"early_started": 1, sender: 1}
     assert _text(events) == plain
 
 
-def test_a_request_that_ends_before_its_attach_time_takes_no_serve_call(server, loop, inbox):
-    async def scenario():
-        backend, handle = await _backend(server, inbox, attach_after_s=60.0)
-        before = _counts(server)
-        events = await _collect(backend, GREEDY)
-        await _until(lambda: _idle(server))  # the gateway's word freed its place at the door
-        return events, handle.payloads, _change(before, server), await _plain_text(server, GREEDY)
-
-    events, payloads, change, plain = loop.run_until_complete(scenario())
-    assert payloads == []
-    assert change == {"early_started": 1, "from_engine": 1}
-    assert events[-1].kind == "done" and _text(events) == plain
-
-
-class _EndAfterServeCall(asyncio.Queue):
-    """Injected order: a stream's end waits until its Serve call was made, so the request
-    outlives its attach time however fast the engine is."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.held: list[Any] = []
-        self.called = False
-
-    def put_nowait(self, item: Any) -> None:
-        if not self.called and (getattr(item, "kind", None) == "done" or self.held):
-            self.held.append(item)
-        else:
-            super().put_nowait(item)
-
-    def serve_call_made(self) -> None:
-        self.called = True
-        for item in self.held:
-            super().put_nowait(item)
-        self.held.clear()
-
-
-def test_a_request_that_outlives_its_attach_time_gets_its_serve_call(
+def test_a_full_replica_refuses_at_the_door_and_the_serve_call_waits_for_a_place(
     server, loop, inbox, monkeypatch
 ):
-    held = _EndAfterServeCall()
-    _stream_into(inbox, monkeypatch, lambda: held)
-
-    async def scenario():
-        backend, handle = await _backend(server, inbox, attach_after_s=0.05)
-        remote = handle.remote
-
-        def remote_then_release(payload: dict) -> _ServeCall:
-            call = remote(payload)
-            held.serve_call_made()
-            return call
-
-        handle.remote = remote_then_release
-        before = _counts(server)
-        events = await asyncio.wait_for(_collect(backend, GREEDY), 30)
-        await _until(lambda: _idle(server))
-        return events, handle.payloads, _change(before, server)
-
-    events, payloads, change = loop.run_until_complete(scenario())
-    assert [p["early"] for p in payloads] == [True]
-    assert change == {"early_started": 1, "from_engine": 1}
-    assert events[-1].kind == "done"
-
-
-def test_a_replica_gone_before_the_attach_time_ends_the_stream_as_a_lost_replica(
-    server, loop, inbox, monkeypatch
-):
-    held = _EndAfterServeCall()  # the answer's end never comes: the replica "died" first
-    _stream_into(inbox, monkeypatch, lambda: held)
-
-    async def scenario():
-        backend, handle = await _backend(server, inbox, attach_after_s=0.1)
-        # Injected: its replica went away with the request, once the request has started.
-        backend._door.gone = lambda: bool(held.held)
-        events = await asyncio.wait_for(_collect(backend, GREEDY), 30)
-        await _until(lambda: _idle(server))
-        return events, handle.payloads
-
-    events, payloads = loop.run_until_complete(scenario())
-    assert payloads == []  # no Serve call to a replica that cannot have the request
-    assert events[-1].kind == "error" and events[-1].error.code == "variant_unavailable"
-    assert any(e.kind == "delta" for e in events)
-
-
-def test_a_start_that_never_reaches_the_door_is_asked_again_without_it(
-    server, loop, inbox, monkeypatch
-):
-    monkeypatch.setattr(early_start, "ATTACH_GRACE_S", 0.2)
+    """One place: a request holds it at the door; the next is refused there, and its Serve
+    call runs it only once the first has ended, so the engine never holds two."""
+    gate = asyncio.Event()
 
     async def scenario():
         backend, handle = await _backend(server, inbox)
+        early = server.early
+        monkeypatch.setattr(early, "_room", Room(1))
+        _hold_runs(early, gate, monkeypatch)  # the first still runs when the next comes
         before = _counts(server)
-        door = backend._door
-        send = door.send
-        # Injected fault: the start is lost on the way, so the Serve call finds nothing.
-        door.send = lambda message: message[0] == "start" or send(message)
-        events = await _collect(backend, GREEDY)
-        change = _change(before, server)
-        return events, handle.payloads, change, backend._door, await _plain_text(server, GREEDY)
+        order: list[str] = []
 
-    events, payloads, change, door_after, plain = loop.run_until_complete(scenario())
-    assert [p["early"] for p in payloads] == [True, False]
-    assert change == {"early_unattached": 1, "from_engine": 1}
-    assert door_after is None  # dropped: the next stats answer names the door to use
-    assert events[-1].kind == "done" and _text(events) == plain
+        async def ask(name: str, request: GenerateRequest) -> list[EngineEvent]:
+            events = []
+            async for event in backend.generate(request):
+                events.append(event)
+                if event.kind in ("accepted", "done"):
+                    order.append(f"{name} {event.kind}")
+            return events
 
+        first = asyncio.ensure_future(ask("first", LONG))
+        await _until(lambda: bool(early._early))  # it holds the place
+        second = asyncio.ensure_future(ask("second", GREEDY))
+        await _until(lambda: bool(handle.payloads))  # refused: its Serve call was made
+        gate.set()
+        answers = await asyncio.gather(first, second)
+        await _until(lambda: _idle(server))
+        return answers, order, handle.payloads, _change(before, server)
 
-class _EndAfterUnattached(asyncio.Queue):
-    """Injected order: a stream's end (and anything after it) waits until the Serve call's
-    "unattached" is in, which on a fast machine the engine's last token may well beat."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._held: list[Any] = []
-        self._unattached = False
-
-    def put_nowait(self, item: Any) -> None:
-        kind = getattr(item, "kind", None)
-        if kind == "unattached":
-            self._unattached = True
-            super().put_nowait(item)
-            for held in self._held:
-                super().put_nowait(held)
-            self._held.clear()
-        elif not self._unattached and (kind == "done" or self._held):
-            self._held.append(item)
-        else:
-            super().put_nowait(item)
+    (first, second), order, payloads, change = loop.run_until_complete(scenario())
+    assert order == ["first accepted", "first done", "second accepted", "second done"]
+    assert len(payloads) == 1 and payloads[0]["request_id"] == GREEDY.request_id
+    assert change == {"early_started": 1, "early_refused": 1, "from_engine": 2}
+    assert first[-1].completion_tokens == 240 and second[-1].completion_tokens == 6
 
 
-def test_a_serve_call_that_misses_after_tokens_went_out_leaves_the_request_running(
-    server, loop, inbox, monkeypatch
-):
-    monkeypatch.setattr(early_start, "ATTACH_GRACE_S", 0.05)
-    _stream_into(inbox, monkeypatch, _EndAfterUnattached)
-
+def test_a_replica_gone_mid_stream_ends_it_as_a_lost_replica(server, loop, inbox):
     async def scenario():
-        backend, handle = await _backend(server, inbox, elsewhere=True)
-        before = _counts(server)
-        events = await _collect(backend, LONG)
-        await _until(lambda: not server.early._early)  # the gateway's abort freed its place
-        return events, handle.payloads, _change(before, server), await _plain_text(server, LONG)
+        backend, handle = await _backend(server, inbox)
+        events = []
+        async for event in backend.generate(LONG):
+            events.append(event)
+            if event.kind == "delta" and len(events) == 2:
+                server.early.close()  # injected: the replica's door ends with it
+        await _until(lambda: _idle(server))
+        server.early = None  # the next stats call opens a new door
+        return events, handle.payloads, backend._door
 
-    events, payloads, change, plain = loop.run_until_complete(scenario())
-    assert [p["early"] for p in payloads] == [True]  # not asked again: tokens had gone out
-    assert change == {"early_started": 1, "early_unattached": 1, "from_engine": 1}
-    assert events[-1].kind == "done" and events[-1].completion_tokens == 240
-    assert _text(events) == plain
-
-
-def test_a_request_that_ends_before_its_serve_call_misses_leaves_no_place_taken(
-    server, loop, inbox, monkeypatch
-):
-    """The other order: the answer is whole before the Serve call (to another replica) says
-    it never got the request, so the gateway has nothing left to abort; the replica frees the
-    place itself, and forgets the request once no call can want it."""
-    monkeypatch.setattr(early_start, "ATTACH_GRACE_S", 0.05)
-    monkeypatch.setattr(early_start, "FORGET_AFTER_S", 0.2)
-
-    async def scenario():
-        backend, handle = await _backend(server, inbox, elsewhere=True)
-        answered = asyncio.Event()
-        remote = handle.remote
-
-        def remote_after_the_answer(payload: dict) -> _ServeCall:
-            async def items() -> AsyncIterator[list[dict]]:
-                await answered.wait()  # injected: the call is late
-                async for batch in remote(payload):
-                    yield batch
-
-            return _ServeCall(items())
-
-        handle.remote = remote_after_the_answer
-        before = _counts(server)
-        events = await _collect(backend, GREEDY)
-        await _until(lambda: all(e.task.done() for e in server.early._early.values()))
-        taken_after_the_answer = server.early._unattached()
-        answered.set()
-        await _until(lambda: _counts(server)["early_unattached"] > before["early_unattached"])
-        await _until(lambda: not server.early._early)
-        return events, taken_after_the_answer, _change(before, server)
-
-    events, taken, change = loop.run_until_complete(scenario())
-    assert events[-1].kind == "done"
-    assert taken == 0
-    assert change == {"early_started": 1, "early_unattached": 1, "from_engine": 1}
-
-
-def test_a_full_replica_refuses_early_starts_and_the_serve_call_runs_them(
-    server, loop, inbox, monkeypatch
-):
-    async def scenario():
-        backend, _ = await _backend(server, inbox)
-        monkeypatch.setattr(server.early, "_max_ongoing", 0)  # no room for early starts
-        before = _counts(server)
-        events = await _collect(backend, GREEDY)
-        return events, _change(before, server), await _plain_text(server, GREEDY)
-
-    events, change, plain = loop.run_until_complete(scenario())
-    assert change == {"early_refused": 1, "from_engine": 1}
-    assert events[-1].kind == "done" and _text(events) == plain
+    events, payloads, door = loop.run_until_complete(scenario())
+    assert payloads == []  # no Serve call to a replica that cannot have the request
+    assert events[-1].kind == "error" and events[-1].error.code == "variant_unavailable"
+    assert door is not None and door.broken
 
 
 def test_a_burst_the_door_cannot_take_at_once_waits_and_goes_through_in_order(server, loop, inbox):
@@ -407,7 +256,7 @@ def test_a_burst_the_door_cannot_take_at_once_waits_and_goes_through_in_order(se
         door = backend._door
         padding = "x" * 4096  # aborts of requests that never were: harmless, and bulky
         burst = [("abort", (f"{padding}{n}", n)) for n in range(2000)]
-        accepted = [door.send(message) for message in burst]  # no turn of the loop between
+        accepted = [door._writer.send(message) for message in burst]  # no turn of the loop
         waited = door.pending()
         before = _counts(server)
         events = await _collect(backend, GREEDY)  # sent after the burst, so read after it
@@ -438,7 +287,7 @@ async def _finished_when_idle(server: Any) -> int:
     return counters["finished"]
 
 
-def test_a_caller_that_leaves_aborts_the_early_request_in_the_engine(server, loop, inbox):
+def test_a_caller_that_leaves_aborts_the_door_request_in_the_engine(server, loop, inbox):
     async def scenario():
         backend, _ = await _backend(server, inbox)
         before = await _finished_when_idle(server)
@@ -452,7 +301,7 @@ def test_a_caller_that_leaves_aborts_the_early_request_in_the_engine(server, loo
     assert loop.run_until_complete(scenario()) == 1  # the short one only: LONG was aborted
 
 
-def test_a_gateway_that_goes_away_aborts_what_it_started_early(server, loop, inbox):
+def test_a_gateway_that_goes_away_aborts_what_it_started_at_the_door(server, loop, inbox):
     async def scenario():
         await server.stats()
         before = await _finished_when_idle(server)
@@ -462,30 +311,21 @@ def test_a_gateway_that_goes_away_aborts_what_it_started_early(server, loop, inb
         asked = LONG.model_copy(update={"reply_to": reply_to})
         connection.send(("start", asked.model_dump()))
         first = await asyncio.wait_for(events.get(), 30)
-        assert first.kind == "accepted"  # running, with no Serve call attached yet
+        assert first.kind == "accepted"  # running
         connection.close()
         return await _finished_when_idle(server) - before
 
     assert loop.run_until_complete(scenario()) == 1  # the short one only: LONG was aborted
 
 
-def test_a_graceful_stop_lets_early_starts_end_and_refuses_new_ones(
+def test_a_graceful_stop_lets_door_requests_end_and_refuses_new_ones(
     server, loop, inbox, monkeypatch
 ):
     loop.run_until_complete(server.stats())  # opens the door
     early = server.early
     monkeypatch.setattr(early, "_draining", False)  # restored for the tests after
     gate = asyncio.Event()
-    run = early._run
-
-    def held_run(request: GenerateRequest) -> Any:
-        async def held() -> None:
-            await gate.wait()  # injected: the request is still running when the stop comes
-            await run(request)
-
-        return held()
-
-    monkeypatch.setattr(early, "_run", held_run)
+    _hold_runs(early, gate, monkeypatch)  # the request still runs when the stop comes
 
     async def scenario():
         door = ReplicaDoor.model_validate(early.door.model_dump())
@@ -497,20 +337,20 @@ def test_a_graceful_stop_lets_early_starts_end_and_refuses_new_ones(
         counts = _counts(server)
         late, _ = inbox.open()
         connection.send(("start", GREEDY.model_copy(update={"reply_to": late}).model_dump()))
-        await _until(lambda: _counts(server)["early_refused"] > counts["early_refused"])
+        answer = await asyncio.wait_for(asyncio.to_thread(connection.recv), 30)
+        refused = _counts(server)["early_refused"] - counts["early_refused"]
         waited_for_it = not draining.done()
         gate.set()
         await draining
         ended = [await asyncio.wait_for(first_events.get(), 30)]
         while ended[-1].kind not in ("done", "error"):
             ended.append(await asyncio.wait_for(first_events.get(), 30))
-        for reply_to in (first, late):  # no Serve call will claim them
-            connection.send(("abort", (reply_to.address, reply_to.stream)))
         await _until(lambda: not early._early)
         connection.close()
-        return waited_for_it, ended
+        return answer, late.stream, refused, waited_for_it, ended
 
-    waited_for_it, ended = loop.run_until_complete(scenario())
+    answer, late_stream, refused, waited_for_it, ended = loop.run_until_complete(scenario())
+    assert answer == ("refused", late_stream) and refused == 1  # its Serve call goes elsewhere
     assert waited_for_it  # the stop waits while the request runs
     assert ended[-1].kind == "done" and ended[-1].completion_tokens == 6  # ran to its end
 
@@ -519,16 +359,45 @@ def test_a_graceful_stop_lets_early_starts_end_and_refuses_new_ones(
     ("deployment", "server", "early"),
     [
         ({}, {}, True),
-        ({"replicas": 2}, {}, False),  # Serve's call may reach another replica than the door's
+        ({"replicas": 2}, {}, False),  # Serve's counts of each replica would miss the door's
         ({"autoscaling": {"min_replicas": 1, "max_replicas": 2}}, {}, False),
         ({"early_start": False}, {}, False),
         ({}, {"direct_streams": False}, False),  # no inbox for the events to go to
     ],
 )
-def test_requests_start_early_only_for_a_variant_of_one_replica(
+def test_requests_go_to_the_door_only_for_a_variant_of_one_replica(
     tiny_model_dir, deployment, server, early
 ):
     config = online_config(
         tiny_model_dir, variants={"v": {"deployment": deployment}}, routing={}, server=server
     )
     assert early_starts(config, "v") is early
+
+
+def test_the_room_hands_places_to_waiting_serve_calls_in_order_before_the_door():
+    async def scenario():
+        room = Room(1)
+        assert room.take_now()
+        order: list[str] = []
+
+        async def serve_call(name: str) -> None:
+            await room.take()
+            order.append(name)
+
+        first = asyncio.ensure_future(serve_call("first"))
+        second = asyncio.ensure_future(serve_call("second"))
+        cancelled = asyncio.ensure_future(serve_call("cancelled"))
+        await asyncio.sleep(0)
+        cancelled.cancel()  # a caller that left while waiting takes no place
+        door_while_waiting = room.take_now()
+        room.give()  # the door's request ended: the place goes to the first waiter
+        await first
+        room.give()
+        await second
+        room.give()
+        return order, door_while_waiting, room.take_now(), room.take_now()
+
+    order, door_while_waiting, free_after, none_left = asyncio.run(scenario())
+    assert order == ["first", "second"]
+    assert not door_while_waiting  # a waiting Serve call goes first
+    assert free_after and not none_left  # the one place is back, once
