@@ -92,16 +92,11 @@ class Door:
             events.put_nowait(EngineEvent(kind="error", error=gone))
 
     def _readable(self) -> None:
-        try:
-            data = os.read(self._fd, self._frames.need())
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:  # the replica is gone
+        answers = self._frames.read(self._fd)
+        if answers is None:  # the replica is gone
             self.close()
             return
-        for kind, stream in self._frames.add(data):
+        for kind, stream in answers:
             if kind != "refused":
                 log.warning("unknown answer %r at variant %s's door", kind, self.variant)
                 continue

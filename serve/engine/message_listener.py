@@ -76,6 +76,17 @@ class Frames:
         del self._buffer[:start]
         return messages
 
+    def read(self, fd: int) -> list[Any] | None:
+        """The messages completed by what the non-blocking `fd` has now ([] when none yet);
+        None once the peer closed it."""
+        try:
+            data = os.read(fd, self.need())
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            data = b""
+        return self.add(data) if data else None
+
     def partial(self) -> bool:
         return bool(self._buffer)
 
@@ -111,11 +122,11 @@ class FramedWriter:
         self._max_pending = max_pending
         self._broken = broken
         self._pending = bytearray()
-        self.closed = False
+        self._closed = False
 
     def send(self, message: Any) -> bool:
         """False when the socket is given up (and `broken` was called)."""
-        if self.closed:
+        if self._closed:
             return False
         data = framed(message)
         if self._pending:
@@ -142,10 +153,10 @@ class FramedWriter:
         if self._pending:
             self._loop.remove_writer(self._fd)
             self._pending.clear()
-        self.closed = True
+        self._closed = True
 
     def _give_up(self) -> None:
-        if not self.closed:
+        if not self._closed:
             self.close()
             self._broken()
 
@@ -262,18 +273,13 @@ class MessageListener:
 
     def _readable(self, connection: Connection, number: int, frames: Frames) -> None:
         try:
-            data = os.read(connection.fileno(), frames.need())
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:  # the peer, or shutdown, closed it
-            if frames.partial():
-                log.warning("a connection to %s ended mid-message", self.address[1:])
-            self._drop(number, connection)
-            return
-        try:
-            for message in frames.add(data):
+            messages = frames.read(connection.fileno())
+            if messages is None:  # the peer, or shutdown, closed it
+                if frames.partial():
+                    log.warning("a connection to %s ended mid-message", self.address[1:])
+                self._drop(number, connection)
+                return
+            for message in messages:
                 self._handle(number, message)
         except Exception:  # a message no one here can read: the peer does not speak this
             log.exception("unreadable message at %s; closing its connection", self.address[1:])
