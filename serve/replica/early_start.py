@@ -154,7 +154,7 @@ class EarlyStarts:
         except ValidationError as error:
             # The gateway's Serve call, which carries the same payload, answers for it.
             log.warning("a start at the door that is no request: %s", error)
-            self._refuse(connection, payload.get("reply_to", {}).get("stream"))
+            self._refuse(connection, (payload.get("reply_to") or {}).get("stream"))
             return
         reply_to = request.reply_to
         run = None

@@ -401,3 +401,24 @@ def test_the_room_hands_places_to_waiting_serve_calls_in_order_before_the_door()
     assert order == ["first", "second"]
     assert not door_while_waiting  # a waiting Serve call goes first
     assert free_after and not none_left  # the one place is back, once
+
+
+def test_a_start_that_is_no_request_is_refused_and_the_door_stays_open(server, loop, inbox):
+    async def scenario():
+        await server.stats()
+        before = _counts(server)
+        door = ReplicaDoor.model_validate(server.early.door.model_dump())
+        connection = await asyncio.to_thread(connect, door)
+        connection.send(("start", {"reply_to": None, "sampling": "not sampling"}))
+        reply_to, events = inbox.open()
+        connection.send(("start", GREEDY.model_copy(update={"reply_to": reply_to}).model_dump()))
+        ended = [await asyncio.wait_for(events.get(), 30)]
+        while ended[-1].kind not in ("done", "error"):
+            ended.append(await asyncio.wait_for(events.get(), 30))
+        await _until(lambda: not server.early._early)
+        connection.close()
+        return _change(before, server), ended
+
+    change, ended = loop.run_until_complete(scenario())
+    assert change == {"early_refused": 1, "early_started": 1, "from_engine": 1}
+    assert ended[-1].kind == "done" and ended[-1].completion_tokens == 6
