@@ -136,7 +136,19 @@ def test_serve_deploy_with_a_new_user_config_reweights_without_restart(tmp_path)
 
 
 @pytest.fixture(scope="module")
-def canary_gateway(tmp_path_factory) -> Iterator[str]:
+def canary_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("canary-gateway") / "serve.log"
+
+
+def _log_errors(path: Path, limit: int = 40) -> str:
+    """The gateway log's error lines, for a failure's message."""
+    wanted = ("ERROR", "Traceback", "failed")
+    lines = [line for line in path.read_text().splitlines() if any(w in line for w in wanted)]
+    return "\n".join(lines[:limit])
+
+
+@pytest.fixture(scope="module")
+def canary_gateway(canary_log: Path) -> Iterator[str]:
     config = yaml.safe_load((CONFIGS / "canary.yaml").read_text())
     config["routing"]["shadow"] = [
         {"source": "full", "target": "int8", "fraction": 1.0},
@@ -153,14 +165,16 @@ def canary_gateway(tmp_path_factory) -> Iterator[str]:
     config["self_bench"] = {"perplexity_windows": 2, "batch_sizes": [1, 4], "decode_tokens": 8}
     config["engine"].update(max_num_seqs=8, max_model_len=512)
     config["admin"] = {"token": ADMIN_TOKEN}
-    directory = tmp_path_factory.mktemp("canary-gateway")
-    path = directory / "canary.yaml"
+    path = canary_log.parent / "canary.yaml"
     path.write_text(yaml.safe_dump(config))
-    with running_gateway(path, directory / "serve.log") as base:
+    with running_gateway(path, canary_log) as base:
         yield base
 
 
-async def _traffic(base: str, stop: asyncio.Event, concurrency: int = 4) -> Counter:
+async def _traffic(
+    base: str, stop: asyncio.Event, failures: list[str], concurrency: int = 4
+) -> Counter:
+    """(variant, status) of each answer; the first few failed answers' bodies in `failures`."""
     counter = itertools.count()
     served: Counter = Counter()
 
@@ -174,16 +188,20 @@ async def _traffic(base: str, stop: asyncio.Event, concurrency: int = 4) -> Coun
                 "temperature": 0,
             }
             response = await http.post(f"{base}/v1/chat/completions", json=body)
-            served[(response.headers.get("x-slimserve-variant"), response.status_code)] += 1
+            variant = response.headers.get("x-slimserve-variant")
+            served[(variant, response.status_code)] += 1
+            if response.status_code != 200 and len(failures) < 5:
+                failures.append(f"{variant} {response.status_code}: {response.text}")
 
     async with httpx.AsyncClient(timeout=120) as http:
         await asyncio.gather(*(worker(http) for _ in range(concurrency)))
     return served
 
 
-async def _until_decided(base: str, timeout: float) -> tuple[dict, Counter]:
+async def _until_decided(base: str, timeout: float) -> tuple[dict, Counter, list[str]]:
     stop = asyncio.Event()
-    traffic = asyncio.create_task(_traffic(base, stop))
+    failures: list[str] = []
+    traffic = asyncio.create_task(_traffic(base, stop, failures))
     deadline = time.monotonic() + timeout
     report: dict = {}
     try:
@@ -199,29 +217,31 @@ async def _until_decided(base: str, timeout: float) -> tuple[dict, Counter]:
     finally:
         stop.set()
         served = await traffic
-    return report, served
+    return report, served, failures
 
 
 @pytest.fixture(scope="module")
-def canary_outcome(canary_gateway) -> tuple[dict, Counter]:
+def canary_outcome(canary_gateway) -> tuple[dict, Counter, list[str]]:
     return asyncio.run(_until_decided(canary_gateway, timeout=150))
 
 
-def test_canary_rolls_back_the_broken_variant_and_promotes_int8(canary_gateway, canary_outcome):
-    report, served = canary_outcome
+def test_canary_rolls_back_the_broken_variant_and_promotes_int8(
+    canary_gateway, canary_outcome, canary_log
+):
+    report, served, failures = canary_outcome
     variants = report["variants"]
     assert variants["pruned90"]["canary"]["status"] == "rolled_back", variants["pruned90"]
     assert variants["int8"]["canary"]["status"] == "promoted", variants["int8"]
     assert variants["pruned90"]["weight"] == 0.0 and variants["int8"]["weight"] == 1.0
     actions = [(e["variant"], e["action"]) for e in report["events"]]
     assert ("pruned90", "rollback") in actions and actions.count(("int8", "promote")) == 2
-    assert {status for (_, status) in served} == {200}
+    assert {status for (_, status) in served} == {200}, (served, failures, _log_errors(canary_log))
     # after the canary: the public name lands on int8 only
     assert _served_by(canary_gateway, 6) == Counter({"int8": 6})
 
 
 def test_quality_evidence_separates_the_good_from_the_broken(canary_gateway, canary_outcome):
-    report, _ = canary_outcome
+    report, _, _ = canary_outcome
     variants = report["variants"]
     full_ppl = variants["full"]["quality"]["perplexity"]
     assert 5 < full_ppl < 60
