@@ -21,18 +21,22 @@ The wire: `("events", [(stream, EngineEvent), ...])` per message, pickled by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-import queue
-import threading
+import os
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection
 
 from .loop_delivery import Stream, deliver_to_streams
-from .message_listener import MessageListener
+from .message_listener import FramedWriter, MessageListener
 from .types import EngineEvent, ReplicaDoor, ReplyTo
 
 log = logging.getLogger(__name__)
+
+# What may wait for a gateway replica that stopped reading its inbox before the outlet is given
+# up (its requests then end): thousands of steps' events.
+MAX_PENDING_BYTES = 16 << 20
 
 
 def connect(target: ReplyTo | ReplicaDoor) -> Connection:
@@ -62,37 +66,36 @@ def closed_by_inbox(connection: Connection) -> bool:
 
 class EventOutlet:
     """A variant replica's connection to one inbox, for engines that run in the replica's own
-    process (vLLM, or torch in-process): a thread writes, so the replica's event loop never
-    waits on the socket."""
+    process (vLLM, or torch in-process), written from the replica's event loop without ever
+    waiting on the socket: what it cannot take at once waits, in order, until it is writable
+    (FramedWriter). A writer thread did this before; each message then waited for that thread
+    to be scheduled and to take the interpreter lock from the loop, on cores the engine keeps
+    busy."""
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
-        self._pending: queue.SimpleQueue[list[tuple[int, EngineEvent]] | None] = queue.SimpleQueue()
+        os.set_blocking(connection.fileno(), False)
         self.broken = False
-        threading.Thread(target=self._write, name="event-outlet", daemon=True).start()
+        self._writer = FramedWriter(
+            connection.fileno(), asyncio.get_running_loop(), MAX_PENDING_BYTES, self._gone
+        )
 
     def send(self, items: list[tuple[int, EngineEvent]]) -> bool:
-        """Queue one message of (stream, event) pairs; False once the inbox is gone."""
-        if self.broken:
-            return False
-        self._pending.put(items)
-        return True
+        """One message of (stream, event) pairs, on the loop; False once the inbox is gone."""
+        return not self.broken and self._writer.send(("events", items))
 
     def close(self) -> None:
-        self._pending.put(None)
+        """On the loop: what was sent still reaches the inbox, then the connection closes."""
+        self._writer.close_when_flushed(self._connection.close)
 
     def gone(self) -> bool:
         return self.broken or closed_by_inbox(self._connection)
 
-    def _write(self) -> None:
-        with self._connection:
-            while (items := self._pending.get()) is not None:
-                try:
-                    self._connection.send(("events", items))
-                except (OSError, EOFError):
-                    log.warning("a gateway replica's event inbox went away")
-                    self.broken = True
-                    return
+    def _gone(self) -> None:
+        log.warning("a gateway replica's event inbox went away")
+        self.broken = True
+        with contextlib.suppress(OSError):
+            self._connection.close()
 
 
 class EventOutlets:

@@ -123,10 +123,11 @@ class FramedWriter:
         self._broken = broken
         self._pending = bytearray()
         self._closed = False
+        self._flushed: Callable[[], None] | None = None  # close_when_flushed's callback
 
     def send(self, message: Any) -> bool:
         """False when the socket is given up (and `broken` was called)."""
-        if self._closed:
+        if self._closed or self._flushed is not None:
             return False
         data = framed(message)
         if self._pending:
@@ -155,10 +156,26 @@ class FramedWriter:
             self._pending.clear()
         self._closed = True
 
+    def close_when_flushed(self, flushed: Callable[[], None]) -> None:
+        """Take no more messages; call `flushed` once what waits here is written (now when
+        nothing does), or when the peer is given up."""
+        if not self._pending or self._closed:
+            self.close()
+            flushed()
+        else:
+            self._flushed = flushed
+
     def _give_up(self) -> None:
         if not self._closed:
             self.close()
             self._broken()
+            self._done_flushing()
+
+    def _done_flushing(self) -> None:
+        flushed, self._flushed = self._flushed, None
+        if flushed is not None:
+            self._closed = True
+            flushed()
 
     def _write(self, data: bytes | bytearray) -> int | None:
         """Bytes the socket took now; None when the peer is gone (the socket is given up)."""
@@ -177,6 +194,7 @@ class FramedWriter:
         del self._pending[:written]
         if not self._pending:
             self._loop.remove_writer(self._fd)
+            self._done_flushing()
 
 
 class MessageListener:

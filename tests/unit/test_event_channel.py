@@ -1,7 +1,9 @@
 """The gateway's event inbox on its own: events reach the queue of the stream they name, in
 order; a stream closed by its caller drops what still comes; a peer without the key is refused
 and the inbox goes on serving; messages are cut out of the bytes however they arrive, on the
-event loop."""
+event loop. A replica's outlet writes from its event loop, with no thread: a burst past the
+socket's buffer arrives whole and in order, also when the outlet is closed right after it, and
+an inbox that went away is noticed."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from multiprocessing import AuthenticationError
 
 import pytest
 
-from slimserve.serve.engine.event_channel import EventInbox, connect
+from slimserve.serve.engine.event_channel import EventInbox, EventOutlets, connect
 from slimserve.serve.engine.message_listener import framed
 from slimserve.serve.engine.types import EngineEvent
 
@@ -135,5 +137,43 @@ def test_connections_are_read_on_the_event_loop_not_by_threads() -> None:
                     sender.send(("events", [(reply_to.stream, _delta(text))]))
                 assert {(await _next(events)).text for _ in range(2)} == {"a", "b"}
                 assert threading.active_count() == threads
+
+    asyncio.run(scenario())
+
+
+def test_an_outlet_writes_a_burst_from_the_loop_in_order_and_closes_after_the_last() -> None:
+    async def scenario() -> None:
+        with _inbox() as inbox:
+            reply_to, events = inbox.open()
+            threads = threading.active_count()
+            outlets = EventOutlets()
+            outlet = outlets.outlet_for(reply_to)
+            texts = [f"{i}:" + "x" * 20_000 for i in range(200)]  # ~4 MB: past the buffer
+            for text in texts:
+                assert outlet.send([(reply_to.stream, _delta(text))])
+            outlets.close()  # before the inbox read most of it
+            assert threading.active_count() == threads
+            assert [(await _next(events)).text for _ in texts] == texts
+            assert outlet.gone()  # closed once the last byte went
+
+    asyncio.run(scenario())
+
+
+def test_an_outlet_learns_that_its_inbox_went_away() -> None:
+    async def scenario() -> None:
+        inbox = EventInbox("node-a")
+        reply_to, events = inbox.open()
+        outlet = EventOutlets().outlet_for(reply_to)
+        assert outlet.send([(reply_to.stream, _delta("a"))])
+        assert (await _next(events)).text == "a"
+        inbox.shutdown()
+        for _ in range(100):
+            if outlet.gone():
+                break
+            await asyncio.sleep(0.01)
+        assert outlet.gone()
+        for _ in range(3):  # the first writes may still land in the socket's buffer
+            outlet.send([(reply_to.stream, _delta("lost"))])
+        assert not outlet.send([(reply_to.stream, _delta("lost"))])
 
     asyncio.run(scenario())
