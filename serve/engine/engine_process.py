@@ -32,7 +32,7 @@ from slimserve.compression import CompressionReport
 from ..config import SlimserveConfig
 from ..observability.flops import FlopModel
 from .event_channel import closed_by_inbox, try_connect
-from .limits import check_score_length, server_error
+from .limits import check_score_length, server_error, unavailable_error
 from .loop_delivery import deliver_to_streams
 from .pacing import StreamPacer
 from .threads import configure_threads
@@ -419,7 +419,7 @@ class EngineProcess:
         reply_to: ReplyTo | None,
     ) -> AsyncIterator[EngineEvent]:
         if self._dead is not None:
-            yield _server_error(self._dead)
+            yield self._gone(self._dead)
             return
         key = next(self._keys)
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
@@ -429,7 +429,7 @@ class EngineProcess:
             self._send(("generate", key, request_id, prompt_ids, params.model_dump(), route))
         except RuntimeError as error:
             self._streams.pop(key, None)
-            yield _server_error(str(error))
+            yield self._gone(str(error))
             return
         try:
             async for event in drain_events(events):
@@ -504,15 +504,18 @@ class EngineProcess:
         if entry is not None:
             loop_reply(*entry)(value, RuntimeError(error) if error is not None else None)
 
+    def _gone(self, why: str) -> EngineEvent:
+        """A request's answer once the engine process is gone: the variant is unavailable (a
+        lost replica, which the gateway retries elsewhere), not a server error, until Ray
+        Serve's health check restarts the replica."""
+        message = f"variant {self.variant} is unavailable: {why}"
+        return EngineEvent(kind="error", error=unavailable_error(message))
+
     def _fail_everything(self) -> None:
-        failure = _server_error(self._dead or "")
+        failure = self._gone(self._dead or "its engine process is gone")
         self._dispatch([(key, failure) for key in list(self._streams)])
         for entry in list(self._scores.values()):
             loop_reply(*entry)(None, RuntimeError(self._dead))
 
 
 _FORWARDED = EngineEvent(kind="forwarded")
-
-
-def _server_error(message: str) -> EngineEvent:
-    return EngineEvent(kind="error", error=server_error(message))

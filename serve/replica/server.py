@@ -145,8 +145,9 @@ class VariantServer:
         when they went to the gateway's inbox (`reply_to`) straight from the engine process or
         from here. With the door open, the call first waits for a place its requests leave
         (early_start.py)."""
-        if self.failure is not None:
-            info = unavailable_error(f"variant {self.variant} is unavailable: {self.failure}")
+        why = self._unavailable()
+        if why is not None:
+            info = unavailable_error(f"variant {self.variant} is unavailable: {why}")
             yield [EngineEvent(kind="error", error=info).model_dump()]
             return
         req = GenerateRequest.model_validate(request)
@@ -241,8 +242,9 @@ class VariantServer:
 
     async def score(self, request: dict[str, Any], reference: str, limit: int) -> dict[str, Any]:
         """Next-token log-probs of the request's prompt + `reference` (see serve.scoring)."""
-        if self.failure is not None:
-            raise RuntimeError(f"variant {self.variant} is unavailable: {self.failure}")
+        why = self._unavailable()
+        if why is not None:
+            raise RuntimeError(f"variant {self.variant} is unavailable: {why}")
         req = GenerateRequest.model_validate(request)
         reference_ids = self.tokenizer(reference, add_special_tokens=False).input_ids
         limit = min(limit, self.max_model_len)
@@ -269,8 +271,9 @@ class VariantServer:
         await asyncio.shield(self._bench_task)
 
     async def stats(self) -> dict[str, Any]:
-        if self.failure is not None:
-            return {"variant": self.variant, "failed": self.failure}
+        why = self._unavailable()
+        if why is not None:  # the gateway takes the variant out of routing while this lasts
+            return {"variant": self.variant, "failed": why}
         await self._self_bench_done()
         self._open_door()
         engine = self.engine.stats()
@@ -317,6 +320,16 @@ class VariantServer:
         replica."""
         if self.failure is None and not self.engine.is_alive():
             raise RuntimeError(f"the engine of variant {self.variant} is not running")
+
+    def _unavailable(self) -> str | None:
+        """Why this replica cannot serve: its variant failed to load (for good), or its engine
+        stopped (the OOM killer takes the process that holds the weights), until Ray Serve's
+        health check restarts the replica."""
+        if self.failure is not None:
+            return self.failure
+        if not self.engine.is_alive():
+            return "its engine stopped running; the replica is being restarted"
+        return None
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -129,8 +129,8 @@ def test_a_killed_child_fails_requests_and_health(config):
             time.sleep(0.05)
         assert not engine.is_alive()
         events = asyncio.run(_run(engine, "after", [1, 2, 3]))
-        assert [e.kind for e in events] == ["error"]
-        assert events[0].error.status == 500
+        assert [e.kind for e in events] == ["error"]  # as a lost replica's: the gateway retries
+        assert events[0].error.status == 503 and events[0].error.code == "variant_unavailable"
     finally:
         engine.shutdown()
 

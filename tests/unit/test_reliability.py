@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -324,6 +326,40 @@ def test_a_lost_replica_of_a_variant_with_others_left_keeps_it_up(faulty_gateway
         assert response.headers["x-slimserve-variant"] == "full"  # retried on its other replica
         assert not handle.lose_next_stream
     assert httpx.get(base + "/health").json()["variants"]["full"]["state"] == "up"
+
+
+def test_a_killed_engine_process_takes_its_variant_out_of_routing(tiny_model_dir):
+    """The OOM killer takes the process that holds the weights (SIGKILL, injected on purpose):
+    the variant's requests are answered as a lost replica's (503, retried on another variant
+    when unpinned), never 500, and Ray Serve's health check fails so that it restarts the
+    replica."""
+    config = _config(tiny_model_dir)
+    config.engine.separate_process = True
+    config.engine.max_model_len = 256
+    servers = variant_servers(config)
+    core = GatewayCore(config, {n: InProcessBackend(s) for n, s in servers.items()})
+    full = servers["full"]
+    try:
+        with serving(core) as base:
+            answer = httpx.post(base + CHAT, json=_chat(max_tokens=2), timeout=60)
+            assert answer.headers["x-slimserve-variant"] == "full"
+            os.kill(full.engine.pid, signal.SIGKILL)
+            until(lambda: not full.engine.is_alive(), "the engine process's end")
+
+            unpinned = httpx.post(base + CHAT, json=_chat(max_tokens=2), timeout=60)
+            assert unpinned.status_code == 200, unpinned.text
+            assert unpinned.headers["x-slimserve-variant"] == "spare"
+            pinned = httpx.post(base + CHAT, json=_chat("tiny:full", max_tokens=2), timeout=60)
+            assert pinned.status_code == 503 and "retry-after" in pinned.headers
+            error = pinned.json()["error"]
+            assert error["code"] == "variant_unavailable" and "engine" in error["message"]
+            state = httpx.get(base + "/health").json()["variants"]["full"]
+            assert state["state"] == "down" and "engine" in state["reason"]
+            with pytest.raises(RuntimeError, match="not running"):
+                full.check_health()
+    finally:
+        for server in servers.values():
+            server.engine.shutdown()
 
 
 def test_ray_handle_failures_become_openai_errors():
