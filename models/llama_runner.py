@@ -12,6 +12,8 @@ sit in slots 0..B-1 so a step reads a plain view of the cache, never a gathered 
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -299,6 +301,19 @@ class _NativeOps:
         return normed, lambda rows: lm_head(rows).float()
 
 
+def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros whose memory the OS provides page by page as it is first written. The KV cache is
+    sized for every slot at full length, which few workloads fill; torch.zeros writes all of
+    it at start, so each engine process held its whole cache resident (~1.6 GB for SmolLM2-135M
+    at 33 slots x 2048 positions) however little it served. Anonymous private pages read as
+    zero until written, as torch.zeros' do."""
+    count = math.prod(shape)
+    if count == 0:
+        return torch.zeros(shape, dtype=dtype)
+    pages = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
+
+
 class LlamaRunner:
     def __init__(
         self,
@@ -330,11 +345,11 @@ class LlamaRunner:
         self.embed = inner.embed_tokens
         self.final_norm = _norm(inner.norm)
         shape = (len(inner.layers), max_slots, self.n_kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype)
+        self.k_cache = lazily_zeroed(shape, self.dtype)
+        self.v_cache = lazily_zeroed(shape, self.dtype)
         store = (len(inner.layers), store_slots, self.n_kv_heads, store_len, self.head_dim)
-        self.k_store = torch.zeros(store, dtype=self.dtype)
-        self.v_store = torch.zeros(store, dtype=self.dtype)
+        self.k_store = lazily_zeroed(store, self.dtype)
+        self.v_store = lazily_zeroed(store, self.dtype)
         with torch.inference_mode():
             positions = torch.arange(max_len).unsqueeze(0)
             probe = torch.zeros(1, 1, cfg.hidden_size, dtype=self.dtype)

@@ -68,7 +68,7 @@ class GatewayMetrics:
         )
         self.kv_cache_bytes = Gauge(
             "slimserve_variant_kv_cache_bytes",
-            "KV-cache bytes of one replica",
+            "KV-cache bytes of one replica (reserved; resident as positions are written)",
             ["variant"],
             registry=r,
         )

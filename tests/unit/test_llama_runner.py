@@ -1,5 +1,6 @@
 import copy
 
+import psutil
 import pytest
 import torch
 
@@ -51,6 +52,20 @@ def test_batched_decode_at_different_positions_matches_hf(prompt_lengths):
                 torch.testing.assert_close(
                     logits[row], _hf_last_logits(reference_model, seq), rtol=1e-4, atol=1e-4
                 )
+
+
+def test_the_kv_cache_takes_memory_only_where_it_is_written():
+    """Sized for every slot at full length, the cache reads as zeros, as torch.zeros' did, but
+    the memory behind it comes from the OS as it is first written."""
+    process = psutil.Process()
+    before = process.memory_info().rss
+    runner = LlamaRunner(tiny_llama(vocab_size=300), max_slots=16, max_len=65536)
+    assert runner.kv_cache_bytes >= 512 << 20
+    assert process.memory_info().rss - before < runner.kv_cache_bytes // 8
+    with torch.inference_mode():
+        runner.prefill(3, [5, 6, 7], 0, want_logits=True)
+    assert runner.k_cache[:, 3, :, :3].any() and runner.v_cache[:, 3, :, :3].any()
+    assert not runner.k_cache[:, 3, :, 3:].any() and not runner.k_cache[:, :3].any()
 
 
 def test_without_packing_the_model_is_left_intact():
