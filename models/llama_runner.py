@@ -304,7 +304,7 @@ class _NativeOps:
 def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Zeros whose memory the OS provides page by page as it is first written. The KV cache is
     sized for every slot at full length, which few workloads fill; torch.zeros writes all of
-    it at start, so each engine process held its whole cache resident (~1.6 GB for SmolLM2-135M
+    it at start, so each engine process held its whole cache resident (~1.5 GB for SmolLM2-135M
     at 33 slots x 2048 positions) however little it served. Anonymous private pages read as
     zero until written, as torch.zeros' do."""
     count = math.prod(shape)
