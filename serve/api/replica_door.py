@@ -21,15 +21,11 @@ import os
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..engine.message_listener import FramedWriter, Frames
+from ..engine.message_listener import MAX_PENDING_STREAM_BYTES, FramedWriter, Frames
 from ..engine.types import EngineEvent, ReplicaDoor
 from .failures import unavailable
 
 log = logging.getLogger(__name__)
-
-# What may wait for a replica that stopped reading its door before the door is given up
-# (which ends the requests running there): thousands of requests' worth.
-MAX_PENDING_BYTES = 16 << 20
 
 # Put in a stream's queue when the replica had no room for it.
 REFUSED = EngineEvent(kind="refused")
@@ -46,7 +42,7 @@ class Door:
         self._fd = connection.fileno()
         os.set_blocking(self._fd, False)
         self._loop = asyncio.get_running_loop()
-        self._writer = FramedWriter(self._fd, self._loop, MAX_PENDING_BYTES, self.close)
+        self._writer = FramedWriter(self._fd, self._loop, MAX_PENDING_STREAM_BYTES, self.close)
         self._frames = Frames()
         self._streams: dict[int, asyncio.Queue] = {}  # started here and not yet finished
         self.broken = False

@@ -29,14 +29,10 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection
 
 from .loop_delivery import Stream, deliver_to_streams
-from .message_listener import FramedWriter, MessageListener
+from .message_listener import MAX_PENDING_STREAM_BYTES, FramedWriter, MessageListener
 from .types import EngineEvent, ReplicaDoor, ReplyTo
 
 log = logging.getLogger(__name__)
-
-# What may wait for a gateway replica that stopped reading its inbox before the outlet is given
-# up (its requests then end): thousands of steps' events.
-MAX_PENDING_BYTES = 16 << 20
 
 
 def connect(target: ReplyTo | ReplicaDoor) -> Connection:
@@ -77,7 +73,7 @@ class EventOutlet:
         os.set_blocking(connection.fileno(), False)
         self.broken = False
         self._writer = FramedWriter(
-            connection.fileno(), asyncio.get_running_loop(), MAX_PENDING_BYTES, self._gone
+            connection.fileno(), asyncio.get_running_loop(), MAX_PENDING_STREAM_BYTES, self._gone
         )
 
     def send(self, items: list[tuple[int, EngineEvent]]) -> bool:

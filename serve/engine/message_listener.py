@@ -36,6 +36,10 @@ _READ_SIZE = 1 << 16
 # What may wait for a peer that stopped reading this side's answers before its connection is
 # dropped.
 MAX_PENDING_ANSWER_BYTES = 1 << 20
+# What may wait for a peer that stopped reading a stream of requests or events (a gateway's
+# starts at a replica's door, a replica's events to a gateway's inbox) before it is given up,
+# which ends the requests that ran through it: thousands of requests' or steps' worth.
+MAX_PENDING_STREAM_BYTES = 16 << 20
 
 
 def framed(message: Any) -> bytes:
