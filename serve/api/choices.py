@@ -79,9 +79,9 @@ async def open_choices(
     or failure (closing the others) so that the caller is answered 4xx/5xx before any 200.
     Choices that have not started within `timeout` seconds (queued behind others) are
     dropped, their queued work with them, and the caller answered 503."""
-    opening = asyncio.gather(*(_open(c, backend) for c in choices), return_exceptions=True)
     try:
-        firsts = await asyncio.wait_for(opening, timeout)
+        async with asyncio.timeout(timeout):
+            firsts = await _open_all(choices, backend)
     except TimeoutError:
         await close_choices(choices)
         raise OpenAIError(queue_timeout(clock.variant, timeout)) from None
@@ -95,6 +95,19 @@ async def open_choices(
     for choice, first in zip(choices, firsts, strict=True):
         choice.prompt_tokens = first.prompt_tokens
         clock.accepted(choice.index, first)
+
+
+async def _open_all(
+    choices: list[Choice], backend: VariantBackend
+) -> list[EngineEvent | BaseException]:
+    """Each choice's first event, or what it raised. One choice (the common case) is opened in
+    this task: a task per choice costs loop passes before the first token reaches the client."""
+    if len(choices) == 1:
+        try:
+            return [await _open(choices[0], backend)]
+        except Exception as error:
+            return [error]
+    return await asyncio.gather(*(_open(c, backend) for c in choices), return_exceptions=True)
 
 
 async def close_choices(choices: list[Choice]) -> None:
