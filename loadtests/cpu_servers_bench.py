@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 from pydantic import BaseModel
 
 from slimserve.loadtests.cpu_servers import (
@@ -39,7 +38,13 @@ from slimserve.loadtests.cpu_servers import (
     slimserve_spec,
     vllm_spec,
 )
-from slimserve.loadtests.decode_bench import PROMPTS, BenchRow, _one, closed_loop
+from slimserve.loadtests.decode_bench import (
+    PROMPTS,
+    BenchRow,
+    _one,
+    closed_loop,
+    streaming_session,
+)
 from slimserve.models.paths import cache_root
 from slimserve.serve.logs import configure_logging
 from slimserve.serve.ports import free_port
@@ -123,12 +128,11 @@ async def bench_entry(
     """decode_bench's warm-up and closed loop, on a client that opens a new connection per
     request: llama-server may close a streamed response's connection that the client would
     otherwise reuse ("Server disconnected without sending a response")."""
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await _one(client, url, entry.request_model, PROMPTS[0], 4)  # warm-up
+    async with streaming_session(concurrency, keep_alive=False) as session:
+        await _one(session, url, entry.request_model, PROMPTS[0], 4)  # warm-up
         return await closed_loop(
             lambda index: _one(
-                client, url, entry.request_model, PROMPTS[index % len(PROMPTS)], args.tokens
+                session, url, entry.request_model, PROMPTS[index % len(PROMPTS)], args.tokens
             ),
             entry.label,
             concurrency,

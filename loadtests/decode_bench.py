@@ -4,6 +4,11 @@
 
 Each variant is pinned by model name; every request generates exactly --tokens tokens
 (ignore_eos), so rows compare like with like. Prints one table row per (variant, concurrency).
+
+The streamed requests go through aiohttp: on a small host the load generator shares the CPUs
+with the server it measures, and httpx's async client spends more of them per request than
+aiohttp does (1.4-1.6 ms more before the first token reaches it, loadtests/README.md, "The
+measuring client").
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import httpx
 from pydantic import BaseModel
 
@@ -42,7 +48,7 @@ class BenchRow(BaseModel):
     ttft_p50_ms: float
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, tokens: int):
+async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: str, tokens: int):
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -55,10 +61,11 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, tok
     started = time.perf_counter()
     first = None
     usage = None
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+    async with session.post(f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for raw in response.content:  # one SSE line at a time
+            line = raw.rstrip(b"\r\n")
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
@@ -105,14 +112,20 @@ async def closed_loop(
     )
 
 
+def streaming_session(concurrency: int, keep_alive: bool = True) -> aiohttp.ClientSession:
+    """The client the closed loop streams through: a connection per stream (and a few spare),
+    kept alive between requests unless `keep_alive` is off."""
+    connector = aiohttp.TCPConnector(limit=concurrency + 4, force_close=not keep_alive)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600))
+
+
 async def bench_variant(
     url: str, model: str, variant: str, concurrency: int, requests: int, tokens: int
 ) -> BenchRow:
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await _one(client, url, model, PROMPTS[0], 4)  # warm-up
+    async with streaming_session(concurrency) as session:
+        await _one(session, url, model, PROMPTS[0], 4)  # warm-up
         return await closed_loop(
-            lambda index: _one(client, url, model, PROMPTS[index % len(PROMPTS)], tokens),
+            lambda index: _one(session, url, model, PROMPTS[index % len(PROMPTS)], tokens),
             variant,
             concurrency,
             requests,

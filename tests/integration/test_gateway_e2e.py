@@ -16,6 +16,9 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from slimserve.loadtests.client_bench import CLIENTS, measure
+from slimserve.loadtests.decode_bench import bench_variant
+
 from .conftest import assert_disconnect_frees_slot
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
@@ -54,6 +57,24 @@ def test_openai_client_streaming_chat(client):
     assert "Paris" in text
     assert chunks[-1].usage.completion_tokens > 0
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_the_benchmarks_streaming_client_counts_every_token(gateway):
+    """decode_bench's closed loop (aiohttp, as the overhead and CPU-server benchmarks use it)
+    against the real gateway: every requested token counted from the usage chunk, and each
+    request's first content seen, so a per-stream rate after it."""
+    row = asyncio.run(bench_variant(gateway, f"{MODEL}:full", "full", 2, 4, 6))
+    assert row.requests == 4 and row.output_tokens == 4 * 6
+    assert row.per_stream_tokens_per_s > 0  # zero when no content chunk was recognized
+    assert 0 < row.ttft_p50_ms < row.seconds * 1000
+
+
+def test_the_client_comparison_sees_each_clients_first_token(gateway):
+    """client_bench's three clients on the real gateway, each request's first content found
+    (a client that never saw it raises)."""
+    rows = asyncio.run(measure(gateway, f"{MODEL}:full", 2, 1, 4, 0.0))
+    assert [r.client for r in rows] == list(CLIENTS)
+    assert all(r.requests == 2 and 0 < r.ttft_min_ms <= r.ttft_p50_ms for r in rows)
 
 
 def test_openai_client_completions_and_models(client):
