@@ -7,8 +7,8 @@ Each variant is pinned by model name; every request generates exactly --tokens t
 
 The streamed requests go through aiohttp: on a small host the load generator shares the CPUs
 with the server it measures, and httpx's async client spends more of them per request than
-aiohttp does (1.4-1.6 ms more before the first token reaches it, loadtests/README.md, "The
-measuring client").
+aiohttp does (its first token came 0.4-2.1 ms later in three runs of four, loadtests/README.md,
+"The measuring client").
 """
 
 from __future__ import annotations
