@@ -24,6 +24,7 @@ import aiohttp
 import httpx
 from pydantic import BaseModel
 
+from slimserve.loadtests.decode_bench import has_content, sse_chunk
 from slimserve.serve.logs import configure_logging
 
 log = logging.getLogger("slimserve.loadtests.client_bench")
@@ -53,10 +54,8 @@ def _body(model: str, index: int, tokens: int) -> dict:
 
 
 def _has_content(line: bytes) -> bool:
-    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-        return False
-    choices = json.loads(line[6:])["choices"]
-    return bool(choices and choices[0]["delta"].get("content"))
+    chunk = sse_chunk(line)
+    return chunk is not None and has_content(chunk)
 
 
 async def _via_httpx(client: httpx.AsyncClient, url: str, body: dict) -> float:

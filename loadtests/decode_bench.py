@@ -48,6 +48,19 @@ class BenchRow(BaseModel):
     ttft_p50_ms: float
 
 
+def sse_chunk(line: bytes) -> dict | None:
+    """The JSON chunk one SSE line carries; None for a blank line and for `[DONE]`."""
+    line = line.rstrip(b"\r\n")
+    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+        return None
+    return json.loads(line[6:])
+
+
+def has_content(chunk: dict) -> bool:
+    """Whether a chat chunk's delta carries text (the role chunk's content is empty)."""
+    return bool(chunk["choices"] and chunk["choices"][0]["delta"].get("content"))
+
+
 async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: str, tokens: int):
     body = {
         "model": model,
@@ -63,14 +76,13 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, prompt: str
     usage = None
     async with session.post(f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
-        async for raw in response.content:  # one SSE line at a time
-            line = raw.rstrip(b"\r\n")
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+        async for line in response.content:  # one SSE line at a time
+            chunk = sse_chunk(line)
+            if chunk is None:
                 continue
-            chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            elif first is None and has_content(chunk):
                 first = time.perf_counter()
     ended = time.perf_counter()
     generated = usage["completion_tokens"]
