@@ -20,11 +20,12 @@ from slimserve.loadtests.client_bench import CLIENTS, measure
 from slimserve.loadtests.decode_bench import bench_variant
 
 from .conftest import assert_disconnect_frees_slot
+from .decisive import CAPITAL_QUESTION, COUNTING_PROMPTS, COUNTING_TOKENS
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 MODEL = "smollm2-135m-instruct"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = CAPITAL_QUESTION
 
 
 @pytest.fixture(scope="module")
@@ -256,14 +257,9 @@ def test_tokens_go_from_the_engine_or_the_replica_straight_to_the_gateway(client
     assert len(labelled.choices[0].logprobs.tokens) == 8
 
 
-PACED_PROMPTS = [
-    "The lighthouse keeper climbed the stairs and",
-    "A short history of the printing press:",
-    "Three things to pack for a long hike are",
-    "The recipe for bread begins with",
-    "In the morning the harbour was",
-    "The rules of chess say that a knight",
-]
+# Answers decisive at every token (decisive.py): the streamed and the whole six run in batches
+# of their own making, whose bf16 sums differ.
+PACED_PROMPTS = COUNTING_PROMPTS
 
 
 async def _answers(gateway: str, stream: bool) -> list[tuple[str, int]]:
@@ -271,7 +267,12 @@ async def _answers(gateway: str, stream: bool) -> list[tuple[str, int]]:
     client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
 
     async def one(prompt: str) -> tuple[str, int]:
-        asked = {"model": f"{MODEL}:full", "prompt": prompt, "max_tokens": 32, "temperature": 0}
+        asked = {
+            "model": f"{MODEL}:full",
+            "prompt": prompt,
+            "max_tokens": COUNTING_TOKENS,
+            "temperature": 0,
+        }
         if not stream:
             reply = await client.completions.create(**asked)
             return reply.choices[0].text, reply.usage.completion_tokens

@@ -15,13 +15,14 @@ from slimserve.serve.config import load_config
 from slimserve.serve.replica.server import VariantServer
 
 from .conftest import CONFIGS
+from .decisive import CAPITAL_QUESTION
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 CONFIG = load_config(CONFIGS / "default.yaml", check_models=False)
 MODEL = CONFIG.public_model_name
 VARIANTS = sorted(CONFIG.variants)
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = CAPITAL_QUESTION  # answered decisively (decisive.py)
 JSON_REQUEST = "Describe Paris as a JSON object with a name and a country."
 CITY_SCHEMA = {
     "type": "object",

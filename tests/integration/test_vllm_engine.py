@@ -12,11 +12,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import CONFIGS, assert_disconnect_frees_slot, running_gateway
+from .decisive import CAPITAL_ANSWER_TOKENS, CAPITAL_QUESTION
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 MODEL = "smollm2-135m-instruct"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = CAPITAL_QUESTION  # answered decisively (decisive.py)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,10 @@ def test_vllm_variant_answers_like_the_torch_engine(client):
     answers = {}
     for variant in ("vllm", "full"):
         reply = client.chat.completions.create(
-            model=f"{MODEL}:{variant}", messages=QUESTION, max_tokens=20, temperature=0
+            model=f"{MODEL}:{variant}",
+            messages=QUESTION,
+            max_tokens=CAPITAL_ANSWER_TOKENS,
+            temperature=0,
         )
         answers[variant] = reply.choices[0].message.content
         assert reply.choices[0].finish_reason == "stop"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -49,6 +50,15 @@ def random_24(n: int, k: int, seed: int = 0) -> torch.Tensor:
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref|: a scale-free bound that ragged/small outputs cannot dodge."""
     return float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+def fp32_sum_rounding(k: int) -> float:
+    """What an fp32 sum of k products may be off by relative to its scale, in any order:
+    rounding errors adding up as a random walk, sqrt(k) units of 2^-24. How far below that a
+    BLAS comes depends on its blocking, which differs by library and CPU (torch's dense fp32
+    matmul was 5x closer on an Intel CPU with AMX than on an AMD Zen 4), so no test asks a
+    kernel to match a library's error below this floor."""
+    return math.sqrt(k) * 2.0**-24
 
 
 def cpu_has(*flags: str) -> bool:

@@ -1,9 +1,9 @@
 """slimserve's own 2:4 sparse GEMMs (kernels/cpu_sparse24.cpp), fp32 at every ISA level and bf16
 with AVX-512 BF16: against fp64 on fresh random 2:4 weights at decode and prompt row counts,
 ragged N (lone last blocks) and K down to one group of 4, within the error torch's dense matmul
-of the same weight has; sums that overflow to inf as the dense matmul's do; inputs at pruned
-positions never read; the packed SparseLinear serving every row count from it and dropping its
-plain buffers."""
+of the same weight has (or an fp32 sum's rounding, where that is larger); sums that overflow to
+inf as the dense matmul's do; inputs at pruned positions never read; the packed SparseLinear
+serving every row count from it and dropping its plain buffers."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from slimserve.kernels.dispatch import chosen_backends
 from slimserve.kernels.packing import compress_24, pack_24_blocks
 from slimserve.kernels.sparse24 import SparseLinear
 
-from .helpers import AVX512_VNNI, cpu_has, random_24, rel_error
+from .helpers import AVX512_VNNI, cpu_has, fp32_sum_rounding, random_24, rel_error
 
 BF16_CPU = cpu_has(*AVX512_VNNI, "avx512_bf16") and cpu_isa.active() == cpu_isa.Isa.AVX512
 needs_bf16 = pytest.mark.skipif(not BF16_CPU, reason="no AVX-512 BF16 at this ISA level")
@@ -60,7 +60,8 @@ def test_fp32_matches_fp64_as_closely_as_the_dense_matmul(
     for row in range(rows):  # each row at its own scale
         ours_error = rel_error(ours[row], ref[row])
         assert ours_error < 1e-5, row
-        assert ours_error <= 4 * rel_error(theirs[row], ref[row]) + 1e-7, row
+        bar = max(4 * rel_error(theirs[row], ref[row]), fp32_sum_rounding(k))
+        assert ours_error <= bar, row
 
 
 @needs_bf16
