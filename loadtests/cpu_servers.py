@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -213,14 +213,21 @@ class ServerSpec(BaseModel):
 
 
 def llama_server_spec(
-    llamacpp: LlamaCpp, gguf: Path, name: str, port: int, slots: int, threads: int
+    llamacpp: LlamaCpp,
+    gguf: Path,
+    name: str,
+    port: int,
+    slots: int,
+    threads: int,
+    extra: Sequence[str] = (),
 ) -> ServerSpec:
     """llama-server with one slot per concurrent stream, 128 tokens of context per slot; the
-    chat template is the GGUF's."""
+    chat template is the GGUF's. `extra`: more of llama.cpp's own options."""
     command = [
         str(llamacpp.binary("llama-server")),
         *("-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)),
         *("-np", str(slots), "-t", str(threads), "-c", str(slots * 128)),
+        *extra,
     ]
     return ServerSpec(name=name, command=command, port=port)
 

@@ -96,6 +96,7 @@ def llamacpp_perplexity(llamacpp: LlamaCpp, gguf: Path, args: argparse.Namespace
         str(llamacpp.binary("llama-perplexity")),
         *("-m", str(gguf), "-f", str(evaluation_text_file()), "-t", str(args.threads)),
         *("-c", str(args.ppl_context), "--chunks", str(args.ppl_tokens // args.ppl_context)),
+        *llamacpp_options(args),
     ]
     log.info("perplexity of %s with llama-perplexity", gguf.name)
     result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -176,12 +177,21 @@ def wait_for_quiet(most_busy: float, timeout: float) -> None:
         log.info("CPUs %.0f%% busy with other work; waiting", 100 * busy)
 
 
+def llamacpp_options(args: argparse.Namespace) -> list[str]:
+    """llama.cpp's options this run adds to its server and perplexity program."""
+    return ["--no-repack"] if args.llamacpp_no_repack else []
+
+
 def measure_llamacpp(kind: str, args: argparse.Namespace) -> list[Entry]:
     llamacpp = ensure_llamacpp(args.jobs, args.isa)
     gguf = ensure_gguf(llamacpp, MODEL, kind)
-    entry = Entry(label=f"llama.cpp {kind.upper()}", request_model=MODEL)
+    options = llamacpp_options(args)
+    label = " ".join([f"llama.cpp {kind.upper()}", *options])
+    entry = Entry(label=label, request_model=MODEL)
     slots = max(args.concurrency)
-    spec = llama_server_spec(llamacpp, gguf, f"llamacpp-{kind}", args.port, slots, args.threads)
+    spec = llama_server_spec(
+        llamacpp, gguf, f"llamacpp-{kind}", args.port, slots, args.threads, options
+    )
     with running(spec, args.log_dir) as url:
         asyncio.run(load_entries(url, [entry], args))
     entry.perplexity = llamacpp_perplexity(llamacpp, gguf, args)
@@ -313,6 +323,12 @@ def parse_args() -> argparse.Namespace:
         "--port", type=int, default=free_port(), help="every server, one at a time (default: free)"
     )
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    parser.add_argument(
+        "--llamacpp-no-repack",
+        action="store_true",
+        help="run llama.cpp without its repacked weights (its AMX and interleaved layouts): "
+        "0.3.36's AMX path dies with SIGILL at start-up on an Intel Xeon with AMX under KVM",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="parallel jobs building llama.cpp")
     parser.add_argument("--slimserve-config", default="deploy/configs/default.yaml")
     parser.add_argument("--slimserve-variants", nargs="+", default=["full", "int8"])
