@@ -148,6 +148,13 @@ class DeploymentOptions(_Strict):
         "the gateway itself) spends on all its token streams together: with n open, each "
         "stream's tokens go out at most every n / this seconds (first token at once)",
     )
+    min_stream_interval_ms: float = Field(
+        20.0,
+        ge=0,
+        description="shortest spacing of a stream's messages after its first token, however "
+        "few streams share the budget: one stream alone sends a message per decode step "
+        "otherwise, whose CPU the engine's own threads lose (loadtests/README.md)",
+    )
     max_stream_interval_ms: float = Field(
         200.0, ge=0, description="longest a stream's generated tokens wait to be sent on"
     )
@@ -159,6 +166,15 @@ class DeploymentOptions(_Strict):
         "max_ongoing_requests (shared with Serve calls) or refuses it to a Serve call; Serve's "
         "own request metrics do not count door requests",
     )
+
+    @model_validator(mode="after")
+    def _intervals_ordered(self) -> DeploymentOptions:
+        if self.min_stream_interval_ms > self.max_stream_interval_ms:
+            raise ValueError(
+                f"min_stream_interval_ms ({self.min_stream_interval_ms}) exceeds "
+                f"max_stream_interval_ms ({self.max_stream_interval_ms})"
+            )
+        return self
 
 
 class VariantConfig(_Strict):

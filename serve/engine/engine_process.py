@@ -206,9 +206,7 @@ def _child_main(conn: Connection, config: dict[str, Any], variant: str) -> None:
         conn.send(("failed", traceback.format_exc()))
         return
     deployment = cfg.deployment_for(variant)
-    engine.pace_streams(
-        StreamPacer(deployment.stream_messages_per_second, deployment.max_stream_interval_ms / 1000)
-    )
+    engine.pace_streams(StreamPacer.for_deployment(deployment))
     conn.send(("ready", ready.model_dump(mode="json")))
     reader = threading.Thread(
         target=_serve_pipe, args=(conn, engine), name="engine-pipe", daemon=True

@@ -74,9 +74,7 @@ class VariantServer:
         self.max_model_len = options.max_model_len
         self.bench = bench_variant(self.engine, self.tokenizer, cfg, variant)
         deployment = cfg.deployment_for(variant)
-        self.pacer = StreamPacer(
-            deployment.stream_messages_per_second, deployment.max_stream_interval_ms / 1000
-        )
+        self.pacer = StreamPacer.for_deployment(deployment)
         self._config = cfg
         self._bench_task: asyncio.Task | None = None
         self.timings = {

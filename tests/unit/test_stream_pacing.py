@@ -9,7 +9,9 @@ import asyncio
 import time
 
 import pytest
+from pydantic import ValidationError
 
+from slimserve.serve.config import DeploymentOptions
 from slimserve.serve.engine.limits import EngineLimits
 from slimserve.serve.engine.pacing import StepPacing, StreamPacer, paced_batches
 from slimserve.serve.engine.torch_engine import TorchEngine
@@ -49,6 +51,31 @@ def test_interval_is_the_streams_share_of_the_budget_capped():
     assert pacer.interval() == pytest.approx(0.04)
     pacer.open_streams = 32
     assert pacer.interval() == 0.1
+
+
+def test_the_floor_spaces_a_lone_streams_messages_but_not_a_shared_budgets():
+    pacer = StreamPacer(messages_per_second=100.0, max_interval_s=0.2, min_interval_s=0.02)
+    pacer.open_streams = 1
+    assert pacer.interval() == pytest.approx(0.02)  # the budget alone would say 10 ms
+    pacer.open_streams = 8
+    assert pacer.interval() == pytest.approx(0.08)
+    pacer.open_streams = 32
+    assert pacer.interval() == pytest.approx(0.2)
+
+
+def test_the_deployments_intervals_make_its_pacer():
+    deployment = DeploymentOptions(
+        stream_messages_per_second=50, min_stream_interval_ms=30, max_stream_interval_ms=150
+    )
+    pacer = StreamPacer.for_deployment(deployment)
+    assert (pacer.messages_per_second, pacer.min_interval_s, pacer.max_interval_s) == (
+        50,
+        pytest.approx(0.03),
+        pytest.approx(0.15),
+    )
+    assert DeploymentOptions().min_stream_interval_ms == 20  # the default floor
+    with pytest.raises(ValidationError, match=r"min_stream_interval_ms .* exceeds"):
+        DeploymentOptions(min_stream_interval_ms=300, max_stream_interval_ms=200)
 
 
 def test_no_interval_sends_every_event_on_its_own():
