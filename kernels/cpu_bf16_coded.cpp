@@ -19,6 +19,7 @@
 
 #include <stdint.h>
 
+#include "cpu_bf16_amx.h"
 #include "cpu_bf16_coded.h"
 #include "cpu_bf16_tiles.h"
 #include "cpu_pack.h"
@@ -101,12 +102,19 @@ extern "C" SLIM_AVX512_BF16 int slim_bf16_coded_gemm(const uint16_t *x, int64_t 
                                                      uint16_t *out) {
   if (m < 1 || k < 1 || n < 1) return -1;
   const int64_t pairs = coded_pairs(k), kp = 2 * pairs, blocks = slim_channel_blocks(n);
+  const int64_t *offsets = (const int64_t *)packed;
+#if !defined(SLIM_ISA_AVX2)
+  if (slim_bf16_amx_rows > 0 && m >= slim_bf16_amx_rows)  // a lone block is padded to a pair
+    return slim_amx_gemm(x, m, k, stride, slim_bf16_coded_tiles(n), blocks % 2 == 1, bias, n,
+                         out, [&](int64_t t) {
+                           return SlimAmxCodedSteps{packed + offsets[t], pairs};
+                         });
+#endif
   uint16_t *rows = slim_bf16_padded_rows(x, m, k, stride, kp);
   if (rows == NULL) return -1;
   static const CodedTile tiles[CODED_ROW_BLOCK] = {coded_tile<1>, coded_tile<2>, coded_tile<3>,
                                                    coded_tile<4>, coded_tile<5>, coded_tile<6>,
                                                    coded_tile<7>, coded_tile<8>};
-  const int64_t *offsets = (const int64_t *)packed;
   slim_parallel(slim_bf16_coded_tiles(n), [&](int64_t first, int64_t end) {
     for (int64_t t = first; t < end; t++) {
       const bool pair = 2 * t + 1 < blocks;  // a lone last block: its own 16 channels only

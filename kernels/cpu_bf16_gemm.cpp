@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_bf16_amx.h"
 #include "cpu_bf16_tiles.h"
 #include "cpu_pack.h"
 
@@ -34,6 +35,21 @@ extern "C" int slim_bf16_gemm_cpu_supported(void) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+int slim_bf16_amx_rows = 0;
+
+// From `rows` rows on (0: never) both bf16 GEMMs take AMX tiles (cpu_bf16_amx.h) where this CPU
+// and the kernel allow it; returns the rows in effect (0 where AMX is not usable here).
+extern "C" int slim_bf16_amx_enable(int rows) {
+#if defined(SLIM_ISA_AVX2)
+  (void)rows;
+  return 0;
+#else
+  static const bool usable = slim_amx_usable();
+  slim_bf16_amx_rows = usable && rows > 0 ? rows : 0;
+  return slim_bf16_amx_rows;
+#endif
 }
 
 static inline int64_t bf16_pairs(int64_t k) { return slim_input_groups(k, 2); }
@@ -95,6 +111,16 @@ extern "C" SLIM_AVX512_BF16 int slim_bf16_gemm(const uint16_t *x, int64_t m, int
                                                const uint16_t *bias, int64_t n, uint16_t *out) {
   if (m < 1 || k < 1 || n < 1) return -1;
   const int64_t pairs = bf16_pairs(k), kp = 2 * pairs;
+#if !defined(SLIM_ISA_AVX2)
+  if (slim_bf16_amx_rows > 0 && m >= slim_bf16_amx_rows) {
+    const int64_t blocks = bf16_blocks(n);
+    return slim_amx_gemm(x, m, k, stride, (blocks + 1) / 2, blocks % 2 == 1, bias, n, out,
+                         [&](int64_t t) {
+                           return SlimAmxPlainSteps{packed + 2 * t * pairs * 32,
+                                                    2 * t + 1 < blocks, pairs};
+                         });
+  }
+#endif
   uint16_t *rows = slim_bf16_padded_rows(x, m, k, stride, kp);
   if (rows == NULL) return -1;
   static const Bf16Tile tiles[BF16_ROW_BLOCK] = {bf16_tile<1>, bf16_tile<2>, bf16_tile<3>,

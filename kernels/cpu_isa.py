@@ -5,7 +5,8 @@ FMA + F16C: AMD Zen 2 and every x86 server CPU since 2013), `avx512` (AVX-512 F 
 VNNI: Intel Ice Lake / Sapphire Rapids, AMD Zen 4 / 5). The detected level is the highest this
 CPU executes; `SLIMSERVE_CPU_ISA` forces a lower one (never a higher one), so the lower paths
 run and are tested on every machine. Extras that change what runs best: native bf16
-(AVX512_BF16 or AMX-BF16) and AMX tiles, used through oneDNN.
+(AVX512_BF16 or AMX-BF16) and AMX tiles, used through oneDNN and by our bf16 GEMM;
+`SLIMSERVE_CPU_AMX=0` keeps our kernels off the tiles, so their AVX-512 paths run on AMX CPUs too.
 
 Pure Python (it reads /proc/cpuinfo): the gateway, which never imports torch, can call it.
 """
@@ -18,6 +19,7 @@ import os
 from pathlib import Path
 
 ISA_ENV = "SLIMSERVE_CPU_ISA"
+AMX_ENV = "SLIMSERVE_CPU_AMX"
 
 
 class Isa(enum.IntEnum):
@@ -37,7 +39,7 @@ ISA_FLAGS: dict[Isa, tuple[str, ...]] = {
     Isa.AVX512: ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
 }
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-AMX_FLAGS = ("amx_tile",)
+AMX_FLAGS = ("amx_tile", "amx_bf16")
 
 
 @functools.cache
@@ -95,7 +97,11 @@ def has_native_bf16() -> bool:
 
 
 def has_amx() -> bool:
-    return active() >= Isa.AVX512 and any(flag in cpu_flags() for flag in AMX_FLAGS)
+    """AMX-BF16 tiles at the active level, unless `SLIMSERVE_CPU_AMX=0` turns them off for our
+    kernels (oneDNN's own switch is ONEDNN_MAX_CPU_ISA)."""
+    if os.environ.get(AMX_ENV, "1") == "0":
+        return False
+    return active() >= Isa.AVX512 and all(flag in cpu_flags() for flag in AMX_FLAGS)
 
 
 def default_dtype() -> str:

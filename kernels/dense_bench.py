@@ -7,8 +7,9 @@ threads (kernels/README.md, "Our own bf16 GEMM for every dense projection"):
 A pass cycles through `--copies` distinct weights (one for the lm_head, whose single copy is
 already far larger than the caches), as a decode step goes through a model's layers, so the
 weights come from memory; the figure is per call, best of `--rounds` passes. Our bf16 GEMM
-needs AVX-512 BF16. For the avx2 level as an AVX2-only CPU runs it (our fp32 GEMM against
-oneDNN's AVX2 kernels):
+needs AVX-512 BF16; where the CPU has AMX-BF16 it is measured on its AVX-512 tiles and on AMX
+tiles (`cpu_bf16_amx.h`), at every row count. For the avx2 level as an AVX2-only CPU runs it
+(our fp32 GEMM against oneDNN's AVX2 kernels):
 
     SLIMSERVE_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \
         python -m slimserve.kernels.dense_bench --dtype float32 --rows 1 8 32 128
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("slimserve's native CPU kernels do not load here (see the log)")
     dtype = getattr(torch, args.dtype)
     fp32 = dtype == torch.float32
+    default_amx_rows = kernels.bf16_amx_rows
+    # AMX off, then on from one row, where the bf16 GEMM can take the tiles here.
+    amx_modes = [0] + ([1] if not fp32 and kernels.set_bf16_amx_rows(1) else [])
     cells = []
     for count in args.rows:
         for n, k in SHAPES:
@@ -85,12 +89,17 @@ def main(argv: list[str] | None = None) -> None:
             for ours in [native_calls(kernels, x, weights, bf16_storage=False)] + (
                 [native_calls(kernels, x, weights, bf16_storage=True)] if fp32 else []
             ):
-                for threads in args.threads:
-                    kernels.set_threads(threads)
-                    row.append("-" if ours is None else f"{best_us(ours, args.rounds):.0f}")
+                for amx_rows in amx_modes:
+                    kernels.set_bf16_amx_rows(amx_rows)
+                    for threads in args.threads:
+                        kernels.set_threads(threads)
+                        row.append("-" if ours is None else f"{best_us(ours, args.rounds):.0f}")
             kernels.set_threads(1)
             cells.append(row)
+    kernels.set_bf16_amx_rows(default_amx_rows)
     header = ["rows", "N x K", "oneDNN prepacked us", *(f"ours {t} thr us" for t in args.threads)]
+    if len(amx_modes) > 1:
+        header += [f"ours on AMX, {t} thr us" for t in args.threads]
     if fp32:
         header += [f"ours, bf16 weights, {t} thr us" for t in args.threads]
     print(f"{args.dtype}, ISA level {kernels.isa.label}")
