@@ -187,10 +187,25 @@ class VllmEngine:
         ended = False  # vLLM is done with the request: nothing to abort
         generated = 0
         try:
-            yield EngineEvent(kind="accepted", prompt_tokens=len(prompt_ids))
-            stream = self._llm.generate({"prompt_token_ids": prompt_ids}, sampling, request_id)
+            # vLLM takes the request before "accepted" is said: what it still refuses there is an
+            # error with its status rather than a 200 ending in one, and the prompt is on its way
+            # to the engine core while the gateway answers "accepted".
             try:
-                async for output in stream:
+                collector = await self._llm.add_request(
+                    request_id, {"prompt_token_ids": prompt_ids}, sampling
+                )
+            except Exception as error:
+                info = _refusal(error, params)
+                if info is None:
+                    raise
+                ended = True  # vLLM did not keep it
+                yield EngineEvent(kind="error", error=info)
+                return
+            yield EngineEvent(kind="accepted", prompt_tokens=len(prompt_ids))
+            try:
+                while True:
+                    # What AsyncLLM.generate does: drain without a task switch where it can.
+                    output = collector.get_nowait() or await collector.get()
                     if prompt_positions is not None and output.prompt_logprobs:
                         prompt_positions.extend(output.prompt_logprobs)
                     completion = output.outputs[0]
@@ -235,8 +250,9 @@ class VllmEngine:
                         prompt_tokens=len(prompt_ids),
                         completion_tokens=generated,
                     )
+                    return
             except Exception as error:
-                # Checked before "accepted", so unlikely here; vLLM has dropped the request.
+                # Refused at add_request above, so unlikely here; vLLM has dropped the request.
                 info = _refusal(error, params)
                 if info is None:
                     raise
