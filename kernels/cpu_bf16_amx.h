@@ -208,9 +208,8 @@ static int slim_amx_gemm(const uint16_t *x, int64_t m, int64_t k, int64_t stride
   const int64_t pairs = (k + 1) / 2, groups = (pairs + SLIM_AMX_STEPS - 1) / SLIM_AMX_STEPS;
   const int64_t kq = groups * 2 * SLIM_AMX_STEPS;
   const int64_t mp = (m + SLIM_AMX_TILE_ROWS - 1) / SLIM_AMX_TILE_ROWS * SLIM_AMX_TILE_ROWS;
-  uint16_t *rows = (uint16_t *)calloc((size_t)(mp * kq), sizeof(uint16_t));  // zero padding
+  uint16_t *rows = slim_bf16_padded_rows(x, m, k, stride, kq, mp);
   if (rows == NULL) return -1;
-  for (int64_t r = 0; r < m; r++) memcpy(rows + r * kq, x + r * stride, (size_t)k * 2);
   slim_parallel(tiles, [&](int64_t begin, int64_t end) {
     slim_amx_tiles(rows, m, kq, begin, end, tiles, lone_last, bias, n, out, steps_for);
   });

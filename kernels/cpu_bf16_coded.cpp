@@ -110,7 +110,7 @@ extern "C" SLIM_AVX512_BF16 int slim_bf16_coded_gemm(const uint16_t *x, int64_t 
                            return SlimAmxCodedSteps{packed + offsets[t], pairs};
                          });
 #endif
-  uint16_t *rows = slim_bf16_padded_rows(x, m, k, stride, kp);
+  uint16_t *rows = slim_bf16_padded_rows(x, m, k, stride, kp, m);
   if (rows == NULL) return -1;
   static const CodedTile tiles[CODED_ROW_BLOCK] = {coded_tile<1>, coded_tile<2>, coded_tile<3>,
                                                    coded_tile<4>, coded_tile<5>, coded_tile<6>,

@@ -121,7 +121,7 @@ extern "C" SLIM_AVX512_BF16 int slim_bf16_gemm(const uint16_t *x, int64_t m, int
                          });
   }
 #endif
-  uint16_t *rows = slim_bf16_padded_rows(x, m, k, stride, kp);
+  uint16_t *rows = slim_bf16_padded_rows(x, m, k, stride, kp, m);
   if (rows == NULL) return -1;
   static const Bf16Tile tiles[BF16_ROW_BLOCK] = {bf16_tile<1>, bf16_tile<2>, bf16_tile<3>,
                                                  bf16_tile<4>, bf16_tile<5>, bf16_tile<6>,

@@ -8,11 +8,11 @@
 
 #include "cpu_bf16.h"
 
-// x bf16 [m, k] (rows `stride` apart) -> a new [m, kp] copy, zeros past k (an odd K's pad);
-// the caller frees it. NULL when out of memory.
+// x bf16 [m, k] (rows `stride` apart) -> a new [mp, kp] copy (mp >= m), zeros past k (an odd
+// K's pad, or whole AMX tiles') and past row m; the caller frees it. NULL when out of memory.
 static inline uint16_t *slim_bf16_padded_rows(const uint16_t *x, int64_t m, int64_t k,
-                                              int64_t stride, int64_t kp) {
-  uint16_t *rows = (uint16_t *)calloc((size_t)(m * kp), sizeof(uint16_t));
+                                              int64_t stride, int64_t kp, int64_t mp) {
+  uint16_t *rows = (uint16_t *)calloc((size_t)(mp * kp), sizeof(uint16_t));
   if (rows == NULL) return NULL;
   for (int64_t r = 0; r < m; r++) memcpy(rows + r * kp, x + r * stride, (size_t)k * 2);
   return rows;

@@ -736,8 +736,9 @@ def kernels_for(isa: Isa) -> NativeKernels | None:
         needs = ", ".join(cpu_isa.ISA_FLAGS[isa])
         log.warning("the %s CPU kernels need %s; this CPU lacks one", isa.label, needs)
         return None
-    amx_rows = loaded.set_bf16_amx_rows(BF16_AMX_MIN_ROWS if cpu_isa.has_amx() else 0)
-    if cpu_isa.has_amx() and loaded.bf16_gemm_available and not amx_rows:
+    amx = cpu_isa.has_amx()
+    amx_rows = loaded.set_bf16_amx_rows(BF16_AMX_MIN_ROWS if amx else 0)
+    if amx and loaded.bf16_gemm_available and not amx_rows:
         log.warning("this CPU has AMX but Linux refused this process the tiles' state "
                     "(arch_prctl); the bf16 GEMM stays on its AVX-512 tiles")  # fmt: skip
     log.info(

@@ -1,6 +1,7 @@
 """The bf16 GEMM on AMX tiles (kernels/cpu_bf16_amx.h), where the CPU has AMX-BF16: against fp64
-and against the same GEMM's AVX-512 tiles (test_native_bf16_gemm.py and test_native_bf16_coded.py
-test those on every AVX-512 BF16 CPU, and here too with AMX off) at row counts around the 16-row
+and against the same GEMM's AVX-512 tiles (which test_native_bf16_gemm.py and
+test_native_bf16_coded.py test on AVX-512 BF16 CPUs without AMX, and anywhere under
+SLIMSERVE_CPU_AMX=0) at row counts around the 16-row
 tiles and the 32-row pass, ragged N (lone last blocks), K off the tiles' 32 inputs (odd, short,
 one), both layouts, several kernel threads, and values built to overflow fp32 or carry NaN."""
 
