@@ -1,5 +1,6 @@
 // The bf16 GEMMs (cpu_bf16_gemm.cpp, cpu_bf16_coded.cpp) on AMX tiles, where the CPU has AMX-BF16
-// (Intel Sapphire Rapids and later) and a call has enough rows (`slim_bf16_amx_enable`).
+// (Intel Sapphire Rapids and later) and a call has enough rows (`slim_amx_enable`); also what the
+// W8A16 GEMM's AMX-INT8 path (cpu_w8a16_gemm.cpp) shares with them.
 //
 // Why: VDPBF16PS multiplies one activation row by a 16-channel block per instruction, so the
 // AVX-512 tiles cost about one row's time per row (~0.08 TFLOP/s on two cores of an Intel Xeon),
@@ -41,15 +42,19 @@ static const int64_t SLIM_AMX_TILE_ROWS = 16;  // activation rows per tile
 static const int64_t SLIM_AMX_PASS_ROWS = 32;  // rows per pass over a weight tile
 static const int64_t SLIM_AMX_STEP_BYTES = 128;
 
-// The fewest rows a call has for the GEMMs to take AMX tiles; 0: never (cpu_bf16_gemm.cpp).
-extern int slim_bf16_amx_rows;
+// Whether the GEMMs take AMX tiles at all (cpu_bf16_gemm.cpp: slim_amx_enable).
+extern int slim_amx_on;
+// The fewest rows a bf16 GEMM call has for the tiles: on the coded layout and the default model's
+// shapes 0.8-0.9x the AVX-512 tiles at one row, level at 3, 1.2-1.35x at 4, 1.8-2.4x at 8, 4-5.5x
+// at 32 (kernels/README.md, "AMX tiles in our bf16 GEMM").
+static const int64_t SLIM_BF16_AMX_MIN_ROWS = 3;
 
-// AMX-BF16 and AMX-TILE by CPUID, and the kernel's permission for this process to use the tiles'
+// AMX-BF16, AMX-TILE and AMX-INT8 by CPUID, and the kernel's permission for this process to use the tiles'
 // state (Linux asks a process to request it: arch_prctl(ARCH_REQ_XCOMP_PERM)).
 static inline bool slim_amx_usable(void) {
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  if (!(d >> 22 & 1) || !(d >> 24 & 1)) return false;  // AMX-BF16, AMX-TILE
+  if (!(d >> 22 & 1) || !(d >> 24 & 1) || !(d >> 25 & 1)) return false;  // -BF16, -TILE, -INT8
   const long ARCH_GET_XCOMP_PERM = 0x1022, ARCH_REQ_XCOMP_PERM = 0x1023, XTILEDATA = 18;
   if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA) != 0) return false;
   unsigned long permitted = 0;

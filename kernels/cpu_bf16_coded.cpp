@@ -104,7 +104,7 @@ extern "C" SLIM_AVX512_BF16 int slim_bf16_coded_gemm(const uint16_t *x, int64_t 
   const int64_t pairs = coded_pairs(k), kp = 2 * pairs, blocks = slim_channel_blocks(n);
   const int64_t *offsets = (const int64_t *)packed;
 #if !defined(SLIM_ISA_AVX2)
-  if (slim_bf16_amx_rows > 0 && m >= slim_bf16_amx_rows)  // a lone block is padded to a pair
+  if (slim_amx_on && m >= SLIM_BF16_AMX_MIN_ROWS)  // a lone block is padded to a pair
     return slim_amx_gemm(x, m, k, stride, slim_bf16_coded_tiles(n), blocks % 2 == 1, bias, n,
                          out, [&](int64_t t) {
                            return SlimAmxCodedSteps{packed + offsets[t], pairs};

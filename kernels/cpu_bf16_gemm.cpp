@@ -37,18 +37,19 @@ extern "C" int slim_bf16_gemm_cpu_supported(void) {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 }
 
-int slim_bf16_amx_rows = 0;
+int slim_amx_on = 0;
 
-// From `rows` rows on (0: never) both bf16 GEMMs take AMX tiles (cpu_bf16_amx.h) where this CPU
-// and the kernel allow it; returns the rows in effect (0 where AMX is not usable here).
-extern "C" int slim_bf16_amx_enable(int rows) {
+// AMX tiles for the bf16 GEMMs and the W8A16 GEMM (cpu_bf16_amx.h), each from its own row count,
+// where this CPU and the kernel allow it; returns whether they are on (0 where AMX is not usable
+// here, and in the avx2 build).
+extern "C" int slim_amx_enable(int on) {
 #if defined(SLIM_ISA_AVX2)
-  (void)rows;
+  (void)on;
   return 0;
 #else
   static const bool usable = slim_amx_usable();
-  slim_bf16_amx_rows = usable && rows > 0 ? rows : 0;
-  return slim_bf16_amx_rows;
+  slim_amx_on = usable && on;
+  return slim_amx_on;
 #endif
 }
 
@@ -112,7 +113,7 @@ extern "C" SLIM_AVX512_BF16 int slim_bf16_gemm(const uint16_t *x, int64_t m, int
   if (m < 1 || k < 1 || n < 1) return -1;
   const int64_t pairs = bf16_pairs(k), kp = 2 * pairs;
 #if !defined(SLIM_ISA_AVX2)
-  if (slim_bf16_amx_rows > 0 && m >= slim_bf16_amx_rows) {
+  if (slim_amx_on && m >= SLIM_BF16_AMX_MIN_ROWS) {
     const int64_t blocks = bf16_blocks(n);
     return slim_amx_gemm(x, m, k, stride, (blocks + 1) / 2, blocks % 2 == 1, bias, n, out,
                          [&](int64_t t) {

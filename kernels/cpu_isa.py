@@ -5,7 +5,7 @@ FMA + F16C: AMD Zen 2 and every x86 server CPU since 2013), `avx512` (AVX-512 F 
 VNNI: Intel Ice Lake / Sapphire Rapids, AMD Zen 4 / 5). The detected level is the highest this
 CPU executes; `SLIMSERVE_CPU_ISA` forces a lower one (never a higher one), so the lower paths
 run and are tested on every machine. Extras that change what runs best: native bf16
-(AVX512_BF16 or AMX-BF16) and AMX tiles, used through oneDNN and by our bf16 GEMM;
+(AVX512_BF16 or AMX-BF16) and AMX tiles, used through oneDNN and by our bf16 and W8A16 GEMMs;
 `SLIMSERVE_CPU_AMX=0` keeps our kernels off the tiles, so their AVX-512 paths run on AMX CPUs too.
 
 Pure Python (it reads /proc/cpuinfo): the gateway, which never imports torch, can call it.
@@ -39,7 +39,7 @@ ISA_FLAGS: dict[Isa, tuple[str, ...]] = {
     Isa.AVX512: ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
 }
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-AMX_FLAGS = ("amx_tile", "amx_bf16")
+AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
 
 
 @functools.cache

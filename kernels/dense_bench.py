@@ -8,11 +8,14 @@ A pass cycles through `--copies` distinct weights (one for the lm_head, whose si
 already far larger than the caches), as a decode step goes through a model's layers, so the
 weights come from memory; the figure is per call, best of `--rounds` passes. Our bf16 GEMM
 needs AVX-512 BF16; where the CPU has AMX-BF16 it is measured on its AVX-512 tiles and on AMX
-tiles (`cpu_bf16_amx.h`), at every row count. For the avx2 level as an AVX2-only CPU runs it
+tiles (`cpu_bf16_amx.h`, from 3 rows). For the avx2 level as an AVX2-only CPU runs it
 (our fp32 GEMM against oneDNN's AVX2 kernels):
 
     SLIMSERVE_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \
         python -m slimserve.kernels.dense_bench --dtype float32 --rows 1 8 32 128
+
+`--int8` measures our W8A16 GEMM (the int8 variant's, on the weights as int8 codes) instead,
+on its VNNI tiles and, where the CPU has AMX, its AMX-INT8 tiles (from 16 rows).
 """
 
 from __future__ import annotations
@@ -40,6 +43,19 @@ def onednn_calls(x: torch.Tensor, weights: list[torch.Tensor]) -> list:
     ]
 
 
+def w8a16_calls(kernels: native.NativeKernels, x: torch.Tensor, weights: list) -> list | None:
+    """Our W8A16 GEMM's calls on the weights rounded to int8 codes (one scale per channel), as
+    the int8 variant serves them once packed."""
+    if not kernels.w8a16_gemm_available:
+        return None
+    calls = []
+    for w in weights:
+        scale = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127
+        codes = (w.float() / scale[:, None]).round().to(torch.int8)
+        calls.append(functools.partial(kernels.w8a16_gemm, x, kernels.w8a8_pack(codes), scale))
+    return calls
+
+
 def native_calls(
     kernels: native.NativeKernels, x: torch.Tensor, weights: list, bf16_storage: bool = False
 ) -> list | None:
@@ -64,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--copies", type=int, default=30, help="distinct weights per pass")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="kernel threads")
+    parser.add_argument(
+        "--int8", action="store_true", help="ours: the W8A16 GEMM on the weights as int8 codes"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     kernels = native.kernels()
@@ -71,9 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("slimserve's native CPU kernels do not load here (see the log)")
     dtype = getattr(torch, args.dtype)
     fp32 = dtype == torch.float32
-    default_amx_rows = kernels.bf16_amx_rows
-    # AMX off, then on from one row, where the bf16 GEMM can take the tiles here.
-    amx_modes = [0] + ([1] if not fp32 and kernels.set_bf16_amx_rows(1) else [])
+    default_amx = kernels.amx
+    # AMX off, then on (the bf16 GEMM from 3 rows, the W8A16 one from 16), where it can be here.
+    amx_modes = [False] + ([True] if (args.int8 or not fp32) and kernels.set_amx(True) else [])
     cells = []
     for count in args.rows:
         for n, k in SHAPES:
@@ -86,23 +105,28 @@ def main(argv: list[str] | None = None) -> None:
                 f"{n} x {k}",
                 f"{best_us(onednn_calls(x, weights), args.rounds):.0f}",
             ]
-            for ours in [native_calls(kernels, x, weights, bf16_storage=False)] + (
-                [native_calls(kernels, x, weights, bf16_storage=True)] if fp32 else []
-            ):
-                for amx_rows in amx_modes:
-                    kernels.set_bf16_amx_rows(amx_rows)
+            if args.int8:
+                ours_calls = [w8a16_calls(kernels, x, weights)]
+            else:
+                ours_calls = [native_calls(kernels, x, weights, bf16_storage=False)]
+                if fp32:
+                    ours_calls.append(native_calls(kernels, x, weights, bf16_storage=True))
+            for ours in ours_calls:
+                for amx in amx_modes:
+                    kernels.set_amx(amx)
                     for threads in args.threads:
                         kernels.set_threads(threads)
                         row.append("-" if ours is None else f"{best_us(ours, args.rounds):.0f}")
             kernels.set_threads(1)
             cells.append(row)
-    kernels.set_bf16_amx_rows(default_amx_rows)
+    kernels.set_amx(default_amx)
     header = ["rows", "N x K", "oneDNN prepacked us", *(f"ours {t} thr us" for t in args.threads)]
     if len(amx_modes) > 1:
         header += [f"ours on AMX, {t} thr us" for t in args.threads]
-    if fp32:
+    if fp32 and not args.int8:
         header += [f"ours, bf16 weights, {t} thr us" for t in args.threads]
-    print(f"{args.dtype}, ISA level {kernels.isa.label}")
+    ours = "the W8A16 GEMM on int8 weights" if args.int8 else f"{args.dtype} weights"
+    print(f"{args.dtype} activations, ours: {ours}, ISA level {kernels.isa.label}")
     print(format_table(header, cells))
 
 

@@ -74,10 +74,6 @@ SPARSE24_BLOCKS = {torch.float32: 8, torch.bfloat16: 16}
 # most this share of the plain layout's bytes: 0.76 on trained weights; weights whose high bytes
 # spread wider (more than 16 in a chunk: raw chunks) keep the plain layout.
 BF16_CODED_MAX_SHARE = 0.9
-# From this many rows the bf16 GEMM computes on AMX tiles where the CPU has them
-# (`cpu_bf16_amx.h`). On the coded layout, the default model's shapes: 0.8-0.9x its AVX-512 tiles
-# at one row, level at 3, 1.2-1.35x at 4, 1.8-2.4x at 8, 4-5.5x at 32 (kernels/README.md).
-BF16_AMX_MIN_ROWS = 3
 # The dtypes of the decode step's ops (attention, RMSNorm, SiLU * up) and their symbols' suffix.
 STEP_OP_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -149,8 +145,8 @@ def build(isa: Isa | None = None) -> Path:
 class NativeKernels:
     library: ctypes.CDLL
     isa: Isa
-    # The fewest rows the bf16 GEMM computes on AMX tiles with (0: never): set_bf16_amx_rows.
-    bf16_amx_rows: int = 0
+    # Whether the bf16 and W8A16 GEMMs take AMX tiles (each from its own row count): set_amx.
+    amx: bool = False
 
     @property
     def threads(self) -> int:
@@ -370,12 +366,12 @@ class NativeKernels:
         GEMMs read one layout)."""
         return self._int8_gemm("slim_w8a16_gemm", x, packed, weight_scale)
 
-    def set_bf16_amx_rows(self, rows: int) -> int:
-        """From `rows` rows on (0: never) the bf16 GEMM computes on AMX tiles where this CPU
-        has AMX-BF16 and the kernel lets the process use them; returns the rows in effect (0
-        where AMX is not usable here, and in the avx2 build)."""
-        self.bf16_amx_rows = int(self.library.slim_bf16_amx_enable(rows))
-        return self.bf16_amx_rows
+    def set_amx(self, on: bool) -> bool:
+        """AMX tiles on or off for the bf16 GEMM (from 3 rows) and the W8A16 GEMM (from 16),
+        where this CPU has AMX and the kernel lets the process use the tiles; returns whether
+        they are on (never where AMX is not usable here, nor in the avx2 build)."""
+        self.amx = bool(self.library.slim_amx_enable(int(on)))
+        return self.amx
 
     @functools.cached_property
     def bf16_gemm_available(self) -> bool:
@@ -667,8 +663,8 @@ def _load(path: Path, isa: Isa) -> NativeKernels:
     library.slim_quantize_rows_u8.restype = cint
     library.slim_quantize_rows_u8.argtypes = [ptr, cint, i64, i64, i64, ptr, ptr]
     library.slim_bf16_gemm_cpu_supported.restype = cint
-    library.slim_bf16_amx_enable.restype = cint
-    library.slim_bf16_amx_enable.argtypes = [cint]
+    library.slim_amx_enable.restype = cint
+    library.slim_amx_enable.argtypes = [cint]
     library.slim_bf16_gemm_cpu_supported.argtypes = []
     library.slim_bf16_gemm.restype = cint
     library.slim_bf16_gemm.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr]
@@ -737,14 +733,13 @@ def kernels_for(isa: Isa) -> NativeKernels | None:
         log.warning("the %s CPU kernels need %s; this CPU lacks one", isa.label, needs)
         return None
     amx = cpu_isa.has_amx()
-    amx_rows = loaded.set_bf16_amx_rows(BF16_AMX_MIN_ROWS if amx else 0)
-    if amx and loaded.bf16_gemm_available and not amx_rows:
+    if loaded.set_amx(amx) != amx and loaded.bf16_gemm_available:
         log.warning("this CPU has AMX but Linux refused this process the tiles' state "
                     "(arch_prctl); the bf16 GEMM stays on its AVX-512 tiles")  # fmt: skip
     log.info(
         "slimserve's CPU kernels run at ISA level %s%s",
         isa.label,
-        f", the bf16 GEMM on AMX tiles from {amx_rows} rows" if amx_rows else "",
+        ", the bf16 and W8A16 GEMMs on AMX tiles" if loaded.amx else "",
     )
     return loaded
 

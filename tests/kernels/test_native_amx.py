@@ -1,9 +1,11 @@
-"""The bf16 GEMM on AMX tiles (kernels/cpu_bf16_amx.h), where the CPU has AMX-BF16: against fp64
-and against the same GEMM's AVX-512 tiles (which test_native_bf16_gemm.py and
+"""The GEMMs on AMX tiles, where the CPU has AMX. The bf16 GEMM (kernels/cpu_bf16_amx.h): against
+fp64 and against the same GEMM's AVX-512 tiles (which test_native_bf16_gemm.py and
 test_native_bf16_coded.py test on AVX-512 BF16 CPUs without AMX, and anywhere under
 SLIMSERVE_CPU_AMX=0) at row counts around the 16-row
 tiles and the 32-row pass, ragged N (lone last blocks), K off the tiles' 32 inputs (odd, short,
-one), both layouts, several kernel threads, and values built to overflow fp32 or carry NaN."""
+one), both layouts, several kernel threads, and values built to overflow fp32 or carry NaN. The
+W8A16 GEMM's AMX-INT8 path (kernels/cpu_w8a16_gemm.cpp): bit for bit its VNNI tiles (exact int32
+sums either way) from its 16 rows on, in three dtypes, with zero and NaN rows."""
 
 from __future__ import annotations
 
@@ -26,13 +28,13 @@ def _amx_usable() -> bool:
     kernels = native.kernels() if BF16_CPU else None
     if kernels is None or not kernels.bf16_gemm_available:
         return False
-    before = kernels.bf16_amx_rows
-    usable = kernels.set_bf16_amx_rows(1) > 0
-    kernels.set_bf16_amx_rows(before)
+    before = kernels.amx
+    usable = kernels.set_amx(True)
+    kernels.set_amx(before)
     return usable
 
 
-needs_amx = pytest.mark.skipif(not _amx_usable(), reason="no AMX-BF16 tiles usable here")
+needs_amx = pytest.mark.skipif(not _amx_usable(), reason="no AMX tiles usable here")
 
 # (rows, N, K): below, at and past one 16-row tile and one 32-row pass; lone last blocks; K off
 # 32 (odd, under one tile, one input); the default model's projections.
@@ -51,17 +53,17 @@ SHAPES = [
 
 @pytest.fixture
 def kernels() -> Iterator[native.NativeKernels]:
-    """The library with AMX from one row on (every call on the tiles); restored after."""
+    """The library; its AMX switch and threads restored after."""
     kernels = native.kernels()
     assert kernels is not None
-    before, threads = kernels.bf16_amx_rows, kernels.threads
+    before, threads = kernels.amx, kernels.threads
     yield kernels
-    kernels.set_bf16_amx_rows(before)
+    kernels.set_amx(before)
     kernels.set_threads(threads)
 
 
-def _products(kernels: native.NativeKernels, x, packed, n, bias, amx_rows: int) -> torch.Tensor:
-    kernels.set_bf16_amx_rows(amx_rows)
+def _products(kernels: native.NativeKernels, x, packed, n, bias, amx: bool) -> torch.Tensor:
+    kernels.set_amx(amx)
     return kernels.bf16_gemm(x, packed, n, bias)
 
 
@@ -86,8 +88,8 @@ def _within_rounding(out: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tens
 def test_matches_fp64_and_the_avx512_tiles(kernels, rows: int, n: int, k: int, coded: bool) -> None:
     weight, bias, x = _case(rows, n, k, seed=rows * n + k)
     packed = kernels.bf16_coded_pack(weight) if coded else kernels.bf16_pack(weight, coded=False)
-    amx = _products(kernels, x, packed, n, bias, amx_rows=1)
-    avx512 = _products(kernels, x, packed, n, bias, amx_rows=0)
+    amx = _products(kernels, x, packed, n, bias, amx=True)
+    avx512 = _products(kernels, x, packed, n, bias, amx=False)
     ref = x.double() @ weight.double().t() + bias.double()
     magnitude = x.double().abs() @ weight.double().abs().t() + bias.double().abs()
     # The same fp32 products as the AVX-512 tiles', summed in the hardware's order.
@@ -103,11 +105,11 @@ def test_both_layouts_and_any_threads_give_the_same_bits(kernels) -> None:
     plain = kernels.bf16_pack(weight, coded=False)
     coded = kernels.bf16_coded_pack(weight)
     kernels.set_threads(1)
-    first = _products(kernels, x, plain, 200, bias, amx_rows=1)
+    first = _products(kernels, x, plain, 200, bias, amx=True)
     for threads in (1, 2, 3):
         kernels.set_threads(threads)
         for packed in (plain, coded):
-            again = _products(kernels, x, packed, 200, bias, amx_rows=1)
+            again = _products(kernels, x, packed, 200, bias, amx=True)
             assert torch.equal(again.view(torch.int16), first.view(torch.int16)), threads
 
 
@@ -121,8 +123,8 @@ def test_overflow_and_nan_come_out_as_on_the_avx512_tiles(kernels) -> None:
     x[3, 5] = float("nan")  # row 3: NaN in every channel
     x[4] = 0.0  # row 4: zero (0 x 2^100 is 0, not NaN)
     packed = kernels.bf16_pack(weight, coded=False)
-    amx = _products(kernels, x, packed, n, None, amx_rows=1)
-    avx512 = _products(kernels, x, packed, n, None, amx_rows=0)
+    amx = _products(kernels, x, packed, n, None, amx=True)
+    avx512 = _products(kernels, x, packed, n, None, amx=False)
     assert torch.isinf(amx[0, 0]) and amx[0, 0] > 0 and torch.isinf(amx[0, 1]) and amx[0, 1] < 0
     assert torch.isfinite(amx[0, 2])
     assert torch.isnan(amx[3]).all()
@@ -137,16 +139,43 @@ def test_slimserve_cpu_amx_0_keeps_our_kernels_off_the_tiles() -> None:
     code = (
         "from slimserve.kernels import cpu_isa, native\n"
         "k = native.kernels()\n"
-        "print(cpu_isa.has_amx(), 0 if k is None else k.bf16_amx_rows)\n"
+        "print(cpu_isa.has_amx(), k is not None and k.amx)\n"
     )
     env = {**os.environ, cpu_isa.AMX_ENV: "0"}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["False", "0"]
+    assert out.stdout.split() == ["False", "False"]
     if _amx_usable():  # and on by default where the tiles are usable
         env.pop(cpu_isa.AMX_ENV)
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )
-        assert out.stdout.split() == ["True", str(native.BF16_AMX_MIN_ROWS)]
+        assert out.stdout.split() == ["True", "True"]
+
+
+# (M, N, K) from the W8A16 GEMM's 16 rows on: whole and partial 16-row tiles, a lone last block,
+# K off 4, under one tile's 64 inputs, and past the int8 tiles' 64 in a ragged last group.
+W8A16_SHAPES = [(16, 64, 64), (17, 40, 130), (32, 3072, 576), (33, 576, 1536), (100, 50, 7)]
+W8A16_SHAPES += [(300, 24, 77)]
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("rows", "n", "k"), W8A16_SHAPES)
+def test_w8a16_on_amx_is_its_vnni_tiles_bit_for_bit(kernels, rows, n, k, dtype) -> None:
+    gen = torch.Generator().manual_seed(rows * n + k)
+    qweight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) * 0.02 + 1e-3
+    x = (torch.randn(rows, k, generator=gen) * torch.logspace(-1, 1, rows).unsqueeze(1)).to(dtype)
+    x[2] = 0.0  # a zero row: scale 0, outputs 0
+    x[5, k // 2] = float("nan")  # a row with NaN: NaN outputs
+    packed = kernels.w8a8_pack(qweight)
+    kernels.set_threads(2)
+    kernels.set_amx(False)
+    vnni = kernels.w8a16_gemm(x, packed, scale)
+    kernels.set_amx(True)
+    amx = kernels.w8a16_gemm(x, packed, scale)
+    assert torch.isnan(amx[5]).all() and (amx[2] == 0).all()
+    assert torch.equal(torch.isnan(amx), torch.isnan(vnni))
+    assert torch.equal(amx.nan_to_num(0.0), vnni.nan_to_num(0.0))
