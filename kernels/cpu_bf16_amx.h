@@ -49,8 +49,8 @@ extern int slim_amx_on;
 // at 32 (kernels/README.md, "AMX tiles in our bf16 GEMM").
 static const int64_t SLIM_BF16_AMX_MIN_ROWS = 3;
 
-// AMX-BF16, AMX-TILE and AMX-INT8 by CPUID, and the kernel's permission for this process to use the tiles'
-// state (Linux asks a process to request it: arch_prctl(ARCH_REQ_XCOMP_PERM)).
+// AMX-BF16, AMX-TILE and AMX-INT8 by CPUID, and the kernel's permission for this process to use
+// the tiles' state (Linux asks a process to request it: arch_prctl(ARCH_REQ_XCOMP_PERM)).
 static inline bool slim_amx_usable(void) {
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;

@@ -173,8 +173,8 @@ SLIM_W8A16 static void split_codes(const int8_t *codes, int64_t m, int64_t row_b
     }
 }
 
-// Blocks [first, first + 2) (one where `pair` is false) x 16 rows from the lo / hi planes: the
-// lo and hi int32 sums with each block, 16 x 16 each, at sums (lo0, hi0, lo1, hi1).
+// Weight blocks w0 and w1 x 16 rows of the lo / hi planes: the lo and hi int32 sums with each
+// block, 16 x 16 each, at sums in the order lo0, hi0, lo1, hi1.
 SLIM_W8A16_AMX static void w8a16_amx_pass(const int8_t *lo, const int8_t *hi, int64_t plane,
                                           const uint8_t *w0, const uint8_t *w1, int64_t quads,
                                           uint8_t *scratch, int32_t *sums) {
@@ -262,7 +262,7 @@ extern "C" SLIM_W8A16 int slim_w8a16_gemm(const void *x, int dtype, int64_t m, i
   }
   quantize_rows(x, dtype, m, k, stride, row_bytes, codes, xscale, sums, sums + m);
   if (slim_amx_on && m >= W8A16_AMX_MIN_ROWS) {
-    // AMX-INT8 (cpu_bf16_amx.h turns it on with AMX-BF16): TDPBSUD takes signed codes against
+    // AMX-INT8 (on with the bf16 GEMMs' tiles: slim_amx_enable): TDPBSUD takes signed codes against
     // the unsigned (w + 128) weights in this very layout ([K/4][16][4] per block is a weight
     // tile's rows), 16 rows x 64 inputs a product, the same exact int32 sums.
     const int64_t plane = (quads + AMX_QUADS - 1) / AMX_QUADS * AMX_QUADS * 4;
