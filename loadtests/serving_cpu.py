@@ -28,7 +28,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
-from slimserve.serve.app import APP_NAME
+from slimserve.serve.app import APP_NAME, VARIANT_PREFIX
 from slimserve.serve.logs import configure_logging
 
 from .decode_bench import bench_variant
@@ -83,7 +83,7 @@ def _names(actor: str, command: str) -> bool:
 
 def _cpu_seconds(variant: str) -> dict[int, tuple[str, float]]:
     """pid -> (stage, CPU seconds so far) of every serving process."""
-    replica = f"ServeReplica:{APP_NAME}:variant-{variant}"
+    replica = f"ServeReplica:{APP_NAME}:{VARIANT_PREFIX}{variant}"
     found: dict[int, tuple[str, float]] = {}
     for process in psutil.process_iter():
         stage = _stage(process, replica)

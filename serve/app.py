@@ -7,6 +7,9 @@ import math
 import os
 from typing import Any
 
+import psutil
+
+from . import cpu_placement
 from .api.access import warn_if_exposed
 from .api.deployment import GatewayDeployment, routing_user_config
 from .config import DeploymentOptions, SlimserveConfig, load_config
@@ -17,6 +20,7 @@ from .replica.server import VariantReplica
 log = logging.getLogger(__name__)
 
 APP_NAME = "slimserve"
+VARIANT_PREFIX = "variant-"  # a variant's deployment is VARIANT_PREFIX + its name
 # How often a stopping replica looks whether its requests are done (Serve's default 2 s; Serve
 # logs each wait, hence not shorter): an idle replica stops 0.5 s in instead of 2 s, and a
 # stop of the whole app (gateway first, then the variants) takes 3 s less.
@@ -31,7 +35,7 @@ def build_application(config: SlimserveConfig, listen: bool = False):  # -> ray.
     variants = {}
     for name in config.variants:
         deployment = serve.deployment(VariantReplica).options(
-            name=f"variant-{name}", **variant_deployment_options(config, name)
+            name=f"{VARIANT_PREFIX}{name}", **variant_deployment_options(config, name)
         )
         variants[name] = deployment.bind(name, as_dict)
     gateway = serve.deployment(serve.ingress()(GatewayDeployment)).options(
@@ -107,6 +111,9 @@ def run_local(config: SlimserveConfig) -> None:
     # processes cannot take it meanwhile (ports.py).
     with reserved_port(config.server.host, config.server.port):
         # address="local": always a fresh Ray of our own, never a cluster another process started.
+        engine_cpus = None
+        if config.server.keep_serving_off_engine_cores:
+            engine_cpus = cpu_placement.publish_engine_cpus()  # inherited by Ray's processes
         ray.init(address="local", num_cpus=cpus, include_dashboard=False)
         # The gateway replica listens on the configured port itself, so Serve runs no HTTP
         # proxy (one process fewer polling on a small machine).
@@ -116,7 +123,18 @@ def run_local(config: SlimserveConfig) -> None:
             http_options={"host": config.server.host, "port": config.server.port},
         )
         serve.run(build_application(config, listen=True), name=APP_NAME, route_prefix="/")
+    if engine_cpus is not None:  # every replica is up: engines have bound what they bind
+        cpu_placement.keep_ray_off_bound_cores(engine_cpus, _is_variant_replica)
     log.info("the gateway replica serves %s:%d itself", config.server.host, config.server.port)
+
+
+def _is_variant_replica(process: psutil.Process) -> bool:
+    """By the title Ray gives an actor's process ("ray::ServeReplica:<app>:<deployment>",
+    with ".<method>" while a call runs)."""
+    try:
+        return f"ServeReplica:{APP_NAME}:{VARIANT_PREFIX}" in " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 def shutdown_local() -> None:

@@ -369,6 +369,12 @@ class ServerOptions(_Strict):
         "themselves, not on Ray Serve's stream (the Serve call still spans the request); false: "
         "every token travels through the variant replica and Serve",
     )
+    keep_serving_off_engine_cores: bool = Field(
+        True,
+        description="slimserve serve: where an engine binds its compute threads to some cores "
+        "(vLLM's CPU engine does), the gateway, Ray's processes and the variant replicas run "
+        "on the other cores (serve/cpu_placement.py)",
+    )
     gateway_resources: dict[str, float] = Field(
         default_factory=dict,
         description="custom Ray resources the gateway replica needs: pins it to the nodes "

@@ -17,6 +17,7 @@ from typing import Any
 from slimserve.kernels import cpu_isa
 from slimserve.kernels.dispatch import chosen_backends, merged_backends
 
+from .. import cpu_placement
 from ..config import SlimserveConfig
 from ..engine.event_channel import EventOutlet, EventOutlets, this_node
 from ..engine.limits import unavailable_error
@@ -55,6 +56,9 @@ class VariantServer:
         cfg = with_student(cfg, variant)
         options = cfg.engine_for(variant)
         in_process = options.name == "torch" and not options.separate_process
+        # A replica forked after `slimserve serve` moved Ray's processes off an engine's cores
+        # inherits theirs: its engine (and any process it starts) computes on the node's.
+        cpu_placement.claim_engine_cpus()
         configure_threads(options, runs_torch_engine=in_process)
         model_name = cfg.model_for(variant)
         # Imported here: transformers takes seconds to import, and the process that builds the
@@ -68,6 +72,7 @@ class VariantServer:
         self.tokenizer, self.report = built.tokenizer, built.report
         self.cache_status = built.cache_status
         self.engine.start()
+        cpu_placement.keep_replica_off_bound_cores(variant)
         self.engine_name = options.name
         self.dtype = options.dtype
         self.cpu = cpu_isa.describe()

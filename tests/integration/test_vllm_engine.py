@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -117,6 +119,43 @@ def test_metrics_cover_the_vllm_variant(vllm_gateway, client):
         s.labels["variant"]: s.value for s in families["slimserve_variant_weight_bytes"].samples
     }
     assert weights["vllm"] > 2e8
+
+
+def _processes_of(base: str) -> list[psutil.Process]:
+    """The gateway's `slimserve serve` process (the one given this port) and its descendants."""
+    port = base.rsplit(":", 1)[1]
+    for process in psutil.process_iter():
+        try:
+            command = process.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if "slimserve.serve.cli" in " ".join(command) and port in command:
+            return [process, *process.children(recursive=True)]
+    raise AssertionError(f"no slimserve serve process for {base}")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="placement needs two cores")
+def test_serving_processes_stay_off_the_cores_vllm_computes_on(vllm_gateway):
+    """vLLM's workers bind to the cores vLLM picks; every other process of the gateway runs on
+    the rest, but the torch variant's replica and engine process, which compute on all."""
+    cpus = frozenset(os.sched_getaffinity(0))  # what the gateway started with
+    affinity, names, full = {}, {}, set()
+    for process in _processes_of(vllm_gateway):
+        try:
+            affinity[process.pid] = frozenset(process.cpu_affinity())
+            names[process.pid] = " ".join(process.cmdline())
+            if "ServeReplica:slimserve:variant-full" in names[process.pid]:
+                full |= {process.pid, *(child.pid for child in process.children(recursive=True))}
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    workers = [pid for pid, name in names.items() if name.startswith("VLLM::Worker")]
+    assert len(workers) == 2  # variants vllm and vllm-w4
+    bound = frozenset().union(*(affinity[pid] for pid in workers))
+    assert bound and bound < cpus
+    assert len(full) >= 2  # the replica and its engine process
+    for pid, cores in affinity.items():
+        expected = bound if pid in workers else cpus if pid in full else cpus - bound
+        assert cores == expected, (names[pid], sorted(cores), sorted(expected))
 
 
 def test_compressed_variant_is_exported_for_vllm_and_served(vllm_gateway, client):

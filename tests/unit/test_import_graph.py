@@ -25,7 +25,7 @@ PACKAGES = {
 }
 SERVE_GROUPS = ("api", "routing", "observability", "replica", "engine")
 SERVE_TOP = ("app", "cli", "offline_cli")  # the composition roots: may import all of serve
-SERVE_SHARED = ("serve.config", "serve.logs")  # leaves every serve layer may use
+SERVE_SHARED = ("serve.config", "serve.logs", "serve.cpu_placement")  # leaves any layer may use
 BELOW_SERVE = ("distill", "compression", "models", "models.paths", "kernels")
 
 # layer -> layers it may import (besides itself)
@@ -42,6 +42,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "serve.api": ("serve.routing", "serve.engine", "serve.observability", *SERVE_SHARED),
     "serve.config": BELOW_SERVE,
     "serve.logs": (),
+    "serve.cpu_placement": (),
     "serve.ray_settings": (),  # Ray Serve's environment, set by the composition root
     "serve.ports": (),
     "serve.__init__": (),
