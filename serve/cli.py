@@ -32,9 +32,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config, args.host, args.port)
     started = time.perf_counter()
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    _stop_on_signals(stop)
     run_local(config)
+    # ray.init put its own SIGTERM handler in place (it aborts the process, skipping Serve's
+    # graceful drain): ours again.
+    _stop_on_signals(stop)
     base = f"http://{config.server.host}:{config.server.port}"
     log.info(
         "slimserve ready in %.1fs: %s/v1 serving %s as variants %s",
@@ -47,6 +49,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("shutting down")
     shutdown_local()
     return 0
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -67,6 +67,12 @@ def running_gateway(config: Path, log_path: Path) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+    # Reached when the tests raised nothing: SIGTERM (what Kubernetes and systemd send) must
+    # stop the gateway through Serve's graceful shutdown, not abort it.
+    if process.returncode != 0:
+        pytest.fail(
+            f"gateway exited {process.returncode} on SIGTERM:\n{log_path.read_text()[-4000:]}"
+        )
 
 
 def assert_disconnect_frees_slot(base: str, model: str, variant: str) -> dict:
