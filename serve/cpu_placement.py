@@ -67,7 +67,8 @@ def claim_engine_cpus() -> None:
 
 def move_process(pid: int, cpus: frozenset[int]) -> None:
     """Every thread of a process onto these cores (a process's affinity is its threads'); a
-    process or thread that ended meanwhile is skipped."""
+    process or thread that ended meanwhile is skipped. Placement only speeds serving up: a
+    refusal (another user's process, cores outside the container's) is logged, not raised."""
     try:
         threads = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
@@ -77,6 +78,9 @@ def move_process(pid: int, cpus: frozenset[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
         except (ProcessLookupError, FileNotFoundError):
             continue
+        except OSError as error:
+            log.warning("process %d stays where it runs, not on cores %s: %s", pid, cpus, error)
+            return
 
 
 def _affinity(process: psutil.Process) -> frozenset[int] | None:

@@ -207,3 +207,12 @@ def test_publish_keeps_a_value_already_set(monkeypatch) -> None:
     monkeypatch.delenv(ENGINE_CPUS_ENV)
     assert cpu_placement.publish_engine_cpus() == CPUS
     assert os.environ[ENGINE_CPUS_ENV] == format_cpus(CPUS)
+
+
+def test_a_refused_move_is_logged_not_raised(caplog) -> None:
+    """Cores the process may not have (none exists with this number) leave it where it was."""
+    before = os.sched_getaffinity(0)
+    with caplog.at_level("WARNING", logger="slimserve.serve.cpu_placement"):
+        cpu_placement.move_process(os.getpid(), frozenset({max(CPUS) + 4096}))
+    assert os.sched_getaffinity(0) == before
+    assert "stays where it runs" in caplog.text
