@@ -63,15 +63,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port with SO_REUSEADDR, ready to listen (the gateway's listener;
+    a restarted one binds again while the old connections wait out TIME_WAIT); OSError (the
+    port taken) is the caller's."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 @contextlib.contextmanager
 def reserved_port(host: str, port: int) -> Iterator[None]:
-    """Hold host:port bound (SO_REUSEADDR, not listening) for the block: the gateway replica,
-    binding it the same way, can still listen there, and nothing else can take it. Raises
+    """Hold host:port bound (not listening) for the block, as the gateway replica's listener
+    binds it, so that listener can still listen there and nothing else can take it. Raises
     PortInUseError at once when something listens there or holds it bound."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as hold:
-        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            hold.bind((host, port))
-        except OSError as error:
-            raise PortInUseError(f"cannot listen on {host}:{port}: {error.strerror}") from error
+    try:
+        hold = bound_socket(host, port)
+    except OSError as error:
+        raise PortInUseError(f"cannot listen on {host}:{port}: {error.strerror}") from error
+    with hold:
         yield

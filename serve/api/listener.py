@@ -11,25 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 
 import uvicorn
 from fastapi import FastAPI
 
+from ..ports import bound_socket
+
 log = logging.getLogger(__name__)
-
-
-def bound_socket(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on host:port; OSError (the port busy) is the caller's."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 # Ray Serve stops a replica by force 20 s into its graceful stop (graceful_shutdown_timeout_s).

@@ -9,7 +9,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from slimserve.serve.api.listener import GatewayListener, bound_socket
+from slimserve.serve.api.listener import GatewayListener
+from slimserve.serve.ports import bound_socket
 
 from .online_helpers import free_port
 

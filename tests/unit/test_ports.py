@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.serve.api.listener import bound_socket
 from slimserve.serve.ports import (
     RAY_WORKER_PORTS,
     PortInUseError,
+    bound_socket,
     ephemeral_range,
     free_port,
     reserved_port,
