@@ -119,9 +119,11 @@ void worker_loop(Pool *p, uint64_t seen) {
       idle_since = Clock::now();
     }
     seen = now;
-    // The job is read before any claim; the claim then checks the call is still `now`, so a
-    // job read while a later call was being written is never run.
+    // The job is read before any claim; the claim then checks the call is still `now` (the
+    // fence keeps the ticket's read after the job's), so a job read while a later call was
+    // being written is never run: that call closed claims first (slim_parallel_run).
     const Job job = p->job;
+    std::atomic_thread_fence(std::memory_order_acquire);
     work_on(*p, now, job);
   }
 }
@@ -154,8 +156,14 @@ void slim_parallel_run(int64_t count, void (*fn)(void *, int64_t, int64_t), void
     return;
   }
   ensure_workers(p, wanted);
-  const int64_t chunks = cut(count, wanted, p.bounds);
   const uint64_t sequence = ++p.sequence & ((1ull << (64 - kChunkBits)) - 1);
+  // Claims close before the chunks and the job are rewritten: a worker that saw the last call
+  // published, then was descheduled, may read this job half-written; the last call's ticket
+  // would still let it claim with the old sequence (when this call has more chunks) and run
+  // one call's function on another's context. The new sequence with no chunk left refuses it.
+  p.ticket.store(sequence << kChunkBits | kChunkMask, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_release);  // before the writes below
+  const int64_t chunks = cut(count, wanted, p.bounds);
   p.job = Job{fn, ctx, chunks, p.bounds};
   p.done.store(0, std::memory_order_relaxed);
   p.ticket.store(sequence << kChunkBits, std::memory_order_release);
